@@ -1,0 +1,80 @@
+"""Shared benchmark helpers: timing (median of repeats), memory-bandwidth probe, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def median_time_us(fn, repeats: int, inner: int = 1) -> float:
+    """Median over ``repeats`` of the mean time of ``inner`` back-to-back calls (µs)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter_ns() - t0) / inner / 1e3)
+    return statistics.median(times)
+
+
+def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:
+    """Measured DRAM read bandwidth: a float32 reduction over a buffer far larger than
+    the caches (a streaming read; the reduction itself is cheap)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    buf = torch.ones(mbytes * (1 << 20) // 4)
+    buf.sum()
+    t = median_time_us(lambda: buf.sum(), repeats)
+    torch.set_num_threads(old)
+    return buf.numel() * 4 / t / 1e3
+
+
+def environment() -> dict:
+    from sparamx import kernel_info
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "torch": torch.__version__,
+        "kernel_info": kernel_info(),
+        "cores": os.cpu_count(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    cells = [[_cell(r[k], f) for k, _, f in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
+
+
+def write_json(path: str, payload) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _cell(v, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return "x".join(map(str, v))
+    return format(v, spec)

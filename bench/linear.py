@@ -1,0 +1,164 @@
+"""Linear-layer benchmark: torch bf16 ``F.linear`` vs sparamx packed kernels.
+
+For each shape [N, K], batch rows M, sparsity and thread count, times both in the
+same run (interleaved, median of repeats) with the weights either cache-resident
+(one weight reused) or DRAM-resident (cycling through enough distinct weights to
+exceed the caches). Reports the ratio torch/ours and GB/s of bytes read against the
+measured read bandwidth.
+
+    python bench/linear.py                       # the full table
+    python bench/linear.py --shapes llama --m 1 --sparsity 0.5 --threads 1
+    python bench/linear.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, median_time_us, print_table, read_bandwidth_gbps, write_json  # noqa: E402
+
+from sparamx.format import pack  # noqa: E402
+from sparamx.ops import packed_linear  # noqa: E402
+
+SHAPES = {
+    "smollm": [(576, 576), (1536, 576), (576, 1536)],
+    "llama": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+}
+DRAM_BYTES = 384 << 20  # cycle through at least this many weight bytes (L3 is 32 MiB)
+
+
+def make_weights(n: int, k: int, sparsity: float, copies: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dense, packed = [], []
+    for _ in range(copies):
+        w = torch.randn(n, k, generator=g, dtype=torch.float32).to(torch.bfloat16)
+        if sparsity > 0:  # exact per-row sparsity, random positions
+            drop = int(round(sparsity * k))
+            idx = torch.rand(n, k, generator=g).argsort(dim=1)[:, :drop]
+            w.scatter_(1, idx, 0)
+        dense.append(w)
+        packed.append(pack(w))
+    return dense, packed
+
+
+def bench_case(n, k, m, sparsity, threads, residency, repeats, kernel):
+    copies = 1
+    if residency == "dram":
+        copies = max(2, -(-DRAM_BYTES // (n * k * 2)))
+    dense, packed = make_weights(n, k, sparsity, copies)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    torch.set_num_threads(threads)
+    state = {"i": 0}
+
+    def run_torch():
+        i = state["i"] = (state["i"] + 1) % copies
+        F.linear(x, dense[i])
+
+    def run_ours():
+        i = state["i"] = (state["i"] + 1) % copies
+        packed_linear(x, packed[i], kernel=kernel)
+
+    # Each timing covers a full cycle over the copies (so every weight is read from
+    # DRAM once per repeat); torch and ours alternate to see the same machine state.
+    for fn in (run_torch, run_ours):
+        for _ in range(copies):
+            fn()
+    t_torch, t_ours = [], []
+    for _ in range(repeats):
+        t_torch.append(median_time_us(run_torch, 1, copies))
+        t_ours.append(median_time_us(run_ours, 1, copies))
+    t_torch = sorted(t_torch)[len(t_torch) // 2]
+    t_ours = sorted(t_ours)[len(t_ours) // 2]
+    nbytes = packed[0].nbytes
+    return {
+        "shape": [n, k],
+        "m": m,
+        "sparsity": sparsity,
+        "threads": threads,
+        "residency": residency,
+        "storage": packed[0].storage,
+        "torch_us": t_torch,
+        "sparamx_us": t_ours,
+        "speedup": t_torch / t_ours,
+        "gbps": nbytes / t_ours / 1e3,
+        "torch_gbps": n * k * 2 / t_torch / 1e3,
+        "packed_mb": nbytes / 1e6,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="smollm,llama", help="smollm, llama or NxK list")
+    ap.add_argument("--m", default="1,4,16,256")
+    ap.add_argument("--sparsity", default="0,0.5,0.7,0.9")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--residency", default="cache,dram")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--kernel", default=None, help="force amx|avx512|portable|amx_emulated")
+    ap.add_argument("--json", default=None, help="write records to this file")
+    args = ap.parse_args(argv)
+
+    shapes = []
+    for s in args.shapes.split(","):
+        if s in SHAPES:
+            shapes += SHAPES[s]
+        else:
+            n, k = s.lower().split("x")
+            shapes.append((int(n), int(k)))
+    ms = [int(v) for v in args.m.split(",")]
+    sps = [float(v) for v in args.sparsity.split(",")]
+    threads = [int(v) for v in args.threads.split(",")]
+    bw = {t: read_bandwidth_gbps(t) for t in threads}
+    print(
+        "measured read bandwidth: "
+        + ", ".join(f"{t} thread(s) {v:.1f} GB/s" for t, v in bw.items())
+    )
+    rows = []
+    for residency in args.residency.split(","):
+        for n, k in shapes:
+            for m in ms:
+                for sp in sps:
+                    for t in threads:
+                        r = bench_case(n, k, m, sp, t, residency, args.repeats, args.kernel)
+                        r["bw_frac"] = r["gbps"] / bw[t]
+                        rows.append(r)
+                        print_table([r], COLUMNS) if len(rows) == 1 else print_row(r)
+    print()
+    print_table(rows, COLUMNS)
+    if args.json:
+        write_json(args.json, {"env": environment(), "bandwidth_gbps": bw, "records": rows})
+
+
+COLUMNS = [
+    ("residency", "res", "s"),
+    ("shape", "N x K", ""),
+    ("m", "M", "d"),
+    ("sparsity", "sp", ".2f"),
+    ("threads", "thr", "d"),
+    ("storage", "storage", "s"),
+    ("torch_us", "torch us", ".1f"),
+    ("sparamx_us", "ours us", ".1f"),
+    ("speedup", "x", ".2f"),
+    ("torch_gbps", "torch GB/s", ".1f"),
+    ("gbps", "ours GB/s", ".1f"),
+    ("bw_frac", "of BW", ".0%"),
+]
+
+
+def print_row(r):
+    vals = []
+    for key, _head, f in COLUMNS:
+        v = r[key]
+        s = "x".join(map(str, v)) if isinstance(v, list) else format(v, f)
+        vals.append(s)
+    print("  ".join(vals), flush=True)
+
+
+if __name__ == "__main__":
+    main()

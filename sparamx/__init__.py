@@ -1,0 +1,36 @@
+"""sparamx: unstructured-sparse LLM decoding on CPUs (bitmap-packed bf16 weights,
+AMX / AVX-512-BF16 / portable kernels).
+
+The names that need the native extension are imported on first use, so that the
+pure-Python parts (format, model loading, assets) work without a build.
+"""
+
+from importlib import import_module
+
+from .format import FORMAT_VERSION, PackedWeight, PackedWeightError, pack, reference_linear
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SparseLinear": ".layers",
+    "swap_linears": ".layers",
+    "kernel_info": ".ops",
+    "packed_linear": ".ops",
+    "load": ".artifact",
+    "save": ".artifact",
+}
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PackedWeight",
+    "PackedWeightError",
+    "pack",
+    "reference_linear",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'sparamx' has no attribute {name!r}")

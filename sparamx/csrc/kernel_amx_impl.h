@@ -1,0 +1,265 @@
+// The AMX-BF16 kernel body (bitmap-bf16 and dense-bf16 layouts), written only against
+// the tile-op layer of amx_tiles.h. Included once by kernel_amx.cpp (real tiles, exports
+// sparamx::linear_amx) and once by kernel_amx_emu.cpp (emulated tiles, exports
+// sparamx::linear_amx_emulated), so the emulated tests check this exact tiling code.
+//
+// The includer defines, before inclusion:
+//   SPARAMX_AMX_KERNEL_NAME  the exported function's name,
+//   SPARAMX_AMX_EMULATE      or not (picks the amx_tiles.h backend and SPARAMX_AMX_NS),
+// and after including amx_tiles.h, in namespace sparamx::SPARAMX_AMX_NS:
+//   void decompress_b_tile(const uint32_t* bits, const uint16_t*& v, uint16_t* out);
+//     expands the 16 units with bitmaps bits[0..15] whose kept values start at v into
+//     out[16][32] (64-byte aligned), zeros where a bit is clear; advances v past them.
+//
+// Tiles (AMX palette 1, every tile 64 bytes wide):
+//   B tile = K-tile t of one column group = its units p = 16t .. 16t+15, one per row:
+//            [16 K-pairs][16 columns x 2 bf16] - exactly the unit layout, so the dense
+//            layout is tile-loaded straight from `values` (stride 64 bytes).
+//   A tile = up to 16 rows of x, columns 32t .. 32t+31: [rows][16 K-pairs x 2 bf16],
+//            stride x_stride * 2 bytes.
+//   C tile = [rows][16 fp32]: one column group's outputs for a block of 16 rows of x.
+// TDPBF16PS then computes C[r][c] += sum_p,j x[r][2p+j] * W[16g+c][2p+j].
+//
+// Loop structure: column groups go in sets of up to 4 (M <= 16, "decode": 1 A tile,
+// 4 C tiles, 3 B tiles) or 2 (M > 16: 2 A tiles for two row blocks x 2 groups = 4 C
+// tiles, 2 B tiles, so each loaded B tile feeds two products). K is walked in chunks:
+// the sparse units of a chunk are decompressed once into a 32 KiB panel and reused by
+// every row block. With one row block the C tiles stay in registers across chunks;
+// with several, each row block's C tiles are parked in an fp32 buffer between chunks.
+// Finally bias and the output conversion go through store_group_row.
+#include "amx_tiles.h"
+#include "kernels.h"
+
+namespace sparamx {
+namespace SPARAMX_AMX_NS {
+
+constexpr int kTileVals = 16 * kUnitVals;  // bf16 per B tile (1 KiB)
+constexpr int kPanelTiles = 32;            // decompressed B tiles held per chunk (32 KiB)
+constexpr int kCTileFloats = 16 * kGroupCols;
+
+// Tile roles for NR row blocks (1 or 2) at a time, group j of the set, row block r:
+//   NR = 1: C = tmm0..3 (group j), A = tmm4, B = tmm5..7 (group j -> 5 + j % 3)
+//   NR = 2: C = tmm0,1 (block 0), tmm2,3 (block 1), A = tmm4,5, B = tmm6,7
+constexpr int groups_per_step(int nr) { return 4 / nr; }
+constexpr int c_tile(int nr, int r, int j) { return r * groups_per_step(nr) + j; }
+constexpr int a_tile(int r) { return 4 + r; }
+constexpr int b_tile(int nr, int j) { return 4 + nr + j % (4 - nr); }
+
+// Compile-time loop: f(Int<0>{}), ..., f(Int<N-1>{}), so tile numbers stay constants.
+// (No std:: helpers here: the real backend's translation unit is compiled for AMX and
+// AVX-512, and must not emit copies of library inline functions.)
+template <int I>
+struct Int {
+  static constexpr int value = I;
+};
+template <int N, int I = 0, class F>
+inline void unroll(F&& f) {
+  if constexpr (I < N) {
+    f(Int<I>{});
+    unroll<N, I + 1>(f);
+  }
+}
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Loads a tile config only when it changes (LDTILECFG zeroes all tiles and is not free).
+// The config is a function of the tile roles (NR) and the rows of the row blocks.
+class TileConfigCache {
+ public:
+  void ensure(int nr, int rows0, int rows1) {
+    const int key = nr << 16 | rows0 << 8 | rows1;
+    if (key == key_) return;
+    TileConfig cfg = {};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;  // B tiles: 16 K-pairs
+    }
+    for (int t = 0; t < 4; ++t) cfg.rows[t] = t / groups_per_step(nr) == 0 ? rows0 : rows1;
+    cfg.rows[a_tile(0)] = rows0;
+    if (nr == 2) cfg.rows[a_tile(1)] = rows1;
+    tile_config(cfg);
+    key_ = key;
+  }
+
+ private:
+  int key_ = -1;
+};
+
+// What one step does with its C tiles before the K loop.
+enum class CInit { kZero, kLoad, kKeep };
+
+struct Ctx {
+  const LinearArgs* a;
+  int64_t num_ktiles;  // T = k_pairs / 16
+  int64_t num_rblocks;
+  int last_rows;       // rows in the last row block (1..16)
+  int set_groups;      // groups per set: 4 (one row block) or 2
+  float* cbuf;         // [num_rblocks][set_groups][16 rows][16] fp32 C tiles
+  uint16_t* panel;     // [kPanelTiles][16][32] decompressed B tiles
+  TileConfigCache cfg;
+
+  float* c_ptr(int64_t rblock, int j) const {
+    return cbuf + (rblock * set_groups + j) * kCTileFloats;
+  }
+};
+
+// One row-block step: NR row blocks starting at rb0, NG groups, the chunk's nt K-tiles
+// starting at K-tile t0; group j's B tile t is at b[j] + t * kTileVals.
+template <int NR, int NG>
+inline void tile_step(Ctx& cx, int64_t rb0, int rows0, int rows1, const uint16_t* const* b,
+                      int64_t t0, int64_t nt, CInit init, bool store) {
+  static_assert(NR * NG <= 4 && NG <= groups_per_step(NR), "at most 4 C tiles");
+  const LinearArgs& a = *cx.a;
+  cx.cfg.ensure(NR, rows0, rows1);
+  const int64_t a_stride = a.x_stride * 2;  // bytes between rows of x
+
+  unroll<NR>([&](auto R) {
+    unroll<NG>([&](auto J) {
+      constexpr int ct = c_tile(NR, decltype(R)::value, decltype(J)::value);
+      if (init == CInit::kZero) tile_zero<ct>();
+      if (init == CInit::kLoad) tile_load<ct>(cx.c_ptr(rb0 + R.value, J.value), 64);
+    });
+  });
+  for (int64_t t = 0; t < nt; ++t) {
+    unroll<NR>([&](auto R) {
+      // rows 16 (rb0 + r) .., columns kKAlign (t0 + t) ..: [rows][16 K-pairs x 2 bf16]
+      const uint16_t* xa = a.x + (rb0 + R.value) * 16 * a.x_stride + (t0 + t) * kKAlign;
+      tile_load<a_tile(decltype(R)::value)>(xa, a_stride);
+    });
+    unroll<NG>([&](auto J) {
+      constexpr int bt = b_tile(NR, decltype(J)::value);
+      tile_load<bt>(b[J.value] + t * kTileVals, 64);
+      unroll<NR>([&](auto R) {
+        constexpr int r = decltype(R)::value, ct = c_tile(NR, r, decltype(J)::value);
+        static_assert(ct < 4 && a_tile(r) != bt, "C, A and B tiles must be distinct");
+        tile_dp_bf16<ct, a_tile(r), bt>();
+      });
+    });
+  }
+  if (store) {
+    unroll<NR>([&](auto R) {
+      unroll<NG>([&](auto J) {
+        constexpr int ct = c_tile(NR, decltype(R)::value, decltype(J)::value);
+        tile_store<ct>(cx.c_ptr(rb0 + R.value, J.value), 64);
+      });
+    });
+  }
+}
+
+// Column groups g0 .. g0+NG-1, all rows of x, whole K.
+template <int NG>
+inline void group_set(Ctx& cx, int64_t g0) {
+  const LinearArgs& a = *cx.a;
+  const int64_t P = a.k_pairs;
+  constexpr int64_t kChunk = kPanelTiles / NG;  // K-tiles per chunk
+
+  const uint16_t* v[NG] = {};  // sparse: next kept value of each group
+  if (a.bitmap)
+    for (int j = 0; j < NG; ++j) v[j] = a.values + a.offsets[g0 + j];
+
+  for (int64_t t0 = 0; t0 < cx.num_ktiles; t0 += kChunk) {
+    const int64_t nt = min64(kChunk, cx.num_ktiles - t0);
+    const uint16_t* b[NG];  // B tile t0 of each group
+    for (int j = 0; j < NG; ++j) {
+      if (a.bitmap) {
+        uint16_t* panel_j = cx.panel + j * kChunk * kTileVals;  // [kChunk][16][32]
+        const uint32_t* bits = a.bitmap + (g0 + j) * P + t0 * 16;
+        for (int64_t t = 0; t < nt; ++t)
+          decompress_b_tile(bits + t * 16, v[j], panel_j + t * kTileVals);
+        b[j] = panel_j;
+      } else {
+        b[j] = a.values + ((g0 + j) * P + t0 * 16) * kUnitVals;  // [G][P][32]
+      }
+    }
+
+    const bool first = t0 == 0, last = t0 + nt == cx.num_ktiles;
+    if (cx.num_rblocks == 1) {
+      // Decode: the C tiles live in registers for the whole K loop (the config never
+      // changes after the first step, so LDTILECFG does not wipe them).
+      tile_step<1, NG>(cx, 0, cx.last_rows, 0, b, t0, nt, first ? CInit::kZero : CInit::kKeep,
+                       last);
+    } else if constexpr (NG <= groups_per_step(2)) {  // (sets have <= 2 groups here)
+      // Row blocks in pairs (B tile reused twice per load), then a lone last one.
+      const CInit init = first ? CInit::kZero : CInit::kLoad;
+      const int64_t nrb = cx.num_rblocks;
+      int64_t rb = 0;
+      for (; rb + 1 < nrb; rb += 2) {
+        const int rows1 = rb + 1 == nrb - 1 ? cx.last_rows : 16;
+        tile_step<2, NG>(cx, rb, 16, rows1, b, t0, nt, init, true);
+      }
+      if (rb < nrb) tile_step<1, NG>(cx, rb, cx.last_rows, 0, b, t0, nt, init, true);
+    }
+  }
+
+  for (int64_t rb = 0; rb < cx.num_rblocks; ++rb) {
+    const int rows = rb == cx.num_rblocks - 1 ? cx.last_rows : 16;
+    for (int j = 0; j < NG; ++j)
+      for (int i = 0; i < rows; ++i)
+        store_group_row(a, g0 + j, rb * 16 + i, cx.c_ptr(rb, j) + i * kGroupCols);
+  }
+}
+
+// 64-byte aligned fp32 scratch: on the stack for one row block, else on the heap.
+class CBuffer {
+ public:
+  explicit CBuffer(int64_t floats) {
+    if (floats <= kLocalFloats) {
+      ptr_ = local_;
+    } else {
+      heap_ = new float[floats + 16];
+      const uintptr_t p = reinterpret_cast<uintptr_t>(heap_);
+      ptr_ = reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
+    }
+  }
+  ~CBuffer() { delete[] heap_; }
+  CBuffer(const CBuffer&) = delete;
+  CBuffer& operator=(const CBuffer&) = delete;
+  float* get() const { return ptr_; }
+
+ private:
+  static constexpr int64_t kLocalFloats = 4 * kCTileFloats;
+  alignas(64) float local_[kLocalFloats];
+  float* heap_ = nullptr;
+  float* ptr_;
+};
+
+inline void linear(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  if (g_begin >= g_end || a.m <= 0) return;
+  const int64_t num_ktiles = a.k_pairs / 16;  // k_pairs is a multiple of 16 (Kp % 32 == 0)
+  if (num_ktiles == 0) {  // K = 0: the output is the bias
+    const float zeros[kGroupCols] = {};
+    for (int64_t g = g_begin; g < g_end; ++g)
+      for (int64_t r = 0; r < a.m; ++r) store_group_row(a, g, r, zeros);
+    return;
+  }
+
+  Ctx cx;
+  cx.a = &a;
+  cx.num_ktiles = num_ktiles;
+  cx.num_rblocks = (a.m + 15) / 16;
+  cx.last_rows = static_cast<int>(a.m - (cx.num_rblocks - 1) * 16);
+  cx.set_groups = cx.num_rblocks == 1 ? 4 : 2;
+  CBuffer cbuf(cx.num_rblocks * cx.set_groups * kCTileFloats);
+  alignas(64) uint16_t panel[kPanelTiles * kTileVals];
+  cx.cbuf = cbuf.get();
+  cx.panel = panel;
+
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += cx.set_groups) {
+    switch (min64(cx.set_groups, g_end - g0)) {
+      case 1: group_set<1>(cx, g0); break;
+      case 2: group_set<2>(cx, g0); break;
+      case 3: group_set<3>(cx, g0); break;
+      default: group_set<4>(cx, g0); break;
+    }
+  }
+  tile_release();
+}
+
+}  // namespace SPARAMX_AMX_NS
+
+void SPARAMX_AMX_KERNEL_NAME(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  SPARAMX_AMX_NS::linear(a, g_begin, g_end);
+}
+
+}  // namespace sparamx

@@ -1,0 +1,208 @@
+// AVX-512-BF16 kernel (Zen 4, Cooper Lake, Sapphire Rapids and later).
+//
+// Decode (M <= kDecodeMaxRows): the compressed bytes are streamed once. Per unit, a
+// plain 64-byte load is expanded in registers with the unit's bitmap (vpexpandw) and
+// multiplied into one fp32 accumulator per row with vdpbf16ps. Four column groups are
+// interleaved so that four independent value-pointer chains keep loads in flight
+// (with one chain each address waits on the previous unit's popcount).
+//
+// Prefill (larger M): each group's units are decompressed once per K-chunk into a
+// dense panel that stays in L1/L2 and is reused by every block of rows.
+//
+// Only raw-pointer code lives here, compiled for AVX-512: torch headers must not be
+// included after the target pragma (their inline functions would be built for
+// AVX-512 and could be picked by the linker for other callers).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,popcnt")
+#include <immintrin.h>
+
+namespace sparamx {
+namespace {
+
+constexpr int64_t kDecodeMaxRows = 4;
+constexpr int kGroupsPerBlock = 4;   // interleaved column groups
+constexpr int64_t kPanelPairs = 256;  // K-pairs per decompressed panel (4 x 16 KiB)
+constexpr int kPanelRows = 6;         // rows per register block in the panel kernel
+
+// acc (16 fp32 of column group g, row r) + bias -> y, clipped to n.
+inline void store_acc(const LinearArgs& a, int64_t g, int64_t r, __m512 acc) {
+  const int64_t col0 = g * kGroupCols;
+  const int64_t cols = std::min<int64_t>(kGroupCols, a.n - col0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+  if (a.bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, a.bias + col0));
+  if (a.y_bf16) {
+    auto* y = static_cast<uint16_t*>(a.y) + r * a.y_stride + col0;
+    _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(acc));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(a.y) + r * a.y_stride + col0, mask, acc);
+  }
+}
+
+inline const uint16_t* group_values(const LinearArgs& a, int64_t g) {
+  return a.bitmap ? a.values + a.offsets[g] : a.values + g * a.k_pairs * kUnitVals;
+}
+
+// Streaming kernel: GI column groups from g0, MB rows from r0, all K.
+template <int GI, int MB, bool kSparse>
+void decode_block(const LinearArgs& a, int64_t g0, int64_t r0) {
+  const int64_t P = a.k_pairs;
+  __m512 acc[GI][MB];
+  const uint16_t* v[GI];
+  const uint32_t* bm[GI];
+  const uint32_t* x[MB];  // x rows viewed as bf16 pairs
+  for (int gi = 0; gi < GI; ++gi) {
+    v[gi] = group_values(a, g0 + gi);
+    bm[gi] = kSparse ? a.bitmap + (g0 + gi) * P : nullptr;
+    for (int m = 0; m < MB; ++m) acc[gi][m] = _mm512_setzero_ps();
+  }
+  for (int m = 0; m < MB; ++m)
+    x[m] = reinterpret_cast<const uint32_t*>(a.x + (r0 + m) * a.x_stride);
+  for (int64_t p = 0; p < P; ++p) {
+    __m512i xb[MB];
+    for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_epi32(static_cast<int>(x[m][p]));
+    for (int gi = 0; gi < GI; ++gi) {
+      __m512i w;
+      if constexpr (kSparse) {
+        const uint32_t bits = bm[gi][p];
+        w = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v[gi]));
+        v[gi] += _mm_popcnt_u32(bits);
+      } else {
+        w = _mm512_loadu_si512(v[gi]);
+        v[gi] += kUnitVals;
+      }
+      for (int m = 0; m < MB; ++m)
+        acc[gi][m] = _mm512_dpbf16_ps(acc[gi][m], (__m512bh)w, (__m512bh)xb[m]);
+    }
+  }
+  for (int gi = 0; gi < GI; ++gi)
+    for (int m = 0; m < MB; ++m) store_acc(a, g0 + gi, r0 + m, acc[gi][m]);
+}
+
+template <int GI, bool kSparse>
+void decode_rows(const LinearArgs& a, int64_t g0) {
+  switch (a.m) {
+    case 1: return decode_block<GI, 1, kSparse>(a, g0, 0);
+    case 2: return decode_block<GI, 2, kSparse>(a, g0, 0);
+    case 3: return decode_block<GI, 3, kSparse>(a, g0, 0);
+    default: return decode_block<GI, 4, kSparse>(a, g0, 0);
+  }
+}
+
+template <bool kSparse>
+void decode(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  int64_t g = g_begin;
+  for (; g + kGroupsPerBlock <= g_end; g += kGroupsPerBlock)
+    decode_rows<kGroupsPerBlock, kSparse>(a, g);
+  for (; g < g_end; ++g) decode_rows<1, kSparse>(a, g);
+}
+
+// Decompress K-pairs [p0, p0 + np) of one group into a dense panel [np, 32].
+// `v` is the group's value cursor, advanced past the consumed values.
+template <bool kSparse>
+inline void fill_panel(const LinearArgs& a, int64_t g, int64_t p0, int64_t np,
+                       const uint16_t*& v, uint16_t* panel) {
+  if constexpr (kSparse) {
+    const uint32_t* bm = a.bitmap + g * a.k_pairs + p0;
+    for (int64_t p = 0; p < np; ++p) {
+      const uint32_t bits = bm[p];
+      _mm512_store_si512(panel + p * kUnitVals,
+                         _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v)));
+      v += _mm_popcnt_u32(bits);
+    }
+  } else {
+    std::memcpy(panel, v, np * kUnitVals * sizeof(uint16_t));
+    v += np * kUnitVals;
+  }
+}
+
+// Panel kernel: MB rows from r0 times kGroupsPerBlock groups, K-pairs [p0, p0 + np),
+// accumulating into acc_buf[r][gi * 16 + c] (fp32 partial sums across panels).
+template <int MB>
+void panel_block(const LinearArgs& a, const uint16_t* panel, int64_t np, int64_t p0, int64_t r0,
+                 float* acc_buf, bool first) {
+  constexpr int GI = kGroupsPerBlock;
+  __m512 acc[GI][MB];
+  for (int m = 0; m < MB; ++m)
+    for (int gi = 0; gi < GI; ++gi)
+      acc[gi][m] = first ? _mm512_setzero_ps()
+                         : _mm512_loadu_ps(acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols);
+  const uint32_t* x[MB];
+  for (int m = 0; m < MB; ++m)
+    x[m] = reinterpret_cast<const uint32_t*>(a.x + (r0 + m) * a.x_stride) + p0;
+  for (int64_t p = 0; p < np; ++p) {
+    __m512i w[GI];
+    for (int gi = 0; gi < GI; ++gi)
+      w[gi] = _mm512_load_si512(panel + (gi * kPanelPairs + p) * kUnitVals);
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(x[m][p]));
+      for (int gi = 0; gi < GI; ++gi)
+        acc[gi][m] = _mm512_dpbf16_ps(acc[gi][m], (__m512bh)w[gi], (__m512bh)xb);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int gi = 0; gi < GI; ++gi)
+      _mm512_storeu_ps(acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols, acc[gi][m]);
+}
+
+void panel_rows(const LinearArgs& a, const uint16_t* panel, int64_t np, int64_t p0, int64_t r0,
+                int64_t rows, float* acc_buf, bool first) {
+  switch (rows) {
+    case 1: return panel_block<1>(a, panel, np, p0, r0, acc_buf, first);
+    case 2: return panel_block<2>(a, panel, np, p0, r0, acc_buf, first);
+    case 3: return panel_block<3>(a, panel, np, p0, r0, acc_buf, first);
+    case 4: return panel_block<4>(a, panel, np, p0, r0, acc_buf, first);
+    case 5: return panel_block<5>(a, panel, np, p0, r0, acc_buf, first);
+    default: return panel_block<6>(a, panel, np, p0, r0, acc_buf, first);
+  }
+}
+
+template <bool kSparse>
+void prefill(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  constexpr int GI = kGroupsPerBlock;
+  alignas(64) static thread_local uint16_t panel[GI * kPanelPairs * kUnitVals];
+  std::vector<float> acc_buf(static_cast<size_t>(a.m) * GI * kGroupCols);
+  const int64_t P = a.k_pairs;
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += GI) {
+    const int64_t ng = std::min<int64_t>(GI, g_end - g0);
+    const uint16_t* v[GI];
+    for (int gi = 0; gi < ng; ++gi) v[gi] = group_values(a, g0 + gi);
+    for (int64_t p0 = 0; p0 < P; p0 += kPanelPairs) {
+      const int64_t np = std::min<int64_t>(kPanelPairs, P - p0);
+      for (int gi = 0; gi < GI; ++gi) {
+        uint16_t* dst = panel + gi * kPanelPairs * kUnitVals;
+        if (gi < ng)
+          fill_panel<kSparse>(a, g0 + gi, p0, np, v[gi], dst);
+        else  // missing groups at the end of the range compute on zeros
+          std::memset(dst, 0, np * kUnitVals * sizeof(uint16_t));
+      }
+      for (int64_t r0 = 0; r0 < a.m; r0 += kPanelRows)
+        panel_rows(a, panel, np, p0, r0, std::min<int64_t>(kPanelRows, a.m - r0),
+                   acc_buf.data(), p0 == 0);
+    }
+    for (int64_t r = 0; r < a.m; ++r)
+      for (int gi = 0; gi < ng; ++gi)
+        store_acc(a, g0 + gi, r, _mm512_loadu_ps(acc_buf.data() + r * GI * kGroupCols +
+                                                 gi * kGroupCols));
+  }
+}
+
+}  // namespace
+
+void linear_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  const bool sparse = a.bitmap != nullptr;
+  if (a.m <= kDecodeMaxRows) {
+    sparse ? decode<true>(a, g_begin, g_end) : decode<false>(a, g_begin, g_end);
+  } else {
+    sparse ? prefill<true>(a, g_begin, g_end) : prefill<false>(a, g_begin, g_end);
+  }
+}
+
+}  // namespace sparamx
+
+#pragma GCC pop_options

@@ -1,0 +1,80 @@
+// The bitmap-bf16 packed weight format and the per-ISA kernel entry points.
+//
+// Format (version 1), for a weight W[N, K] (out x in), padded with zeros to
+// Np = ceil(N / 16) * 16 rows and Kp = ceil(K / 32) * 32 columns:
+//   column group g  = output rows 16g .. 16g+15           (G = Np / 16 groups)
+//   K-pair p        = input columns 2p, 2p+1              (P = Kp / 2 pairs)
+//   unit (g, p)     = 32 bf16 in VNNI order: element 2c+j = W[16g+c, 2p+j]
+//                     (one row of an AMX B tile, one zmm operand of vdpbf16ps)
+//   bitmap[g, p]    = uint32, bit 2c+j set iff that element is kept
+//   values          = kept bf16 of each unit in bit order, units in (g, p) order,
+//                     followed by kValuesPad zeros so a 64-byte load of the last
+//                     unit stays inside the buffer
+//   offsets[g]      = int64 start of group g in values; offsets[G] = nnz
+// The dense layout ("dense-bf16") stores every unit whole: values[G, P, 32], no bitmap.
+//
+// Kernel entry points take raw pointers (no torch headers) so that each ISA's source
+// can be compiled with its own target flags without leaking them into torch's inline
+// functions. Each computes the output column groups [g_begin, g_end); disjoint ranges
+// may run on different threads.
+#pragma once
+#include <cstdint>
+
+namespace sparamx {
+
+constexpr int kGroupCols = 16;  // output features per column group
+constexpr int kUnitVals = 32;   // bf16 per unit: 16 columns x one K-pair
+constexpr int kKAlign = 32;     // K is padded to a multiple of this (one AMX tile depth)
+constexpr int kValuesPad = 32;  // zero bf16 after the last kept value
+
+struct LinearArgs {
+  const uint16_t* x;       // activations, bf16 bits, [M, 2 * k_pairs], zero-padded past K
+  int64_t x_stride;        // elements between rows of x
+  int64_t m;               // rows of x
+  int64_t k_pairs;         // P = Kp / 2
+  int64_t n;               // true output features (<= 16 * G)
+  const uint32_t* bitmap;  // [G, P]; nullptr for the dense layout
+  const uint16_t* values;  // sparse: packed values; dense: [G, P, 32]
+  const int64_t* offsets;  // [G + 1]; sparse layout only
+  const float* bias;       // [n] or nullptr
+  void* y;                 // output [M, n], bf16 or fp32
+  int64_t y_stride;        // elements between rows of y
+  bool y_bf16;             // y is bf16 (else fp32)
+};
+
+void linear_portable(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+void linear_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+void linear_amx(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+// The AMX kernel built on the plain-C++ tile emulation (any CPU; for tests).
+void linear_amx_emulated(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+
+// bf16 <-> fp32 helpers shared by the plain-C++ kernels.
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Store one column group's 16 fp32 results of row r (plus bias), clipped to n.
+inline void store_group_row(const LinearArgs& a, int64_t g, int64_t r, const float* acc) {
+  const int64_t col0 = g * kGroupCols;
+  const int64_t cols = (a.n - col0) < kGroupCols ? (a.n - col0) : kGroupCols;
+  for (int64_t c = 0; c < cols; ++c) {
+    float v = acc[c] + (a.bias ? a.bias[col0 + c] : 0.f);
+    if (a.y_bf16)
+      static_cast<uint16_t*>(a.y)[r * a.y_stride + col0 + c] = float_to_bf16(v);
+    else
+      static_cast<float*>(a.y)[r * a.y_stride + col0 + c] = v;
+  }
+}
+
+}  // namespace sparamx

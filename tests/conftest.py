@@ -1,0 +1,44 @@
+"""Shared pytest set-up: offline hub settings and small model fixtures."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    """A tiny random decoder config of the given family (llama, qwen2, mistral, gemma)."""
+    from transformers import AutoConfig
+
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=257,
+        max_position_embeddings=256,
+        head_dim=16,
+    )
+    kw.update(overrides)
+    return AutoConfig.for_model(arch, **kw)
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (bf16), converted once from the shipped GGUF."""
+    from sparamx.models import load_model
+
+    return load_model("smollm2-135m", dtype="bfloat16")

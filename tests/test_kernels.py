@@ -1,0 +1,178 @@
+"""Every native kernel (portable, AVX-512, AMX where the CPU has it, and the AMX kernel on
+emulated tiles everywhere) against the pure-PyTorch reference."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import assert_matches_reference
+
+import sparamx
+from sparamx.format import PackedWeight, pack
+from sparamx.ops import packed_linear
+
+INFO = sparamx.kernel_info()
+CPU = INFO["cpu"]
+RUNNABLE = ["portable", "amx_emulated"]
+if CPU["avx512f"] and CPU["avx512_bf16"] and CPU["avx512_vbmi2"] and CPU["os_avx512"]:
+    RUNNABLE.append("avx512")
+if CPU["os_amx"] and CPU["amx_bf16"]:
+    RUNNABLE.append("amx")
+
+DIMS_N = st.sampled_from([1, 15, 16, 17, 33, 64, 100])
+DIMS_K = st.sampled_from([1, 15, 17, 32, 33, 64, 100, 577, 4097])
+ROWS = st.sampled_from([1, 2, 3, 4, 5, 7, 16, 17, 33, 300])
+SPARSITY = st.sampled_from([0.0, 0.5, 0.7, 0.9, 1.0])
+
+
+def random_weight(n, k, sparsity, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[torch.rand(n, k, generator=g) < sparsity] = 0
+    return w.to(torch.bfloat16)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("kernel", RUNNABLE)
+# The thread count is fixed per test (parametrized), which is what we want across examples.
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=DIMS_N,
+    k=DIMS_K,
+    m=ROWS,
+    sparsity=SPARSITY,
+    with_bias=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    storage=st.sampled_from(["bitmap-bf16", "dense-bf16"]),
+    seed=st.integers(0, 999),
+)
+def test_kernel_matches_reference(
+    kernel, threads, n, k, m, sparsity, with_bias, dtype, storage, seed
+):
+    if kernel == "portable" and n * k * m > 2_000_000:
+        m = 5  # keep the scalar kernel's share of the test time small
+    w = random_weight(n, k, sparsity, seed)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(n) if with_bias else None
+    y = packed_linear(x, pack(w, storage=storage), bias, kernel=kernel)
+    assert_matches_reference(y, x, w, bias)
+
+
+@pytest.mark.parametrize("kernel", RUNNABLE)
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_llama_sized_shape(kernel, threads, m):
+    w = random_weight(1024, 4096, 0.5, 1)
+    x = torch.randn(m, 4096, dtype=torch.bfloat16)
+    assert_matches_reference(packed_linear(x, pack(w), kernel=kernel), x, w)
+
+
+@pytest.mark.parametrize("kernel", RUNNABLE)
+def test_all_zero_rows_and_layer(kernel):
+    w = random_weight(40, 70, 0.5, 2)
+    w[3] = 0
+    w[16:32] = 0  # a whole column group
+    x = torch.randn(6, 70)
+    bias = torch.randn(40)
+    y = packed_linear(x, pack(w, storage="bitmap-bf16"), bias, kernel=kernel)
+    assert_matches_reference(y, x, w, bias)
+    zero = torch.zeros(40, 70, dtype=torch.bfloat16)
+    y0 = packed_linear(x, pack(zero, storage="bitmap-bf16"), bias, kernel=kernel)
+    assert torch.allclose(y0, bias.expand(6, 40))
+
+
+@pytest.mark.parametrize("kernel", RUNNABLE)
+def test_non_contiguous_and_empty_input(kernel):
+    w = random_weight(24, 64, 0.5, 3)
+    p = pack(w)
+    x = torch.randn(64, 5, dtype=torch.bfloat16).t()  # non-contiguous [5, 64]
+    assert_matches_reference(packed_linear(x, p, kernel=kernel), x, w)
+    xs = torch.randn(5, 128, dtype=torch.bfloat16)[:, ::2]  # strided columns
+    assert_matches_reference(packed_linear(xs, p, kernel=kernel), xs, w)
+    assert packed_linear(torch.randn(0, 64), p, kernel=kernel).shape == (0, 24)
+
+
+def test_default_ops_match_reference():
+    w = random_weight(50, 90, 0.6, 4)
+    x = torch.randn(3, 90, dtype=torch.bfloat16)
+    assert_matches_reference(packed_linear(x, pack(w)), x, w)
+    assert_matches_reference(packed_linear(x, pack(w, storage="dense-bf16")), x, w)
+
+
+def test_bad_inputs_give_clear_errors():
+    p = pack(random_weight(16, 32, 0.5, 5))
+    with pytest.raises(RuntimeError, match="features but the weight has K=32"):
+        packed_linear(torch.randn(2, 31), p)
+    with pytest.raises(RuntimeError, match="dtype must be bfloat16 or float32"):
+        packed_linear(torch.randn(2, 32, dtype=torch.float16), p)
+    with pytest.raises(RuntimeError, match="dtype must be bfloat16 or float32"):
+        packed_linear(torch.ones(2, 32, dtype=torch.int64), p)
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        packed_linear(torch.randn(32), p)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        packed_linear(torch.randn(2, 32), p, torch.randn(15))
+    with pytest.raises(ValueError, match="kernel 'fast' is not one of"):
+        packed_linear(torch.randn(2, 32), p, kernel="fast")
+    # Raw op with values that do not match the offsets.
+    with pytest.raises(RuntimeError, match="offsets do not match values"):
+        torch.ops.sparamx.sparse_linear(
+            torch.randn(1, 32), p.bitmap, p.values[:-2], p.offsets, None, 16, 32
+        )
+    with pytest.raises(RuntimeError, match="bitmap must be"):
+        torch.ops.sparamx.sparse_linear(
+            torch.randn(1, 32), p.bitmap.long(), p.values, p.offsets, None, 16, 32
+        )
+
+
+def test_forced_kernel_env(monkeypatch):
+    w = random_weight(16, 32, 0.5, 6)
+    x = torch.randn(2, 32)
+    monkeypatch.setenv("SPARAMX_KERNEL", "portable")
+    assert sparamx.kernel_info()["decode"] == "portable"
+    assert_matches_reference(packed_linear(x, pack(w)), x, w)
+    monkeypatch.setenv("SPARAMX_KERNEL", "nonsense")
+    with pytest.raises(RuntimeError, match="unknown kernel 'nonsense'"):
+        packed_linear(x, pack(w))
+    if "amx" not in RUNNABLE:
+        monkeypatch.setenv("SPARAMX_KERNEL", "amx")
+        with pytest.raises(RuntimeError, match="kernel 'amx' needs AMX"):
+            packed_linear(x, pack(w))
+
+
+def test_kernel_info_reports_features_and_paths():
+    info = sparamx.kernel_info()
+    assert {"cpu", "compiled", "decode", "prefill", "threads"} <= set(info)
+    assert "portable" in info["compiled"] and "amx_emulated" in info["compiled"]
+    assert info["decode"] in ("amx", "avx512", "portable")
+
+
+def test_opcheck_custom_ops():
+    p = pack(random_weight(20, 40, 0.5, 7))
+    d = pack(random_weight(20, 40, 0.0, 7), storage="dense-bf16")
+    x = torch.randn(3, 40, dtype=torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.sparamx.sparse_linear.default,
+        (x, p.bitmap, p.values, p.offsets, torch.randn(20), 20, 40),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.sparamx.dense_linear.default,
+        (x, d.values, None, 20, 40),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_packed_weight_from_raw_tensors_validates():
+    p = pack(random_weight(16, 32, 0.5, 8))
+    bad = p.offsets.clone()
+    bad[1] = 0
+    with pytest.raises(sparamx.PackedWeightError, match="offsets inconsistent"):
+        PackedWeight(p.shape, p.storage, p.values, p.bitmap, bad)
