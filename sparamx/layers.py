@@ -10,6 +10,7 @@ import logging
 import torch
 from torch import nn
 
+from . import ops as _ops  # noqa: F401  (loads the native ops: torch.ops.sparamx.*)
 from .format import PackedWeight, pack
 
 log = logging.getLogger(__name__)

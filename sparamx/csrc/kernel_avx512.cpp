@@ -9,12 +9,12 @@
 // Prefill (larger M): each group's units are decompressed once per K-chunk into a
 // dense panel that stays in L1/L2 and is reused by every block of rows.
 //
-// Only raw-pointer code lives here, compiled for AVX-512: torch headers must not be
-// included after the target pragma (their inline functions would be built for
-// AVX-512 and could be picked by the linker for other callers).
-#include <algorithm>
+// Only raw-pointer code lives here, compiled for AVX-512. Headers are included before
+// the target pragma and no std:: template is instantiated after it: an inline function
+// built for AVX-512 here could be the copy the linker keeps for every caller, and crash
+// the portable path on a CPU without AVX-512.
+#include <cstdlib>
 #include <cstring>
-#include <vector>
 
 #include "kernels.h"
 
@@ -30,10 +30,12 @@ constexpr int kGroupsPerBlock = 4;   // interleaved column groups
 constexpr int64_t kPanelPairs = 256;  // K-pairs per decompressed panel (4 x 16 KiB)
 constexpr int kPanelRows = 6;         // rows per register block in the panel kernel
 
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 // acc (16 fp32 of column group g, row r) + bias -> y, clipped to n.
 inline void store_acc(const LinearArgs& a, int64_t g, int64_t r, __m512 acc) {
   const int64_t col0 = g * kGroupCols;
-  const int64_t cols = std::min<int64_t>(kGroupCols, a.n - col0);
+  const int64_t cols = min64(kGroupCols, a.n - col0);
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
   if (a.bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, a.bias + col0));
   if (a.y_bf16) {
@@ -166,14 +168,16 @@ template <bool kSparse>
 void prefill(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
   constexpr int GI = kGroupsPerBlock;
   alignas(64) static thread_local uint16_t panel[GI * kPanelPairs * kUnitVals];
-  std::vector<float> acc_buf(static_cast<size_t>(a.m) * GI * kGroupCols);
+  // fp32 partial sums [M, GI * 16] carried across K-chunks.
+  float* acc_buf = static_cast<float*>(std::malloc(sizeof(float) * a.m * GI * kGroupCols));
+  if (!acc_buf) std::abort();  // out of memory: no exceptions across this boundary
   const int64_t P = a.k_pairs;
   for (int64_t g0 = g_begin; g0 < g_end; g0 += GI) {
-    const int64_t ng = std::min<int64_t>(GI, g_end - g0);
+    const int64_t ng = min64(GI, g_end - g0);
     const uint16_t* v[GI];
     for (int gi = 0; gi < ng; ++gi) v[gi] = group_values(a, g0 + gi);
     for (int64_t p0 = 0; p0 < P; p0 += kPanelPairs) {
-      const int64_t np = std::min<int64_t>(kPanelPairs, P - p0);
+      const int64_t np = min64(kPanelPairs, P - p0);
       for (int gi = 0; gi < GI; ++gi) {
         uint16_t* dst = panel + gi * kPanelPairs * kUnitVals;
         if (gi < ng)
@@ -182,14 +186,15 @@ void prefill(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
           std::memset(dst, 0, np * kUnitVals * sizeof(uint16_t));
       }
       for (int64_t r0 = 0; r0 < a.m; r0 += kPanelRows)
-        panel_rows(a, panel, np, p0, r0, std::min<int64_t>(kPanelRows, a.m - r0),
-                   acc_buf.data(), p0 == 0);
+        panel_rows(a, panel, np, p0, r0, min64(kPanelRows, a.m - r0),
+                   acc_buf, p0 == 0);
     }
     for (int64_t r = 0; r < a.m; ++r)
       for (int gi = 0; gi < ng; ++gi)
-        store_acc(a, g0 + gi, r, _mm512_loadu_ps(acc_buf.data() + r * GI * kGroupCols +
+        store_acc(a, g0 + gi, r, _mm512_loadu_ps(acc_buf + r * GI * kGroupCols +
                                                  gi * kGroupCols));
   }
+  std::free(acc_buf);
 }
 
 }  // namespace

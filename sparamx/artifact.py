@@ -1,0 +1,292 @@
+"""Packed artifact: a directory with ``sparamx.json`` (manifest), the HF config,
+generation config and tokenizer files, and safetensors (sharded past a size limit)
+holding the dense tensors plus ``<name>.bitmap|values|offsets`` per packed layer.
+
+``save`` writes every file to a temp name and renames it, the manifest last, so a
+directory without ``sparamx.json`` is never a half-written artifact mistaken for a
+whole one. ``load`` memory-maps the safetensors and validates everything (format
+version, tensor presence, shapes, dtypes, offsets against bitmap popcounts) before
+any kernel sees it. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .format import FORMAT_VERSION, STORAGES, PackedWeight, PackedWeightError
+from .layers import SparseLinear
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "sparamx.json"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+class ArtifactError(ValueError):
+    """A packed artifact that is missing, foreign, corrupt or truncated."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict without aliases (tied weights): (tensors, {alias: stored name})."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous()
+    return tensors, tied
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        nb = t.numel() * t.element_size()
+        if cur and size + nb > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += nb
+    shards.append(cur)
+    return shards
+
+
+def save(model: nn.Module, tokenizer, path: str | os.PathLike, *, source: dict | None = None,
+         recipe: dict | None = None, kv: dict | None = None, eval_summary: dict | None = None,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a model whose linears are ``SparseLinear`` (see ``swap_linears``) as an artifact."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest lands
+    layers = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLinear):
+            p = mod.packed
+            layers.append({"name": name, "shape": list(p.shape), "nnz": p.nnz,
+                           "storage": p.storage, "bias": mod.bias is not None,
+                           "bytes": p.nbytes})
+    if not layers:
+        raise ValueError("save: the model has no SparseLinear layers (call swap_linears first)")
+    tensors, tied = _unique_state(model)
+    shards = _shards(tensors, max_shard_bytes)
+    files = {}
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(names, shards, strict=True):
+        tmp = path / f".{fname}.part"
+        save_file(shard, str(tmp), metadata={"format": "pt", "producer": "sparamx"})
+        os.replace(tmp, path / fname)
+        files[fname] = (path / fname).stat().st_size
+    if len(shards) > 1:
+        weight_map = {k: f for f, s in zip(names, shards, strict=True) for k in s}
+        atomic_write_json(path / INDEX, {"metadata": {"total_size": sum(files.values())},
+                                         "weight_map": weight_map})
+    else:
+        (path / INDEX).unlink(missing_ok=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point()
+                  and not k.endswith(".values")), torch.bfloat16)
+    manifest = {
+        "format": "sparamx",
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "source": source or {},
+        "recipe": recipe or {},
+        "dtype": str(dtype).removeprefix("torch."),
+        "layers": layers,
+        "tied": tied,
+        "files": files,
+        "kv": kv,
+        "eval": eval_summary or {},
+        "totals": {"packed_bytes": sum(lay["bytes"] for lay in layers),
+                   "dense_bytes": sum(2 * lay["shape"][0] * lay["shape"][1] for lay in layers)},
+    }
+    atomic_write_json(path / MANIFEST, manifest)
+    log.info("saved artifact %s (%d packed layers, %d files)", path, len(layers), len(files))
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: not a directory (a sparamx artifact is a directory)")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{path}: not a sparamx artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "sparamx":
+        raise ArtifactError(f"{mpath}: not a sparamx manifest (format field missing)")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: format_version {version!r} is not supported "
+                            f"(this sparamx reads version {FORMAT_VERSION})")
+    for key, kind in (("layers", list), ("files", dict), ("tied", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(f"{mpath}: field {key!r} missing or not a {kind.__name__}")
+    for i, lay in enumerate(manifest["layers"]):
+        ok = (isinstance(lay, dict) and isinstance(lay.get("name"), str)
+              and isinstance(lay.get("shape"), list) and len(lay["shape"]) == 2
+              and all(isinstance(d, int) and d > 0 for d in lay["shape"])
+              and lay.get("storage") in STORAGES and isinstance(lay.get("bias"), bool))
+        if not ok:
+            raise ArtifactError(f"{mpath}: layers[{i}] is malformed: {lay!r}")
+    return manifest
+
+
+def _open_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """Memory-map every shard and return {name: tensor}; checks sizes first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for fname, size in manifest["files"].items():
+        fpath = path / fname
+        if not fpath.is_file():
+            raise ArtifactError(f"{path}: missing file {fname} (listed in {MANIFEST})")
+        actual = fpath.stat().st_size
+        if actual != size:
+            raise ArtifactError(f"{fpath}: size {actual} bytes, manifest says {size} "
+                                f"(truncated or replaced)")
+        try:
+            with safe_open(str(fpath), framework="pt") as f:
+                for key in f.keys():
+                    out[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ArtifactError(f"{fpath}: unreadable safetensors file ({e})") from None
+    return out
+
+
+def _packed_layer(lay: dict, tensors: dict[str, torch.Tensor]) -> SparseLinear:
+    name = lay["name"]
+    keys = ["values"] if lay["storage"] == "dense-bf16" else ["bitmap", "values", "offsets"]
+    if lay["bias"]:
+        keys.append("bias")
+    got = {}
+    for k in keys:
+        t = tensors.pop(f"{name}.{k}", None)
+        if t is None:
+            raise ArtifactError(f"packed layer {name}: tensor {name}.{k} missing")
+        got[k] = t
+    try:
+        packed = PackedWeight(tuple(lay["shape"]), lay["storage"], got["values"],
+                              got.get("bitmap"), got.get("offsets"))
+    except PackedWeightError as e:
+        raise ArtifactError(f"packed layer {name}: {e}") from None
+    if "nnz" in lay and packed.nnz != lay["nnz"] and lay["storage"] == "bitmap-bf16":
+        raise ArtifactError(f"packed layer {name}: nnz {packed.nnz} != manifest {lay['nnz']}")
+    return SparseLinear(packed, got.get("bias"))
+
+
+def load(path: str | os.PathLike, *, kv: dict | None = None):
+    """Load a packed artifact: returns ``(model, tokenizer)``; ``model.generate`` works.
+
+    ``kv`` overrides the manifest's sparse-KV-cache settings (not implemented yet: a
+    non-empty setting is refused rather than silently ignored)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    kv = manifest.get("kv") if kv is None else kv
+    if kv:
+        raise NotImplementedError("sparse KV cache is not implemented yet (artifact asks for "
+                                  f"kv={kv!r})")
+    tensors = _open_tensors(path, manifest)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable config.json ({e})") from None
+    dtype = getattr(torch, manifest.get("dtype", "bfloat16"), torch.bfloat16)
+    # Built on the CPU without initialising weights: parameters are allocated but never
+    # touched (no RSS), and non-persistent buffers such as rotary frequencies are
+    # computed as transformers computes them.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for lay in manifest["layers"]:
+        try:
+            old = model.get_submodule(lay["name"])
+        except AttributeError:
+            raise ArtifactError(f"packed layer {lay['name']} does not exist in the "
+                                f"{config.model_type} model of config.json") from None
+        if not isinstance(old, nn.Linear) or [old.out_features, old.in_features] != lay["shape"]:
+            raise ArtifactError(f"packed layer {lay['name']}: shape {lay['shape']} does not match "
+                                f"the model ({old})")
+        parent_name, _, child = lay["name"].rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                _packed_layer(lay, tensors))
+    expected = model.state_dict()
+    for alias in manifest["tied"]:
+        expected.pop(alias, None)
+    sparse_keys = {k for k in expected if any(k.startswith(lay["name"] + ".")
+                                              for lay in manifest["layers"])}
+    missing = sorted(set(expected) - sparse_keys - set(tensors))
+    if missing:
+        raise ArtifactError(f"{path}: tensors missing from the safetensors: {missing[:5]}"
+                            + (" ..." if len(missing) > 5 else ""))
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ArtifactError(f"{path}: unexpected tensors in the safetensors: {extra[:5]}")
+    for key, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ArtifactError(f"{path}: tensor {key} has shape {tuple(t.shape)}, the model "
+                                f"expects {tuple(expected[key].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for alias, target in manifest["tied"].items():
+        owner, _, attr = alias.rpartition(".")
+        src_owner, _, src_attr = target.rpartition(".")
+        setattr(model.get_submodule(owner), attr,
+                getattr(model.get_submodule(src_owner), src_attr))
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable tokenizer files ({e})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.sparamx_manifest = manifest
+    return model, tokenizer
+
+
+def copy_artifact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy an artifact directory (manifest last)."""
+    src, dst = Path(src), Path(dst)
+    read_manifest(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != MANIFEST and f.is_file():
+            shutil.copy2(f, dst / f.name)
+    shutil.copy2(src / MANIFEST, dst / MANIFEST)
