@@ -76,9 +76,17 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def save(model: nn.Module, tokenizer, path: str | os.PathLike, *, source: dict | None = None,
-         recipe: dict | None = None, kv: dict | None = None, eval_summary: dict | None = None,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save(
+    model: nn.Module,
+    tokenizer,
+    path: str | os.PathLike,
+    *,
+    source: dict | None = None,
+    recipe: dict | None = None,
+    kv: dict | None = None,
+    eval_summary: dict | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Write a model whose linears are ``SparseLinear`` (see ``swap_linears``) as an artifact."""
     from safetensors.torch import save_file
 
@@ -89,16 +97,26 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, *, source: dict |
     for name, mod in model.named_modules():
         if isinstance(mod, SparseLinear):
             p = mod.packed
-            layers.append({"name": name, "shape": list(p.shape), "nnz": p.nnz,
-                           "storage": p.storage, "bias": mod.bias is not None,
-                           "bytes": p.nbytes})
+            layers.append(
+                {
+                    "name": name,
+                    "shape": list(p.shape),
+                    "nnz": p.nnz,
+                    "storage": p.storage,
+                    "bias": mod.bias is not None,
+                    "bytes": p.nbytes,
+                }
+            )
     if not layers:
         raise ValueError("save: the model has no SparseLinear layers (call swap_linears first)")
     tensors, tied = _unique_state(model)
     shards = _shards(tensors, max_shard_bytes)
     files = {}
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for fname, shard in zip(names, shards, strict=True):
         tmp = path / f".{fname}.part"
         save_file(shard, str(tmp), metadata={"format": "pt", "producer": "sparamx"})
@@ -106,8 +124,10 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, *, source: dict |
         files[fname] = (path / fname).stat().st_size
     if len(shards) > 1:
         weight_map = {k: f for f, s in zip(names, shards, strict=True) for k in s}
-        atomic_write_json(path / INDEX, {"metadata": {"total_size": sum(files.values())},
-                                         "weight_map": weight_map})
+        atomic_write_json(
+            path / INDEX,
+            {"metadata": {"total_size": sum(files.values())}, "weight_map": weight_map},
+        )
     else:
         (path / INDEX).unlink(missing_ok=True)
     model.config.save_pretrained(path)
@@ -115,8 +135,14 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, *, source: dict |
         model.generation_config.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point()
-                  and not k.endswith(".values")), torch.bfloat16)
+    dtype = next(
+        (
+            t.dtype
+            for k, t in tensors.items()
+            if t.is_floating_point() and not k.endswith(".values")
+        ),
+        torch.bfloat16,
+    )
     manifest = {
         "format": "sparamx",
         "format_version": FORMAT_VERSION,
@@ -129,8 +155,10 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, *, source: dict |
         "files": files,
         "kv": kv,
         "eval": eval_summary or {},
-        "totals": {"packed_bytes": sum(lay["bytes"] for lay in layers),
-                   "dense_bytes": sum(2 * lay["shape"][0] * lay["shape"][1] for lay in layers)},
+        "totals": {
+            "packed_bytes": sum(lay["bytes"] for lay in layers),
+            "dense_bytes": sum(2 * lay["shape"][0] * lay["shape"][1] for lay in layers),
+        },
     }
     atomic_write_json(path / MANIFEST, manifest)
     log.info("saved artifact %s (%d packed layers, %d files)", path, len(layers), len(files))
@@ -152,16 +180,23 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{mpath}: not a sparamx manifest (format field missing)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{mpath}: format_version {version!r} is not supported "
-                            f"(this sparamx reads version {FORMAT_VERSION})")
+        raise ArtifactError(
+            f"{mpath}: format_version {version!r} is not supported "
+            f"(this sparamx reads version {FORMAT_VERSION})"
+        )
     for key, kind in (("layers", list), ("files", dict), ("tied", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ArtifactError(f"{mpath}: field {key!r} missing or not a {kind.__name__}")
     for i, lay in enumerate(manifest["layers"]):
-        ok = (isinstance(lay, dict) and isinstance(lay.get("name"), str)
-              and isinstance(lay.get("shape"), list) and len(lay["shape"]) == 2
-              and all(isinstance(d, int) and d > 0 for d in lay["shape"])
-              and lay.get("storage") in STORAGES and isinstance(lay.get("bias"), bool))
+        ok = (
+            isinstance(lay, dict)
+            and isinstance(lay.get("name"), str)
+            and isinstance(lay.get("shape"), list)
+            and len(lay["shape"]) == 2
+            and all(isinstance(d, int) and d > 0 for d in lay["shape"])
+            and lay.get("storage") in STORAGES
+            and isinstance(lay.get("bias"), bool)
+        )
         if not ok:
             raise ArtifactError(f"{mpath}: layers[{i}] is malformed: {lay!r}")
     return manifest
@@ -179,8 +214,9 @@ def _open_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
             raise ArtifactError(f"{path}: missing file {fname} (listed in {MANIFEST})")
         actual = fpath.stat().st_size
         if actual != size:
-            raise ArtifactError(f"{fpath}: size {actual} bytes, manifest says {size} "
-                                f"(truncated or replaced)")
+            raise ArtifactError(
+                f"{fpath}: size {actual} bytes, manifest says {size} (truncated or replaced)"
+            )
         try:
             with safe_open(str(fpath), framework="pt") as f:
                 for key in f.keys():
@@ -202,8 +238,13 @@ def _packed_layer(lay: dict, tensors: dict[str, torch.Tensor]) -> SparseLinear:
             raise ArtifactError(f"packed layer {name}: tensor {name}.{k} missing")
         got[k] = t
     try:
-        packed = PackedWeight(tuple(lay["shape"]), lay["storage"], got["values"],
-                              got.get("bitmap"), got.get("offsets"))
+        packed = PackedWeight(
+            tuple(lay["shape"]),
+            lay["storage"],
+            got["values"],
+            got.get("bitmap"),
+            got.get("offsets"),
+        )
     except PackedWeightError as e:
         raise ArtifactError(f"packed layer {name}: {e}") from None
     if "nnz" in lay and packed.nnz != lay["nnz"] and lay["storage"] == "bitmap-bf16":
@@ -223,8 +264,9 @@ def load(path: str | os.PathLike, *, kv: dict | None = None):
     manifest = read_manifest(path)
     kv = manifest.get("kv") if kv is None else kv
     if kv:
-        raise NotImplementedError("sparse KV cache is not implemented yet (artifact asks for "
-                                  f"kv={kv!r})")
+        raise NotImplementedError(
+            f"sparse KV cache is not implemented yet (artifact asks for kv={kv!r})"
+        )
     tensors = _open_tensors(path, manifest)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -240,36 +282,46 @@ def load(path: str | os.PathLike, *, kv: dict | None = None):
         try:
             old = model.get_submodule(lay["name"])
         except AttributeError:
-            raise ArtifactError(f"packed layer {lay['name']} does not exist in the "
-                                f"{config.model_type} model of config.json") from None
+            raise ArtifactError(
+                f"packed layer {lay['name']} does not exist in the "
+                f"{config.model_type} model of config.json"
+            ) from None
         if not isinstance(old, nn.Linear) or [old.out_features, old.in_features] != lay["shape"]:
-            raise ArtifactError(f"packed layer {lay['name']}: shape {lay['shape']} does not match "
-                                f"the model ({old})")
+            raise ArtifactError(
+                f"packed layer {lay['name']}: shape {lay['shape']} does not match the model ({old})"
+            )
         parent_name, _, child = lay["name"].rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                _packed_layer(lay, tensors))
+        setattr(
+            model.get_submodule(parent_name) if parent_name else model,
+            child,
+            _packed_layer(lay, tensors),
+        )
     expected = model.state_dict()
     for alias in manifest["tied"]:
         expected.pop(alias, None)
-    sparse_keys = {k for k in expected if any(k.startswith(lay["name"] + ".")
-                                              for lay in manifest["layers"])}
+    sparse_keys = {
+        k for k in expected if any(k.startswith(lay["name"] + ".") for lay in manifest["layers"])
+    }
     missing = sorted(set(expected) - sparse_keys - set(tensors))
     if missing:
-        raise ArtifactError(f"{path}: tensors missing from the safetensors: {missing[:5]}"
-                            + (" ..." if len(missing) > 5 else ""))
+        raise ArtifactError(
+            f"{path}: tensors missing from the safetensors: {missing[:5]}"
+            + (" ..." if len(missing) > 5 else "")
+        )
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise ArtifactError(f"{path}: unexpected tensors in the safetensors: {extra[:5]}")
     for key, t in tensors.items():
         if tuple(t.shape) != tuple(expected[key].shape):
-            raise ArtifactError(f"{path}: tensor {key} has shape {tuple(t.shape)}, the model "
-                                f"expects {tuple(expected[key].shape)}")
+            raise ArtifactError(
+                f"{path}: tensor {key} has shape {tuple(t.shape)}, the model "
+                f"expects {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(tensors, strict=False, assign=True)
     for alias, target in manifest["tied"].items():
         owner, _, attr = alias.rpartition(".")
         src_owner, _, src_attr = target.rpartition(".")
-        setattr(model.get_submodule(owner), attr,
-                getattr(model.get_submodule(src_owner), src_attr))
+        setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(src_owner), src_attr))
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -113,3 +113,31 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def source_record(source: str, resolved: str, revision: str | None) -> dict:
+    """Where the model came from, for the manifest: id, revision and file hashes (full
+    sha256 for files up to 64 MiB; size + sha256 of the first 16 MiB beyond that, to
+    keep multi-GB shards from costing minutes)."""
+    rec = {"source": str(source), "resolved": str(resolved), "revision": revision, "files": {}}
+    path = Path(resolved)
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                rec["files"][f.name] = _file_hash(f)
+    if str(source) in BUILTIN_MODELS or str(source).endswith(".gguf"):
+        gguf = BUILTIN_MODELS[source]() if source in BUILTIN_MODELS else Path(source)
+        rec["gguf"] = {"name": gguf.name, **_file_hash(gguf)}
+    return rec
+
+
+def _file_hash(f: Path) -> dict:
+    import hashlib
+
+    size = f.stat().st_size
+    if size <= 64 << 20:
+        return {"size": size, "sha256": sha256_file(f)}
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        h.update(fh.read(16 << 20))
+    return {"size": size, "sha256_first_16mib": h.hexdigest()}

@@ -1,0 +1,215 @@
+"""Timed greedy generation: time to first token, ms per generated token, tokens/s,
+peak RSS and model bytes, for stock transformers (a dense model) or a packed artifact.
+
+Each measurement runs in a fresh process (``python -m sparamx.bench``) so peak RSS
+belongs to one model and thread count alone; the pipeline starts stock and sparse runs
+alternately, in the same pipeline run, on the same prompts.
+
+    python -m sparamx.bench --artifact runs/x/pack/artifact --threads 2 --json out.json
+    python -m sparamx.bench --stock smollm2-135m --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class _TokenClock:
+    """A generate() streamer that timestamps every new token (the first put() is the
+    prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value):
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """One greedy generation of exactly ``new_tokens`` tokens, timed per token."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    clock = _TokenClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    n = out.shape[1] - ids["input_ids"].shape[1]
+    ttft = clock.times[0] - start
+    decode = (clock.times[-1] - clock.times[0]) / max(1, len(clock.times) - 1)
+    return {
+        "ttft_ms": ttft * 1e3,
+        "ms_per_token": decode * 1e3,
+        "new_tokens": n,
+        "prompt_tokens": ids["input_ids"].shape[1],
+        "text": tokenizer.decode(out[0, ids["input_ids"].shape[1] :]),
+    }
+
+
+def model_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def kernel_share(model, tokenizer, prompt: str, new_tokens: int) -> float | None:
+    """Fraction of CPU time spent in sparamx ops during one generation (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_generate(model, tokenizer, prompt, new_tokens)
+    events = prof.key_averages()
+    ours = sum(e.self_cpu_time_total for e in events if e.key.startswith("sparamx::"))
+    total = sum(e.self_cpu_time_total for e in events)
+    return ours / total if total else None
+
+
+def run_bench(
+    kind: str,
+    source: str,
+    threads: int,
+    prompts: list[str],
+    new_tokens: int,
+    repeats: int,
+    dtype: str = "bfloat16",
+    profile_kernels: bool = True,
+) -> dict:
+    """Load a model (stock dense or packed artifact) and time generation on ``prompts``."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if kind == "stock":
+        from .models import load_model
+
+        model, tok = load_model(source, dtype=dtype)
+    else:
+        from .artifact import load
+
+        model, tok = load(source)
+    load_s = time.perf_counter() - t0
+    time_generate(model, tok, prompts[0], min(8, new_tokens))  # warm-up, not timed
+    runs = []
+    for _ in range(repeats):
+        for p in prompts:
+            runs.append(time_generate(model, tok, p, new_tokens))
+    ms_tok = statistics.median(r["ms_per_token"] for r in runs)
+    rec = {
+        "model": kind,
+        "source": str(source),
+        "threads": threads,
+        "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+        "ms_per_token": ms_tok,
+        "tokens_per_s": 1e3 / ms_tok,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "model_bytes": model_bytes(model),
+        "load_s": load_s,
+        "new_tokens": new_tokens,
+        "prompts": len(prompts),
+        "repeats": repeats,
+        "warmup": "one 8-token generation before timing",
+        "texts": [r["text"] for r in runs[: len(prompts)]],
+    }
+    if kind == "sparse" and profile_kernels:
+        rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens))
+    return rec
+
+
+def bench_subprocess(
+    kind: str,
+    source: str,
+    threads: int,
+    prompts: list[str],
+    new_tokens: int,
+    repeats: int,
+    dtype: str = "bfloat16",
+) -> dict:
+    """``run_bench`` in a fresh interpreter (clean peak RSS, threads set before work)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparamx.bench",
+        f"--{kind}",
+        str(source),
+        "--threads",
+        str(threads),
+        "--new-tokens",
+        str(new_tokens),
+        "--repeats",
+        str(repeats),
+        "--dtype",
+        dtype,
+        "--json",
+        "-",
+    ]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"bench of {kind} model ({source}, {threads} threads) failed:\n{proc.stderr[-2000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Timed greedy generation (stock or packed).")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--stock", help="dense model source (hub id, HF dir, .gguf, built-in)")
+    src.add_argument("--sparse", "--artifact", dest="sparse", help="packed artifact dir")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--prompt", action="append", default=None)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", default=None, help="write the record here ('-': stdout)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    prompts = args.prompt or ["The history of the printing press begins"]
+    kind, source = ("stock", args.stock) if args.stock else ("sparse", args.sparse)
+    rec = run_bench(kind, source, args.threads, prompts, args.new_tokens, args.repeats, args.dtype)
+    if args.json == "-":
+        print(json.dumps(rec))
+    else:
+        print(
+            f"{kind} {args.threads} threads: {rec['tokens_per_s']:.1f} tokens/s, "
+            f"{rec['ms_per_token']:.1f} ms/token, TTFT {rec['ttft_ms']:.0f} ms, "
+            f"peak RSS {rec['peak_rss_mb']:.0f} MB"
+        )
+        if args.json:
+            from .artifact import atomic_write_json
+
+            atomic_write_json(args.json, rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The pipeline's configuration: one dataclass tree, loaded from YAML, overridden with
+``--set section.field=value``, and validated with errors that name the field and what
+it allows."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+METHODS = ("magnitude", "wanda")
+GRANULARITIES = ("row", "layer")
+DTYPES = ("bfloat16", "float32")
+KV_METHODS = ("none", "magnitude", "wanda")
+CALIB_SOURCES = ("wikipedia", "c4")
+STORAGES = ("auto", "bitmap-bf16", "dense-bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration field that is unknown, mistyped or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    source: str = "smollm2-135m"  # hub id, local HF dir, .gguf file, or a built-in name
+    revision: str | None = None  # hub revision (commit, tag) for reproducibility
+    dtype: str = "bfloat16"  # weights are packed as bf16; dense eval/bench run in this
+
+
+@dataclass
+class CalibrationConfig:
+    source: str = "wikipedia"  # offline Wikipedia text (gensim test data), or "c4" (hub)
+    samples: int = 32  # Wanda is insensitive to calibration size (paper, Fig. 4)
+    seqlen: int = 256
+    seed: int = 0
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5
+    granularity: str = "row"  # Wanda's per-output-row comparison group
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass
+class KVConfig:
+    method: str = "none"  # sparse KV cache: not implemented yet, only "none" runs
+    k_sparsity: float = 0.0
+    v_sparsity: float = 0.0
+    recent_window: int = 64
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["lee_news_ppl", "word_analogy_mc"])
+    limit: int | None = None  # documents per task (per subtask of a group); None = all
+    batch_size: int = 8
+
+
+@dataclass
+class PackConfig:
+    include: list[str] = field(default_factory=lambda: ["*"])  # glob patterns of linears
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    storage: str = "auto"  # auto: dense layout below min_sparsity (cheaper than a bitmap)
+    max_shard_gb: float = 2.0
+
+
+@dataclass
+class BenchConfig:
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "The history of the printing press begins",
+            "Explain in simple words why the sky is blue.",
+        ]
+    )
+    new_tokens: int = 64
+    threads: list[int] = field(default_factory=lambda: [1, 2])
+    repeats: int = 3  # median over repeats; one warm-up generation is not timed
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run directory: <output_dir>/<name>
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.dtype": DTYPES,
+    "prune.method": METHODS,
+    "prune.granularity": GRANULARITIES,
+    "prune.calibration.source": CALIB_SOURCES,
+    "kv.method": KV_METHODS,
+    "pack.storage": STORAGES,
+}
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against type hint ``tp`` (with light coercion from strings)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if origin is list:
+        if isinstance(value, str):  # --set bench.threads=1,2
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), path)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(
+            f"unknown field {prefix + '.' if prefix else ''}{unknown[0]} "
+            f"({where} allows: {', '.join(names)})"
+        )
+    kwargs = {
+        k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    for path, allowed in CHOICES.items():
+        value = _get(cfg, path)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(allowed)}")
+
+    def need(ok: bool, path: str, what: str):
+        if not ok:
+            raise ConfigError(f"{path}: {_get(cfg, path)!r} is invalid; {what}")
+
+    need(0.0 <= cfg.prune.sparsity < 1.0, "prune.sparsity", "allowed: 0 <= sparsity < 1")
+    need(cfg.prune.calibration.samples > 0, "prune.calibration.samples", "must be > 0")
+    need(cfg.prune.calibration.seqlen > 0, "prune.calibration.seqlen", "must be > 0")
+    for f in ("k_sparsity", "v_sparsity"):
+        need(0.0 <= getattr(cfg.kv, f) < 1.0, f"kv.{f}", "allowed: 0 <= sparsity < 1")
+    need(cfg.kv.recent_window >= 0, "kv.recent_window", "must be >= 0")
+    need(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")
+    need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    need(cfg.pack.max_shard_gb > 0, "pack.max_shard_gb", "must be > 0")
+    need(cfg.bench.new_tokens > 1, "bench.new_tokens", "must be > 1")
+    need(cfg.bench.repeats > 0, "bench.repeats", "must be > 0")
+    need(
+        bool(cfg.bench.threads) and all(t > 0 for t in cfg.bench.threads),
+        "bench.threads",
+        "a non-empty list of positive thread counts",
+    )
+    need(
+        bool(cfg.bench.prompts) and all(p.strip() for p in cfg.bench.prompts),
+        "bench.prompts",
+        "a non-empty list of non-empty prompts",
+    )
+    need(
+        bool(re.fullmatch(r"[\w.-]+", cfg.name)),
+        "name",
+        "use letters, digits, '.', '_' or '-' (it names the run directory)",
+    )
+    return cfg
+
+
+def _get(cfg, path: str):
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value (e.g. prune.sparsity=0.7)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return validate(_build(Config, data))

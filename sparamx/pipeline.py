@@ -1,0 +1,399 @@
+"""``python -m sparamx.pipeline CONFIG``: model -> pruned -> evaluated -> packed ->
+verified -> timed -> report, in stages that each write into ``runs/NAME/<stage>/``.
+
+    load -> calibrate -> prune -> eval (dense, pruned) -> pack -> verify
+         -> eval-packed -> bench (stock vs sparse) -> report
+
+``state.json`` holds each stage's input hash and output fingerprints: a rerun skips
+finished stages, an interrupted run resumes at the first unfinished one, ``--only``
+runs one stage (its upstream must be done), ``--force`` re-runs the named stages
+(and, through the hashes, whatever depends on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .artifact import atomic_write_json
+from .config import Config, ConfigError, load_config
+from .runstate import RunState, hash_inputs
+
+log = logging.getLogger("sparamx.pipeline")
+
+STAGES = ("load", "calibrate", "prune", "eval", "pack", "verify", "eval-packed", "bench", "report")
+# Which upstream stages' outputs each stage reads (their fingerprints enter its hash).
+UPSTREAM = {
+    "load": (),
+    "calibrate": ("load",),
+    "prune": ("load", "calibrate"),
+    "eval": ("load", "prune"),
+    "pack": ("load", "prune", "eval"),
+    "verify": ("load", "prune", "pack"),
+    "eval-packed": ("pack",),
+    "bench": ("load", "pack"),
+    "report": ("load", "prune", "eval", "pack", "verify", "eval-packed", "bench"),
+}
+# Which config sections each stage reads.
+SECTIONS = {
+    "load": ("model",),
+    "calibrate": ("prune.method", "prune.calibration"),
+    "prune": ("prune",),
+    "eval": ("eval", "model.dtype"),
+    "pack": ("pack",),
+    "verify": (),
+    "eval-packed": ("eval",),
+    "bench": ("bench", "model"),
+    "report": (),
+}
+VERIFY_TEXT_TOKENS = 256
+VERIFY_REL_TOL = 0.05  # relative L2 error of logits, packed vs masked dense, in bf16
+VERIFY_TOP1 = 0.9  # fraction of positions whose argmax token agrees
+
+
+@dataclass
+class StageResult:
+    outputs: list[str]
+    summary: str
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = RunState(self.run_dir)
+
+    # ---------------------------------------------------------------- plumbing
+    def path(self, stage: str, name: str = "") -> Path:
+        p = self.run_dir / stage / name
+        (self.run_dir / stage).mkdir(parents=True, exist_ok=True)
+        return p
+
+    def inputs_hash(self, stage: str) -> str:
+        cfg = self.cfg.to_dict()
+        sections = {}
+        for s in SECTIONS[stage]:
+            node = cfg
+            for part in s.split("."):
+                node = node[part]
+            sections[s] = node
+        upstream = {u: self.state.outputs_fingerprint(u) for u in UPSTREAM[stage]}
+        return hash_inputs({"stage": stage, "config": sections, "upstream": upstream})
+
+    def run(self, only: str | None = None, force: tuple[str, ...] = ()) -> None:
+        stages = STAGES if only is None else (only,)
+        if only is not None:
+            for u in UPSTREAM[only]:
+                if not self.state.is_done(u, self.inputs_hash(u)):
+                    raise RuntimeError(
+                        f"--only {only}: upstream stage {u!r} is not done "
+                        "(run the pipeline without --only first)"
+                    )
+        for stage in stages:
+            if stage == "bench" and not self.cfg.bench.enabled:
+                log.info("[bench] disabled in config (bench.enabled=false)")
+                continue
+            h = self.inputs_hash(stage)
+            if stage not in force and self.state.is_done(stage, h):
+                log.info("[%s] up to date: %s", stage, self.state.summary(stage))
+                continue
+            log.info("[%s] running", stage)
+            t0 = time.perf_counter()
+            res = getattr(self, "stage_" + stage.replace("-", "_"))()
+            dt = time.perf_counter() - t0
+            self.state.record(stage, h, res.outputs, res.summary, dt)
+            log.info("[%s] done in %.1f s: %s", stage, dt, res.summary)
+
+    # ---------------------------------------------------------------- models
+    def dense_model(self):
+        """A fresh dense model and tokenizer (cheap: the source is a cached HF dir)."""
+        from .models import load_model
+
+        m = self.cfg.model
+        return load_model(m.source, dtype=m.dtype, revision=m.revision)
+
+    def pruned_model(self):
+        """The dense model with the pruned weights of the prune stage applied."""
+        from safetensors.torch import load_file
+
+        model, tok = self.dense_model()
+        weights = load_file(self.path("prune", "weights.safetensors"))
+        with torch.no_grad():
+            for name, w in weights.items():
+                model.get_submodule(name).weight.copy_(w)
+        return model, tok
+
+    # ---------------------------------------------------------------- stages
+    def stage_load(self) -> StageResult:
+        from .models import resolve_source, source_record
+
+        path, _ = resolve_source(self.cfg.model.source)
+        model, _ = self.dense_model()
+        n = sum(p.numel() for p in model.parameters())
+        rec = {
+            **source_record(self.cfg.model.source, path, self.cfg.model.revision),
+            "architecture": type(model).__name__,
+            "parameters": n,
+            "dtype": self.cfg.model.dtype,
+            "config": model.config.to_dict(),
+        }
+        atomic_write_json(self.path("load", "source.json"), rec)
+        return StageResult(
+            ["load/source.json"],
+            f"{rec['architecture']} {n / 1e6:.1f}M parameters ({rec['dtype']})",
+        )
+
+    def stage_calibrate(self) -> StageResult:
+        from safetensors.torch import save_file
+
+        from pruning.calibration import Calibration, load_calibration
+
+        c = self.cfg.prune.calibration
+        out = self.path("calibrate", "calibration.json")
+        if self.cfg.prune.method == "magnitude":
+            atomic_write_json(out, {"needed": False, "reason": "magnitude uses no data"})
+            return StageResult(["calibrate/calibration.json"], "not needed for magnitude")
+        _, tok = self.dense_model()
+        ids = load_calibration(tok, Calibration(c.source, c.samples, c.seqlen, c.seed))
+        tmp = self.path("calibrate", ".ids.part")
+        save_file({"input_ids": ids.contiguous()}, str(tmp))
+        tmp.replace(self.path("calibrate", "ids.safetensors"))
+        atomic_write_json(out, {"needed": True, **asdict(c), "shape": list(ids.shape)})
+        return StageResult(
+            ["calibrate/calibration.json", "calibrate/ids.safetensors"],
+            f"{c.source}: {ids.shape[0]} x {ids.shape[1]} tokens, seed {c.seed}",
+        )
+
+    def stage_prune(self) -> StageResult:
+        from safetensors.torch import load_file, save_file
+
+        import pruning
+
+        p = self.cfg.prune
+        model, tok = self.dense_model()
+        ids_path = self.path("calibrate", "ids.safetensors")
+        calib = load_file(ids_path)["input_ids"] if p.method == "wanda" else None
+        res = pruning.prune(
+            model,
+            p.method,
+            p.sparsity,
+            tokenizer=tok,
+            calibration=calib,
+            granularity=p.granularity,
+            skip=p.skip,
+        )
+        log.info("per-layer sparsity:\n%s", res.table())
+        names = [s["name"] for s in res.stats]
+        weights = {n: model.get_submodule(n).weight.detach().contiguous() for n in names}
+        tmp = self.path("prune", ".weights.part")
+        save_file(weights, str(tmp))
+        tmp.replace(self.path("prune", "weights.safetensors"))
+        atomic_write_json(self.path("prune", "layers.json"), res.to_dict())
+        total = sum(s["shape"][0] * s["shape"][1] for s in res.stats)
+        nnz = sum(s["nnz"] for s in res.stats)
+        return StageResult(
+            ["prune/weights.safetensors", "prune/layers.json"],
+            f"{p.method} {p.sparsity:.0%} ({p.granularity}) on {len(names)} "
+            f"linears in {res.seconds:.0f} s; overall sparsity "
+            f"{1 - nnz / total:.1%}",
+        )
+
+    def _evaluate(self, model, tok, out: Path, label: str) -> dict:
+        import eval as sx_eval
+
+        e = self.cfg.eval
+        res = sx_eval.evaluate(model, tok, e.tasks, limit=e.limit, batch_size=e.batch_size)
+        sx_eval.write_json(out, res)
+        log.info("%s: %s", label, _metric_line(res))
+        return res
+
+    def stage_eval(self) -> StageResult:
+        dense = self._evaluate(*self.dense_model(), self.path("eval", "dense.json"), "dense")
+        pruned = self._evaluate(*self.pruned_model(), self.path("eval", "pruned.json"), "pruned")
+        return StageResult(
+            ["eval/dense.json", "eval/pruned.json"],
+            f"dense {_metric_line(dense)} | pruned {_metric_line(pruned)}",
+        )
+
+    def stage_pack(self) -> StageResult:
+        import json
+        import shutil
+
+        from .artifact import save
+        from .layers import swap_linears
+
+        pk, p = self.cfg.pack, self.cfg.prune
+        model, tok = self.pruned_model()
+        names = swap_linears(model, include=pk.include, exclude=pk.exclude, storage=pk.storage)
+        src = json.loads(self.path("load", "source.json").read_text())
+        src.pop("config", None)
+        evals = {
+            v: json.loads(self.path("eval", f"{v}.json").read_text())["results"]
+            for v in ("dense", "pruned")
+        }
+        art = self.path("pack", "artifact")
+        if art.exists():
+            shutil.rmtree(art)
+        save(
+            model,
+            tok,
+            art,
+            source=src,
+            recipe=asdict(p),
+            kv=None,
+            eval_summary=evals,
+            max_shard_bytes=int(pk.max_shard_gb * (1 << 30)),
+        )
+        man = json.loads((art / "sparamx.json").read_text())
+        t = man["totals"]
+        storages = [lay["storage"] for lay in man["layers"]]
+        return StageResult(
+            ["pack/artifact"],
+            f"{len(names)} linears packed ({storages.count('bitmap-bf16')} bitmap, "
+            f"{storages.count('dense-bf16')} dense): {t['packed_bytes'] / 1e6:.1f} MB "
+            f"vs {t['dense_bytes'] / 1e6:.1f} MB dense bf16",
+        )
+
+    def stage_verify(self) -> StageResult:
+        from .artifact import load
+        from .verify import compare_models
+
+        packed, tok = load(self.path("pack", "artifact"))
+        masked, _ = self.pruned_model()
+        masked.to(torch.bfloat16)
+        rep = compare_models(masked, packed, tok, VERIFY_TEXT_TOKENS)
+        ok = rep["logits_rel_l2"] <= VERIFY_REL_TOL and rep["top1_agreement"] >= VERIFY_TOP1
+        rep["passed"] = ok
+        rep["criteria"] = {"logits_rel_l2_max": VERIFY_REL_TOL, "top1_min": VERIFY_TOP1}
+        atomic_write_json(self.path("verify", "verify.json"), rep)
+        summary = (
+            f"logits rel. L2 error {rep['logits_rel_l2']:.2e}, max abs "
+            f"{rep['logits_max_abs']:.3g}, top-1 agreement {rep['top1_agreement']:.1%}"
+        )
+        if not ok:
+            worst = sorted(rep["layers"], key=lambda r: -r["rel_l2"])[:10]
+            table = "\n".join(
+                f"  {r['name']}: max abs {r['max_abs']:.3g}, rel {r['rel_l2']:.3g}" for r in worst
+            )
+            raise RuntimeError(f"verify failed: {summary}\nworst layers:\n{table}")
+        return StageResult(["verify/verify.json"], summary)
+
+    def stage_eval_packed(self) -> StageResult:
+        from .artifact import load
+
+        res = self._evaluate(
+            *load(self.path("pack", "artifact")), self.path("eval-packed", "packed.json"), "packed"
+        )
+        return StageResult(["eval-packed/packed.json"], f"packed {_metric_line(res)}")
+
+    def stage_bench(self) -> StageResult:
+        from .bench import bench_subprocess
+
+        b = self.cfg.bench
+        art = self.path("pack", "artifact").resolve()
+        records = []
+        for threads in b.threads:
+            for kind, src in (("stock", self.cfg.model.source), ("sparse", str(art))):
+                log.info("bench: %s model, %d thread(s)", kind, threads)
+                records.append(
+                    bench_subprocess(
+                        kind, src, threads, b.prompts, b.new_tokens, b.repeats, self.cfg.model.dtype
+                    )
+                )
+        atomic_write_json(self.path("bench", "bench.json"), {"records": records})
+        parts = []
+        for t in b.threads:
+            s = next(r for r in records if r["model"] == "sparse" and r["threads"] == t)
+            d = next(r for r in records if r["model"] == "stock" and r["threads"] == t)
+            parts.append(
+                f"{t} thr: {s['tokens_per_s']:.1f} vs {d['tokens_per_s']:.1f} tok/s "
+                f"({s['tokens_per_s'] / d['tokens_per_s']:.2f}x)"
+            )
+        return StageResult(["bench/bench.json"], "sparse vs stock " + "; ".join(parts))
+
+    def stage_report(self) -> StageResult:
+        from .report import write_report
+
+        outputs = write_report(self)
+        return StageResult(outputs, f"report at {self.run_dir / 'report' / 'report.md'}")
+
+
+def _metric_line(res: dict) -> str:
+    """The headline metrics of the requested tasks (group totals, not their subtasks)."""
+    parts = []
+    requested = res.get("meta", {}).get("tasks") or list(res.get("results", {}))
+    for task, metrics in res.get("results", {}).items():
+        if task not in requested:
+            continue
+        for key in ("word_perplexity", "acc"):
+            if metrics.get(key) is not None:
+                parts.append(f"{task} {key}={metrics[key]:.4g}")
+    return ", ".join(parts) or "no metrics"
+
+
+def setup_logging(run_dir: Path) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    fileh = logging.FileHandler(run_dir / "pipeline.log")
+    fileh.setFormatter(fmt)
+    root.addHandler(console)
+    root.addHandler(fileh)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter at WARNING
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m sparamx.pipeline", description="prune, evaluate, pack, verify, time, report"
+    )
+    ap.add_argument("config", help="YAML config (configs/*.yaml)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
+    ap.add_argument("--out", default=None, help="run directory (default output_dir/name)")
+    ap.add_argument("--only", choices=STAGES, default=None, help="run one stage")
+    ap.add_argument(
+        "--force",
+        choices=STAGES,
+        action="append",
+        default=[],
+        help="re-run this stage even if up to date (repeatable)",
+    )
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    pipe = Pipeline(cfg, args.out)
+    setup_logging(pipe.run_dir)
+    atomic_write_json(pipe.run_dir / "config.json", cfg.to_dict())
+    pipe.run(only=args.only, force=tuple(args.force))
+    log.info("run directory: %s", pipe.run_dir)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,294 @@
+"""The run report: ``report/report.json`` (machine-readable), ``report/report.md``
+(tables a person reads) and ``report/plots/*.png`` (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from .artifact import atomic_write_json, atomic_write_text
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _flat_eval(res: dict | None) -> dict:
+    """{task: {metric: value}} without stderr entries."""
+    if not res:
+        return {}
+    return {
+        t: {k: v for k, v in m.items() if not k.endswith("_stderr")}
+        for t, m in res.get("results", {}).items()
+    }
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+    from .ops import kernel_info
+
+    info = kernel_info()
+    env = {
+        "sparamx": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_flags": {k: v for k, v in info["cpu"].items()},
+        "kernel_decode": info["decode"],
+        "kernel_prefill": info["prefill"],
+        "kernel_forced": info["forced"],
+    }
+    try:
+        import lm_eval
+
+        env["lm_eval"] = lm_eval.__version__
+    except (ImportError, AttributeError):
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def speedups(records: list[dict]) -> list[dict]:
+    out = []
+    for t in sorted({r["threads"] for r in records}):
+        s = [r for r in records if r["threads"] == t and r["model"] == "sparse"]
+        d = [r for r in records if r["threads"] == t and r["model"] == "stock"]
+        if s and d:
+            out.append(
+                {
+                    "threads": t,
+                    "decode_speedup": s[0]["tokens_per_s"] / d[0]["tokens_per_s"],
+                    "ttft_speedup": d[0]["ttft_ms"] / s[0]["ttft_ms"],
+                    "memory_ratio": s[0]["model_bytes"] / d[0]["model_bytes"],
+                }
+            )
+    return out
+
+
+def write_report(pipe) -> list[str]:
+    """Gather the stage outputs of ``pipe``'s run directory into the report."""
+    import eval as sx_eval
+
+    run = pipe.run_dir
+    evals = {
+        "dense": _read(run / "eval" / "dense.json"),
+        "pruned": _read(run / "eval" / "pruned.json"),
+        "packed": _read(run / "eval-packed" / "packed.json"),
+    }
+    evals = {k: v for k, v in evals.items() if v}
+    prune = _read(run / "prune" / "layers.json") or {}
+    verify = _read(run / "verify" / "verify.json") or {}
+    bench = (_read(run / "bench" / "bench.json") or {}).get("records", [])
+    manifest = _read(run / "pack" / "artifact" / "sparamx.json") or {}
+    source = _read(run / "load" / "source.json") or {}
+    source.pop("config", None)
+    for r in bench:
+        r.pop("texts", None)
+    report = {
+        "artifact": str((run / "pack" / "artifact").resolve()),
+        "eval": {k: _flat_eval(v) for k, v in evals.items()},
+        "bench": bench,
+        "speedups": speedups(bench),
+        "config": pipe.cfg.to_dict(),
+        "source": source,
+        "prune": {k: v for k, v in prune.items() if k != "layers"},
+        "layers": prune.get("layers", []),
+        "packed_layers": manifest.get("layers", []),
+        "packed_totals": manifest.get("totals", {}),
+        "verify": {k: v for k, v in verify.items() if k != "layers"},
+        "stages": pipe.state.data["stages"],
+        "environment": environment(),
+    }
+    out_dir = run / "report"
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    plots = make_plots(report, out_dir / "plots")
+    report["plots"] = [str(p.relative_to(out_dir)) for p in plots]
+    atomic_write_json(out_dir / "report.json", report)
+    table = sx_eval.compare_table(evals) if evals else "(no evaluation)"
+    atomic_write_text(out_dir / "report.md", render_markdown(report, table))
+    return ["report/report.json", "report/report.md", *(f"report/{p}" for p in report["plots"])]
+
+
+def render_markdown(r: dict, eval_table: str) -> str:
+    cfg, env = r["config"], r["environment"]
+    p = cfg["prune"]
+    lines = [
+        f"# sparamx report: {cfg['name']}",
+        "",
+        f"- model: `{cfg['model']['source']}` ({r['source'].get('architecture', '?')}, "
+        f"{r['source'].get('parameters', 0) / 1e6:.1f}M parameters, {cfg['model']['dtype']})",
+        f"- pruning: {p['method']} {p['sparsity']:.0%} per {p['granularity']}, "
+        f"calibration {_calibration_line(p)}, skip {p['skip']}",
+        f"- artifact: `{r['artifact']}`",
+        f"- CPU: {env['cpu_model']}; kernels: decode `{env['kernel_decode']}`, prefill "
+        f"`{env['kernel_prefill']}`; torch {env['torch']}, transformers "
+        f"{env['transformers']}",
+        "",
+        "## Accuracy (lm-eval)",
+        "",
+        f"Same tasks and settings for each variant: tasks {cfg['eval']['tasks']}, "
+        f"limit {cfg['eval']['limit']}, batch size {cfg['eval']['batch_size']}.",
+        "",
+        eval_table,
+        "",
+    ]
+    v = r["verify"]
+    if v:
+        lines += [
+            "## Verification (packed vs masked dense, same tokens)",
+            "",
+            f"{v['tokens']} tokens of real text: logits relative L2 error "
+            f"{v['logits_rel_l2']:.2e}, max abs {v['logits_max_abs']:.3g}, top-1 agreement "
+            f"{v['top1_agreement']:.1%}, worst layer relative error "
+            f"{v['worst_layer_rel_l2']:.2e}: **{'passed' if v['passed'] else 'FAILED'}**.",
+            "",
+        ]
+    if r["bench"]:
+        b = cfg["bench"]
+        lines += [
+            "## Decode speed (greedy `generate`, same prompts, same run)",
+            "",
+            f"{len(b['prompts'])} prompts x {b['repeats']} repeats, {b['new_tokens']} new "
+            "tokens each, medians; one warm-up generation per process is not timed. "
+            "`stock` = transformers bf16 dense (unpruned); `sparse` = packed artifact.",
+            "",
+            "| model | threads | tokens/s | ms/token | TTFT ms | peak RSS MB | model MB "
+            "| kernel share |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for x in r["bench"]:
+            ks = x.get("kernel_share")
+            lines.append(
+                f"| {x['model']} | {x['threads']} | {x['tokens_per_s']:.1f} | "
+                f"{x['ms_per_token']:.1f} | {x['ttft_ms']:.0f} | {x['peak_rss_mb']:.0f} "
+                f"| {x['model_bytes'] / 1e6:.0f} | "
+                f"{'-' if ks is None else f'{ks:.0%}'} |"
+            )
+        lines += [
+            "",
+            "| threads | decode speed-up | TTFT speed-up | model memory ratio |",
+            "|---:|---:|---:|---:|",
+        ]
+        for s in r["speedups"]:
+            lines.append(
+                f"| {s['threads']} | {s['decode_speedup']:.2f}x | "
+                f"{s['ttft_speedup']:.2f}x | {s['memory_ratio']:.2f} |"
+            )
+        lines.append("")
+    t = r["packed_totals"]
+    if t:
+        lines += [
+            "## Packed layers",
+            "",
+            f"{len(r['packed_layers'])} linears: {t['packed_bytes'] / 1e6:.1f} MB packed vs "
+            f"{t['dense_bytes'] / 1e6:.1f} MB dense bf16 "
+            f"({t['packed_bytes'] / t['dense_bytes']:.2f}x).",
+            "",
+        ]
+    if r["layers"]:
+        lines += ["| layer | shape | sparsity |", "|---|---|---:|"]
+        for lay in r["layers"]:
+            lines.append(
+                f"| {lay['name']} | {lay['shape'][0]}x{lay['shape'][1]} | {lay['sparsity']:.1%} |"
+            )
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{Path(pp).stem}]({pp})" for pp in r.get("plots", [])]
+    lines += ["", "## Stages", "", "| stage | seconds | summary |", "|---|---:|---|"]
+    for name, st in r["stages"].items():
+        lines.append(f"| {name} | {st['seconds']:.1f} | {st['summary']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _calibration_line(p: dict) -> str:
+    if p["method"] == "magnitude":
+        return "none (magnitude)"
+    c = p["calibration"]
+    return f"{c['source']} {c['samples']} x {c['seqlen']} tokens, seed {c['seed']}"
+
+
+def make_plots(r: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if r["layers"]:
+        fig, ax = plt.subplots(figsize=(10, 3.5))
+        ax.bar(range(len(r["layers"])), [lay["sparsity"] for lay in r["layers"]], width=1.0)
+        ax.set_xlabel("linear layer (model order)")
+        ax.set_ylabel("sparsity")
+        ax.set_ylim(0, 1)
+        ax.set_title("Per-layer sparsity")
+        paths.append(_save(fig, out / "layer_sparsity.png"))
+    if r["eval"]:
+        metrics = sorted(
+            {
+                (t, m)
+                for res in r["eval"].values()
+                for t, ms in res.items()
+                for m in ms
+                if m in ("word_perplexity", "acc")
+            }
+        )
+        if metrics:
+            fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
+            axes = [axes] if len(metrics) == 1 else axes
+            for ax, (task, metric) in zip(axes, metrics, strict=True):
+                names = [v for v in ("dense", "pruned", "packed") if v in r["eval"]]
+                vals = [r["eval"][v].get(task, {}).get(metric) or 0 for v in names]
+                ax.bar(names, vals, color=["#777", "#c84", "#48c"][: len(names)])
+                ax.set_title(f"{task}\n{metric}")
+                if "perplexity" in metric:
+                    ax.set_yscale("log")
+            fig.suptitle("Accuracy: dense vs pruned vs packed")
+            paths.append(_save(fig, out / "accuracy.png"))
+    if r["bench"]:
+        threads = sorted({x["threads"] for x in r["bench"]})
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        width = 0.38
+        for i, model in enumerate(("stock", "sparse")):
+            ys = [
+                next(
+                    (
+                        x["ms_per_token"]
+                        for x in r["bench"]
+                        if x["model"] == model and x["threads"] == t
+                    ),
+                    0,
+                )
+                for t in threads
+            ]
+            ax.bar([j + (i - 0.5) * width for j in range(len(threads))], ys, width, label=model)
+        ax.set_xticks(range(len(threads)), [f"{t} thread(s)" for t in threads])
+        ax.set_ylabel("ms per generated token")
+        ax.set_title("Decode latency: stock vs sparse")
+        ax.legend()
+        paths.append(_save(fig, out / "latency.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.part.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,63 @@
+"""Packed model vs the masked dense model on real text: logits agreement and, per
+linear layer, the error of the packed kernel's output against ``nn.Linear``'s."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import SparseLinear
+
+
+def verification_text() -> str:
+    """Real news text (lee_background.cor, first articles)."""
+    from .assets import gensim_text
+
+    lines = gensim_text("lee_background.cor").read_text(encoding="utf-8").splitlines()
+    return " ".join(lines[:3])
+
+
+def compare_models(
+    reference: nn.Module, packed: nn.Module, tokenizer, tokens: int, text: str | None = None
+) -> dict:
+    """Run both models on the same tokens; return logits errors and per-layer errors.
+
+    Per-layer errors compare each ``SparseLinear``'s output with the reference model's
+    ``nn.Linear`` of the same name *on the reference's own input*, so an error shows
+    up at the layer that makes it, not downstream of it."""
+    ids = tokenizer(text or verification_text(), return_tensors="pt")["input_ids"][:, :tokens]
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    ref_mods = dict(reference.named_modules())
+    for name, mod in packed.named_modules():
+        if isinstance(mod, SparseLinear) and isinstance(ref_mods.get(name), nn.Linear):
+
+            def hook(m, args, out, name=name):
+                captured[name] = (args[0].detach(), out.detach())
+
+            hooks.append(ref_mods[name].register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            ref_logits = reference(ids).logits.float()
+            packed_logits = packed(ids).logits.float()
+            layers = []
+            pmods = dict(packed.named_modules())
+            for name, (x, y_ref) in captured.items():
+                y = pmods[name](x).float()
+                y_ref = y_ref.float()
+                diff = (y - y_ref).norm() / y_ref.norm().clamp_min(1e-12)
+                layers.append(
+                    {"name": name, "max_abs": float((y - y_ref).abs().max()), "rel_l2": float(diff)}
+                )
+    finally:
+        for h in hooks:
+            h.remove()
+    d = packed_logits - ref_logits
+    return {
+        "tokens": int(ids.shape[1]),
+        "logits_max_abs": float(d.abs().max()),
+        "logits_rel_l2": float(d.norm() / ref_logits.norm()),
+        "top1_agreement": float((packed_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
+        "layers": layers,
+        "worst_layer_rel_l2": max((r["rel_l2"] for r in layers), default=0.0),
+    }

@@ -1,0 +1,167 @@
+"""The pipeline on a tiny random model: config errors, a full run, skip on rerun,
+resume after an interrupted stage, --only and --force."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from sparamx import pipeline
+from sparamx.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a local HF dir with a real tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from sparamx.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path, model_dir, **extra):
+    cfg = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"source": str(model_dir)},
+        "prune": {"method": "magnitude", "sparsity": 0.5},
+        "eval": {"tasks": ["lee_news_ppl"], "limit": 2, "batch_size": 2},
+        "bench": {"enabled": False},
+    }
+    for k, v in extra.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    path = tmp_path / "cfg.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def finished(run_dir):
+    state = json.loads((run_dir / "state.json").read_text())
+    return {k: v["finished"] + str(v["seconds"]) for k, v in state["stages"].items()}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["prune.method=sparsegpt"], "prune.method: 'sparsegpt' is not one of magnitude, wanda"),
+        (["prune.sparsity=1"], "prune.sparsity"),
+        (["prune.colour=red"], "unknown field prune.colour"),
+        (["colour=red"], "unknown field colour"),
+        (["eval.limit=-3"], "eval.limit"),
+        (["bench.threads=one"], r"bench.threads\[0\]: expected an integer"),
+        (["kv.recent_window=-1"], "kv.recent_window"),
+        (["model.dtype=int8"], "model.dtype: 'int8' is not one of bfloat16, float32"),
+        (["nonsense"], "expected key=value"),
+        (["name=a/b"], "name"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_file_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    bad.write_text("prune:\n  method: foo\n")
+    assert pipeline.main([str(bad)]) == 2
+    assert "prune.method" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    for name in ("smollm2-135m", "llama8b"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.prune.method == "wanda"
+
+
+@pytest.mark.slow
+def test_full_run_then_rerun_skips_everything(tmp_path, tiny_model_dir):
+    cfg = write_config(
+        tmp_path,
+        tiny_model_dir,
+        bench={"enabled": True, "threads": [1], "new_tokens": 4, "repeats": 1},
+    )
+    assert pipeline.main([str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert {"artifact", "eval", "bench", "config", "layers", "environment"} <= set(report)
+    assert set(report["eval"]) == {"dense", "pruned", "packed"}
+    assert "word_perplexity" in report["eval"]["packed"]["lee_news_ppl"]
+    assert {r["model"] for r in report["bench"]} == {"stock", "sparse"}
+    for r in report["bench"]:
+        assert {"threads", "ttft_ms", "ms_per_token", "tokens_per_s", "peak_rss_mb"} <= set(r)
+    assert (run / "report" / "report.md").read_text().startswith("# sparamx report")
+    assert (run / "report" / "plots" / "accuracy.png").is_file()
+    assert json.loads((run / "verify" / "verify.json").read_text())["passed"]
+    before = finished(run)
+    assert pipeline.main([str(cfg)]) == 0
+    assert finished(run) == before  # nothing re-ran
+
+
+def test_resume_after_interrupted_stage(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = write_config(tmp_path, tiny_model_dir, eval={"tasks": ["lee_news_ppl"], "limit": 1})
+    run = tmp_path / "runs" / "tiny"
+
+    def killed(self):
+        (run / "pack").mkdir(exist_ok=True)
+        (run / "pack" / "half-written").write_text("x")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.Pipeline, "stage_pack", killed)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.main([str(cfg)])
+    done = finished(run)
+    assert set(done) == {"load", "calibrate", "prune", "eval"}
+    assert pipeline.main([str(cfg)]) == 0
+    after = finished(run)
+    assert {k: after[k] for k in done} == done  # finished stages were not redone
+    assert {"pack", "verify", "eval-packed", "report"} <= set(after)
+
+
+def test_only_and_force(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, eval={"tasks": ["lee_news_ppl"], "limit": 1})
+    run = tmp_path / "runs" / "tiny"
+    with pytest.raises(RuntimeError, match="upstream stage 'load' is not done"):
+        pipeline.main([str(cfg), "--only", "prune"])
+    assert pipeline.main([str(cfg)]) == 0
+    first = finished(run)
+    assert pipeline.main([str(cfg), "--only", "verify", "--force", "verify"]) == 0
+    second = finished(run)
+    assert second["verify"] != first["verify"]
+    assert {k: v for k, v in second.items() if k != "verify"} == {
+        k: v for k, v in first.items() if k != "verify"
+    }
+    # Forcing prune re-runs it, and through the hashes everything downstream of it.
+    assert pipeline.main([str(cfg), "--force", "prune"]) == 0
+    third = finished(run)
+    assert third["load"] == first["load"]
+    assert all(third[s] != second[s] for s in ("prune", "eval", "pack", "verify", "report"))
+
+
+def test_changed_config_reruns_dependent_stages(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, eval={"tasks": ["lee_news_ppl"], "limit": 1})
+    run = tmp_path / "runs" / "tiny"
+    assert pipeline.main([str(cfg)]) == 0
+    first = finished(run)
+    assert pipeline.main([str(cfg), "--set", "prune.sparsity=0.6"]) == 0
+    second = finished(run)
+    assert second["load"] == first["load"]
+    assert second["prune"] != first["prune"]
+    layers = json.loads((run / "prune" / "layers.json").read_text())["layers"]
+    assert all(abs(lay["sparsity"] - 0.6) < 0.02 for lay in layers)
