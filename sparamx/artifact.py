@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .format import FORMAT_VERSION, STORAGES, PackedWeight, PackedWeightError
-from .layers import SparseLinear
+from .layers import PackedEmbedding, SparseLinear
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,10 @@ def save(
             )
     if not layers:
         raise ValueError("save: the model has no SparseLinear layers (call swap_linears first)")
+    head_of = {id(m.values): n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    packed_embeddings = {
+        n: head_of[id(m.values)] for n, m in model.named_modules() if isinstance(m, PackedEmbedding)
+    }
     tensors, tied = _unique_state(model)
     shards = _shards(tensors, max_shard_bytes)
     files = {}
@@ -152,6 +156,7 @@ def save(
         "dtype": str(dtype).removeprefix("torch."),
         "layers": layers,
         "tied": tied,
+        "packed_embeddings": packed_embeddings,
         "files": files,
         "kv": kv,
         "eval": eval_summary or {},
@@ -252,6 +257,27 @@ def _packed_layer(lay: dict, tensors: dict[str, torch.Tensor]) -> SparseLinear:
     return SparseLinear(packed, got.get("bias"))
 
 
+def _replace(model: nn.Module, name: str, make, kind: type, shape: list[int], config) -> None:
+    """Put ``make()`` at ``name`` after checking the model has a ``kind`` there of ``shape``."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise ArtifactError(
+            f"packed layer {name} does not exist in the {config.model_type} model of config.json"
+        ) from None
+    old_shape = (
+        [old.out_features, old.in_features]
+        if isinstance(old, nn.Linear)
+        else list(old.weight.shape)
+        if isinstance(old, nn.Embedding)
+        else None
+    )
+    if not isinstance(old, kind) or old_shape != list(shape):
+        raise ArtifactError(f"packed layer {name}: shape {shape} does not match the model ({old})")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, make())
+
+
 def load(path: str | os.PathLike, *, kv: dict | None = None):
     """Load a packed artifact: returns ``(model, tokenizer)``; ``model.generate`` works.
 
@@ -278,31 +304,41 @@ def load(path: str | os.PathLike, *, kv: dict | None = None):
     # computed as transformers computes them.
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for lay in manifest["layers"]:
-        try:
-            old = model.get_submodule(lay["name"])
-        except AttributeError:
+    # Tied tensors are stored once; give every alias its tensor (the same object, so
+    # the tie survives load_state_dict(assign=True)).
+    for alias, target in manifest["tied"].items():
+        if target not in tensors:
             raise ArtifactError(
-                f"packed layer {lay['name']} does not exist in the "
-                f"{config.model_type} model of config.json"
-            ) from None
-        if not isinstance(old, nn.Linear) or [old.out_features, old.in_features] != lay["shape"]:
-            raise ArtifactError(
-                f"packed layer {lay['name']}: shape {lay['shape']} does not match the model ({old})"
+                f"{path}: tied tensor {alias} points to {target}, which is not in the safetensors"
             )
-        parent_name, _, child = lay["name"].rpartition(".")
-        setattr(
-            model.get_submodule(parent_name) if parent_name else model,
-            child,
-            _packed_layer(lay, tensors),
+        tensors[alias] = tensors[target]
+    for lay in manifest["layers"]:
+        _replace(
+            model,
+            lay["name"],
+            lambda lay=lay: _packed_layer(lay, tensors),
+            nn.Linear,
+            lay["shape"],
+            config,
+        )
+    for emb_name, head_name in manifest.get("packed_embeddings", {}).items():
+        head = model.get_submodule(head_name)
+        if not isinstance(head, SparseLinear):
+            raise ArtifactError(f"packed embedding {emb_name}: {head_name} is not packed")
+        tensors.pop(f"{emb_name}.values", None)
+        _replace(
+            model,
+            emb_name,
+            lambda head=head: PackedEmbedding(head),
+            nn.Embedding,
+            [head.out_features, head.in_features],
+            config,
         )
     expected = model.state_dict()
-    for alias in manifest["tied"]:
-        expected.pop(alias, None)
-    sparse_keys = {
-        k for k in expected if any(k.startswith(lay["name"] + ".") for lay in manifest["layers"])
-    }
-    missing = sorted(set(expected) - sparse_keys - set(tensors))
+    packed_names = [lay["name"] for lay in manifest["layers"]]
+    packed_names += list(manifest.get("packed_embeddings", {}))
+    packed_keys = {k for k in expected if any(k.startswith(n + ".") for n in packed_names)}
+    missing = sorted(set(expected) - packed_keys - set(tensors))
     if missing:
         raise ArtifactError(
             f"{path}: tensors missing from the safetensors: {missing[:5]}"
@@ -318,6 +354,8 @@ def load(path: str | os.PathLike, *, kv: dict | None = None):
                 f"expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(tensors, strict=False, assign=True)
+    # assign=True wraps each key in its own Parameter; re-tie to one object, as
+    # transformers' tie_weights would.
     for alias, target in manifest["tied"].items():
         owner, _, attr = alias.rpartition(".")
         src_owner, _, src_attr = target.rpartition(".")

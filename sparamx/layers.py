@@ -85,6 +85,69 @@ class SparseLinear(nn.Module):
         )
 
 
+class DenseLinear(SparseLinear):
+    """``SparseLinear`` in the dense VNNI layout (no bitmap): our own bf16 GEMV/GEMM for
+    layers that stay dense, such as ``lm_head``; streams weights faster than torch's."""
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, mask: torch.Tensor | None = None, storage: str = "dense-bf16"
+    ) -> DenseLinear:
+        if storage != "dense-bf16":
+            raise ValueError(f"DenseLinear stores dense-bf16 only, got storage={storage!r}")
+        return super().from_linear(linear, mask, storage="dense-bf16")
+
+
+class PackedEmbedding(nn.Module):
+    """Embedding lookup that reads its rows from a dense-layout ``SparseLinear`` (a tied
+    ``lm_head``): the tied weight is stored once, in the kernels' VNNI layout.
+
+    Row r of the weight lives in column group r // 16 at lane r % 16 of every unit."""
+
+    def __init__(self, head: SparseLinear, padding_idx: int | None = None):
+        super().__init__()
+        if head.storage != "dense-bf16":
+            raise ValueError(
+                "PackedEmbedding needs a dense-bf16 head (a bitmap has no fixed row positions)"
+            )
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx = padding_idx
+        self.register_buffer("values", head.values)  # the same tensor: no second copy
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"PackedEmbedding expects integer ids, got {ids.dtype}")
+        units = self.values.view(
+            -1, self.values.numel() // (-(-self.num_embeddings // 16) * 32), 16, 2
+        )  # [G, P, 16 lanes, 2]
+        rows = units[ids // 16, :, ids % 16, :]  # [*ids.shape, P, 2]
+        return rows.reshape(*ids.shape, -1)[..., : self.embedding_dim]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.forward(torch.arange(self.num_embeddings))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, shares lm_head's VNNI layout"
+
+
+def share_tied_embedding(model: nn.Module) -> bool:
+    """If ``lm_head`` is a dense-layout ``SparseLinear`` tied to a plain ``nn.Embedding``,
+    make the input embedding read from it (one copy of the tied weight). Returns
+    whether it did."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if not (
+        isinstance(head, SparseLinear)
+        and head.storage == "dense-bf16"
+        and type(emb) is nn.Embedding
+        and getattr(model.config, "tie_word_embeddings", False)
+        and tuple(emb.weight.shape) == (head.out_features, head.in_features)
+    ):
+        return False
+    model.set_input_embeddings(PackedEmbedding(head, emb.padding_idx))
+    return True
+
+
 def linear_names(
     model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
 ) -> list[str]:
@@ -119,5 +182,7 @@ def swap_linears(
         linear = getattr(parent, child)
         mask = masks.get(name) if masks else None
         setattr(parent, child, SparseLinear.from_linear(linear, mask, storage=storage))
+    if share_tied_embedding(model):
+        log.info("input embedding now reads the tied lm_head's packed weight")
     log.info("swapped %d linears for SparseLinear", len(names))
     return names

@@ -176,3 +176,23 @@ def test_save_without_sparse_layers_is_refused(tmp_path, tokenizer):
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     with pytest.raises(ValueError, match="no SparseLinear"):
         sparamx.save(model, tokenizer, tmp_path / "x")
+
+
+def test_packed_embedding_round_trip(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from sparamx.layers import PackedEmbedding
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    sparamx.swap_linears(model, exclude=[])
+    sparamx.save(model, tokenizer, tmp_path / "t")
+    manifest = read_manifest(tmp_path / "t")
+    assert manifest["packed_embeddings"] == {"model.embed_tokens": "lm_head"}
+    loaded, _ = sparamx.load(tmp_path / "t")
+    emb = loaded.get_input_embeddings()
+    assert isinstance(emb, PackedEmbedding) and emb.values is loaded.lm_head.values
+    ids = torch.randint(0, 257, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

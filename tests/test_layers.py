@@ -95,3 +95,39 @@ def test_torch_compile_gives_same_output():
     x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
     compiled = torch.compile(sl, fullgraph=True)
     assert torch.equal(compiled(x), sl(x))
+
+
+def test_dense_linear_uses_the_dense_layout():
+    from sparamx.layers import DenseLinear
+
+    lin = masked_linear(40, 70, sparsity=0.5)
+    dl = DenseLinear.from_linear(lin)
+    assert dl.storage == "dense-bf16" and dl.bitmap is None
+    x = torch.randn(3, 70, dtype=torch.bfloat16)
+    assert_matches_reference(dl(x), x, lin.weight.detach(), lin.bias.detach())
+    with pytest.raises(ValueError, match="dense-bf16 only"):
+        DenseLinear.from_linear(lin, storage="bitmap-bf16")
+
+
+def test_tied_lm_head_shares_one_copy_with_the_embedding():
+    from transformers import AutoModelForCausalLM
+
+    from sparamx.layers import PackedEmbedding
+
+    torch.manual_seed(0)
+    from conftest import tiny_config
+
+    cfg = tiny_config("llama", tie_word_embeddings=True, vocab_size=100)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    emb_ref = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    swap_linears(model, exclude=[])
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, PackedEmbedding) and emb.values is model.lm_head.values
+    assert torch.equal(emb(ids), emb_ref)
+    assert torch.equal(emb.weight, model.lm_head.weight)
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert (got - ref).norm() <= 0.02 * ref.norm()
