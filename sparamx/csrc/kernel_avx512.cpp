@@ -26,7 +26,10 @@ namespace sparamx {
 namespace {
 
 constexpr int64_t kDecodeMaxRows = 4;
-constexpr int kGroupsPerBlock = 4;   // interleaved column groups
+#ifndef SPARAMX_GI
+#define SPARAMX_GI 4
+#endif
+constexpr int kGroupsPerBlock = SPARAMX_GI;  // interleaved column groups
 constexpr int64_t kPanelPairs = 256;  // K-pairs per decompressed panel (4 x 16 KiB)
 constexpr int kPanelRows = 6;         // rows per register block in the panel kernel
 
@@ -50,7 +53,9 @@ inline const uint16_t* group_values(const LinearArgs& a, int64_t g) {
   return a.bitmap ? a.values + a.offsets[g] : a.values + g * a.k_pairs * kUnitVals;
 }
 
-// Streaming kernel: GI column groups from g0, MB rows from r0, all K.
+// Streaming kernel: GI column groups from g0, MB rows from r0, all K. The loops over
+// GI and MB are unrolled so the accumulators live in registers (a rolled loop keeps
+// them on the stack, and store-forwarding latency then doubles the time per unit).
 template <int GI, int MB, bool kSparse>
 void decode_block(const LinearArgs& a, int64_t g0, int64_t r0) {
   const int64_t P = a.k_pairs;
@@ -58,17 +63,17 @@ void decode_block(const LinearArgs& a, int64_t g0, int64_t r0) {
   const uint16_t* v[GI];
   const uint32_t* bm[GI];
   const uint32_t* x[MB];  // x rows viewed as bf16 pairs
-  for (int gi = 0; gi < GI; ++gi) {
+  _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
     v[gi] = group_values(a, g0 + gi);
     bm[gi] = kSparse ? a.bitmap + (g0 + gi) * P : nullptr;
-    for (int m = 0; m < MB; ++m) acc[gi][m] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m) acc[gi][m] = _mm512_setzero_ps();
   }
-  for (int m = 0; m < MB; ++m)
+  _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
     x[m] = reinterpret_cast<const uint32_t*>(a.x + (r0 + m) * a.x_stride);
   for (int64_t p = 0; p < P; ++p) {
     __m512i xb[MB];
-    for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_epi32(static_cast<int>(x[m][p]));
-    for (int gi = 0; gi < GI; ++gi) {
+    _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_epi32(static_cast<int>(x[m][p]));
+    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
       __m512i w;
       if constexpr (kSparse) {
         const uint32_t bits = bm[gi][p];
@@ -78,12 +83,12 @@ void decode_block(const LinearArgs& a, int64_t g0, int64_t r0) {
         w = _mm512_loadu_si512(v[gi]);
         v[gi] += kUnitVals;
       }
-      for (int m = 0; m < MB; ++m)
+      _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
         acc[gi][m] = _mm512_dpbf16_ps(acc[gi][m], (__m512bh)w, (__m512bh)xb[m]);
     }
   }
-  for (int gi = 0; gi < GI; ++gi)
-    for (int m = 0; m < MB; ++m) store_acc(a, g0 + gi, r0 + m, acc[gi][m]);
+  _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
+    _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m) store_acc(a, g0 + gi, r0 + m, acc[gi][m]);
 }
 
 template <int GI, bool kSparse>
@@ -130,25 +135,25 @@ void panel_block(const LinearArgs& a, const uint16_t* panel, int64_t np, int64_t
                  float* acc_buf, bool first) {
   constexpr int GI = kGroupsPerBlock;
   __m512 acc[GI][MB];
-  for (int m = 0; m < MB; ++m)
-    for (int gi = 0; gi < GI; ++gi)
+  _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
+    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
       acc[gi][m] = first ? _mm512_setzero_ps()
                          : _mm512_loadu_ps(acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols);
   const uint32_t* x[MB];
-  for (int m = 0; m < MB; ++m)
+  _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
     x[m] = reinterpret_cast<const uint32_t*>(a.x + (r0 + m) * a.x_stride) + p0;
   for (int64_t p = 0; p < np; ++p) {
     __m512i w[GI];
-    for (int gi = 0; gi < GI; ++gi)
+    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
       w[gi] = _mm512_load_si512(panel + (gi * kPanelPairs + p) * kUnitVals);
-    for (int m = 0; m < MB; ++m) {
+    _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m) {
       const __m512i xb = _mm512_set1_epi32(static_cast<int>(x[m][p]));
-      for (int gi = 0; gi < GI; ++gi)
+      _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
         acc[gi][m] = _mm512_dpbf16_ps(acc[gi][m], (__m512bh)w[gi], (__m512bh)xb);
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int gi = 0; gi < GI; ++gi)
+  _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
+    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
       _mm512_storeu_ps(acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols, acc[gi][m]);
 }
 
@@ -178,7 +183,7 @@ void prefill(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
     for (int gi = 0; gi < ng; ++gi) v[gi] = group_values(a, g0 + gi);
     for (int64_t p0 = 0; p0 < P; p0 += kPanelPairs) {
       const int64_t np = min64(kPanelPairs, P - p0);
-      for (int gi = 0; gi < GI; ++gi) {
+      _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
         uint16_t* dst = panel + gi * kPanelPairs * kUnitVals;
         if (gi < ng)
           fill_panel<kSparse>(a, g0 + gi, p0, np, v[gi], dst);
