@@ -1,0 +1,249 @@
+"""Layer-by-layer pruning of a decoder stack, written once for every method.
+
+As in the Wanda paper, calibration hidden states flow through decoder layer i, hooks gather
+the squared input norms of every linear of the layer, the layer is pruned, and the states
+are run through the *pruned* layer to become layer i+1's inputs. Only one decoder layer's
+weights and the calibration states need to be resident, so a streaming caller (e.g. an 8B
+model read from safetensors shards layer by layer) can call :func:`prune_decoder_layer`
+itself with the states and kwargs from :func:`capture_layer_inputs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .scores import magnitude_score, mask_from_scores, wanda_score
+
+# Score functions by name; the driver passes explicit arguments, never an options bag.
+METHODS = ("magnitude", "wanda")
+NEEDS_ACTIVATIONS = {"magnitude": False, "wanda": True}
+DEFAULT_SKIP = ("lm_head", "embed_tokens")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
+    return method
+
+
+def is_skipped(name: str, skip: Sequence[str]) -> bool:
+    """``name`` matches a skip entry exactly, as a dotted suffix ("mlp.down_proj"), or as a
+    glob ("model.layers.0.*")."""
+    return any(name == s or name.endswith("." + s) or fnmatch.fnmatchcase(name, s) for s in skip)
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(base model, its decoder layers) of a causal LM (``model.model.layers``) or of a bare
+    decoder (``model.layers``)."""
+    for base in (getattr(model, "model", None), model):
+        layers = getattr(base, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return base, layers
+    raise ValueError(
+        f"{type(model).__name__} has no decoder layers: expected a non-empty nn.ModuleList at "
+        "`model.model.layers` or `model.layers` (Llama, Qwen2, Mistral, Gemma-style decoders)"
+    )
+
+
+# --------------------------------------------------------------------------- capture
+@dataclass
+class LayerInputs:
+    """Calibration inputs of the decoder stack, in batches.
+
+    ``states[b]``: hidden states entering layer 0 for batch b, ``[B, L, H]``.
+    ``kwargs[i][b]``: keyword arguments the model passes to layer i for batch b (attention
+    mask, position embeddings, position ids, ...). They are per layer because models with
+    sliding-window layers give each layer type its own mask.
+    """
+
+    states: list[torch.Tensor]
+    kwargs: list[list[dict]] = field(default_factory=list)
+
+
+def capture_layer_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8
+) -> LayerInputs:
+    """Run the embedding/mask/rotary part of ``model`` on ``input_ids`` and record what each
+    decoder layer would receive, without running any layer.
+
+    Every layer's ``forward`` is replaced for the duration by a recorder that returns its
+    input unchanged: the model's own code builds the masks and position embeddings (so
+    sliding windows, GQA and Gemma's embedding scale come out right), and layer weights are
+    never touched, so they may still be on the meta device in a streaming set-up.
+    """
+    base, layers = decoder_layers(model)
+    device = model.get_input_embeddings().weight.device
+    captured = LayerInputs(states=[], kwargs=[[] for _ in layers])
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if len(args) > 1:
+                raise RuntimeError(
+                    f"decoder layer {i} got {len(args)} positional arguments; "
+                    "only hidden_states is supported positionally"
+                )
+            if i == 0:
+                captured.states.append(hidden)
+            captured.kwargs[i].append(kwargs)
+            return hidden
+
+        return forward
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)  # instance attribute shadows the class's forward
+        with torch.no_grad():
+            for batch in input_ids.split(batch_size):
+                base(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for layer in layers:
+            vars(layer).pop("forward", None)
+    return captured
+
+
+# --------------------------------------------------------------------------- one layer
+@contextlib.contextmanager
+def input_sq_norms(linears: dict[str, nn.Linear]) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, accumulate sum over tokens of x_j^2 for the input of each linear.
+
+    A plain sum, not Wanda's running mean: every column of a layer sees the same tokens, so
+    the scale cancels in any ranking of one weight matrix.
+    """
+    sq = {
+        name: torch.zeros(
+            lin.in_features,
+            dtype=torch.float64 if lin.weight.dtype == torch.float64 else torch.float32,
+            device=lin.weight.device,
+        )
+        for name, lin in linears.items()
+    }
+
+    def hook(name: str):
+        def pre_hook(module, args):
+            x = args[0]
+            sq[name] += x.reshape(-1, x.shape[-1]).to(sq[name].dtype).pow(2).sum(0)
+
+        return pre_hook
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        yield sq
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prune_linear(
+    linear: nn.Linear,
+    method: str,
+    sparsity: float,
+    granularity: str = "row",
+    input_sq_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mask ``linear.weight`` in place; return the keep-mask (bool, weight's shape)."""
+    w = linear.weight
+    if method == "magnitude":
+        scores = magnitude_score(w)
+    elif method == "wanda":
+        if input_sq_norm is None:
+            raise ValueError("wanda needs the squared input norms of the linear")
+        scores = wanda_score(w, input_sq_norm)
+    else:
+        check_method(method)
+    keep = mask_from_scores(scores, sparsity, granularity)
+    with torch.no_grad():
+        w.masked_fill_(~keep, 0)
+    return keep
+
+
+def linear_stats(
+    name: str, linear: nn.Linear, method: str, sparsity: float, granularity: str, layer: int | None
+) -> dict:
+    """One row of the per-layer table; plain types only, so it serializes as JSON."""
+    w = linear.weight
+    zeros = int((w == 0).sum())
+    return {
+        "name": name,
+        "layer": layer,
+        "shape": list(w.shape),
+        "method": method,
+        "granularity": granularity,
+        "target": sparsity,
+        "sparsity": zeros / w.numel(),
+        "nnz": w.numel() - zeros,
+    }
+
+
+def _hidden(out):
+    # transformers >= 5 decoder layers return a tensor; older ones a tuple (hidden, ...).
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class LayerResult:
+    states: list[torch.Tensor] | None
+    stats: list[dict]
+    masks: dict[str, torch.Tensor] | None
+
+
+def prune_decoder_layer(
+    layer: nn.Module,
+    states: list[torch.Tensor] | None,
+    kwargs: dict | Sequence[dict] | None,
+    *,
+    method: str,
+    sparsity: float,
+    granularity: str = "row",
+    skip: Sequence[str] = DEFAULT_SKIP,
+    prefix: str = "",
+    layer_index: int | None = None,
+    return_masks: bool = False,
+) -> LayerResult:
+    """Prune the linears of ONE decoder layer and return the states for the next layer.
+
+    ``states``: batches of this layer's input hidden states (pruned layers before it already
+    applied); the list is overwritten in place with the pruned layer's outputs, so only one
+    copy of the calibration states is alive. ``kwargs``: the layer's keyword arguments, one
+    dict for all batches or one per batch (see :class:`LayerInputs`). Magnitude needs
+    neither: pass ``states=None``. ``prefix`` makes the names in the statistics global
+    ("model.layers.3.").
+    """
+    check_method(method)
+    linears = {
+        prefix + n: m
+        for n, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and not is_skipped(prefix + n, skip)
+    }
+    if states is not None:
+        kw = list(kwargs) if isinstance(kwargs, (list, tuple)) else [kwargs or {}] * len(states)
+        if len(kw) != len(states):
+            raise ValueError(f"{len(states)} state batches but {len(kw)} kwargs dicts")
+        device = next(layer.parameters()).device
+    elif NEEDS_ACTIVATIONS[method]:
+        raise ValueError(f"{method} needs the layer's calibration input states")
+    with torch.no_grad():
+        sq = {}
+        if NEEDS_ACTIVATIONS[method]:
+            # Pass 1: the dense layer on the incoming states, recording input norms.
+            with input_sq_norms(linears) as sq:
+                for h, k in zip(states, kw, strict=True):
+                    layer(h.to(device), **k)
+        masks = {}
+        stats = []
+        for name, lin in linears.items():
+            keep = prune_linear(lin, method, sparsity, granularity, sq.get(name))
+            stats.append(linear_stats(name, lin, method, sparsity, granularity, layer_index))
+            if return_masks:
+                masks[name] = keep
+        if states is not None:
+            # Pass 2: the pruned layer produces what the next layer will see.
+            for b, (h, k) in enumerate(zip(states, kw, strict=True)):
+                states[b] = _hidden(layer(h.to(device), **k))
+    return LayerResult(states=states, stats=stats, masks=masks if return_masks else None)

@@ -1,0 +1,74 @@
+"""Pruning scores for a linear weight ``W[N, K]`` (out x in) and the mask they imply.
+
+A method is a score function: a larger score means "keep". The mask drops the lowest
+scores with an exact count per comparison group, so the target sparsity is met exactly:
+``floor(s * K)`` zeros in every output row (``granularity="row"``, the Wanda default) or
+``floor(s * N * K)`` in the whole matrix (``"layer"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GRANULARITIES = ("row", "layer")
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Sparsity must lie in [0, 1): 1 would delete a whole layer."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def _score_dtype(weight: torch.Tensor) -> torch.dtype:
+    # bf16 has 8 mantissa bits: ranking in it would create ties by the thousand.
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
+    """|W_ij|."""
+    return weight.detach().to(_score_dtype(weight)).abs()
+
+
+def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2, with ``input_sq_norm[j] = sum over calibration tokens of X_j^2``
+    (Sun et al., 2023, "A Simple and Effective Pruning Approach for LLMs", eq. 1)."""
+    if input_sq_norm.shape != (weight.shape[1],):
+        raise ValueError(
+            f"input norm has shape {tuple(input_sq_norm.shape)}, expected "
+            f"({weight.shape[1]},) for a weight of shape {tuple(weight.shape)}"
+        )
+    dtype = _score_dtype(weight)
+    return weight.detach().to(dtype).abs() * input_sq_norm.to(dtype).sqrt()[None, :]
+
+
+def prune_count(sparsity: float, size: int) -> int:
+    """Elements to zero in a group of ``size``: floor(s * size), robust to float error
+    (0.3 * 10 is 2.9999999999999996 in binary floating point, but means 3)."""
+    return min(size, math.floor(sparsity * size + 1e-9))
+
+
+def mask_from_scores(
+    scores: torch.Tensor, sparsity: float, granularity: str = "row"
+) -> torch.Tensor:
+    """Boolean keep-mask of ``scores``' shape with the lowest scores dropped.
+
+    Ties are broken deterministically: among equal scores the lower index (row-major within
+    the group) is dropped first, via a stable sort.
+    """
+    check_sparsity(sparsity)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
+    groups = scores if granularity == "row" else scores.reshape(1, -1)
+    k = prune_count(sparsity, groups.shape[1])
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    if k:
+        order = torch.sort(groups, dim=1, stable=True).indices[:, :k]
+        keep.scatter_(1, order, False)
+    return keep.reshape(scores.shape)
