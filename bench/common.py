@@ -37,6 +37,7 @@ def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> f
 
 def environment() -> dict:
     from sparamx import kernel_info
+    from sparamx.report import _cpu_model
 
     return {
         "cpu": platform.processor() or platform.machine(),
@@ -45,16 +46,6 @@ def environment() -> dict:
         "kernel_info": kernel_info(),
         "cores": os.cpu_count(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
