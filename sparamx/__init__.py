@@ -18,6 +18,7 @@ _LAZY = {
     "packed_linear": ".ops",
     "load": ".artifact",
     "save": ".artifact",
+    "generate": ".generate",
 }
 
 __all__ = [

@@ -1,0 +1,279 @@
+"""End-to-end greedy decode speed against peers, same prompts and token counts.
+
+Engines (``--engines``, default all):
+
+| engine               | model                               | loop                           |
+|----------------------|-------------------------------------|--------------------------------|
+| `transformers`       | dense bf16 (``--dense``)            | ``model.generate``             |
+| `sparamx-hf`         | packed artifact (``--artifact``)    | ``model.generate``             |
+| `sparamx-lean`       | packed artifact                     | ``sparamx.generate``           |
+| `sparamx-lean-eager` | packed artifact                     | the same, ``compile=False``    |
+| `dense-lean`         | dense bf16                          | ``sparamx.generate``           |
+| `llama.cpp`          | SmolLM2 GGUF (Q4_1), llama-cpp-python | llama.cpp's own loop         |
+
+Each (engine, threads) runs in a fresh process (threads set before any work, clean
+memory). One untimed warm-up generation first (the lean path compiles there; its
+compile time is reported apart); then ``--repeats`` x prompts timed generations of
+exactly ``--new-tokens`` tokens (end-of-sequence ignored). ms/token is the decode
+time per token after the first (mean per generation, median over generations);
+tokens/s = 1000 / ms/token; TTFT is the median time to the first token. The table
+also says whether the lean engines produced the same tokens as ``model.generate`` on
+the same model (compared up to the first end-of-sequence token).
+
+    python bench/peers.py --artifact runs/x/pack/artifact --threads 1 2 --json peers.json
+    python bench/peers.py --artifact A --engines sparamx-hf,sparamx-lean --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, print_table, write_json  # noqa: E402
+
+ENGINES = {  # name: (model, loop)
+    "transformers": ("dense", "hf"),
+    "sparamx-hf": ("packed", "hf"),
+    "sparamx-lean": ("packed", "lean"),
+    "sparamx-lean-eager": ("packed", "lean-eager"),
+    "dense-lean": ("dense", "lean"),
+    "llama.cpp": ("gguf", "llama.cpp"),
+}
+SAME_AS = {"sparamx-lean": "sparamx-hf", "sparamx-lean-eager": "sparamx-hf"}
+SAME_AS["dense-lean"] = "transformers"
+DEFAULT_PROMPTS = [
+    "The history of the printing press begins",
+    "Explain in simple words why the sky is blue.",
+]
+
+
+# ------------------------------------------------------------------ workers
+
+
+def _load(kind: str, args):
+    """(model, tokenizer, format, model_bytes) for the dense model or the artifact."""
+    from sparamx.bench import model_bytes
+
+    if kind == "dense":
+        from sparamx.models import load_model
+
+        model, tok = load_model(args.dense, dtype="bfloat16")
+        return model, tok, "bf16", model_bytes(model)
+    import sparamx
+    from sparamx.artifact import read_manifest
+
+    model, tok = sparamx.load(args.artifact)
+    sparsity = read_manifest(args.artifact).get("recipe", {}).get("sparsity")
+    fmt = "bitmap-bf16" + (f" {sparsity:.0%}" if sparsity is not None else "")
+    return model, tok, fmt, model_bytes(model)
+
+
+def _run_hf(model, tok, prompt: str, n: int) -> dict:
+    from sparamx.bench import time_generate
+
+    r = time_generate(model, tok, prompt, n)
+    return {"ttft_ms": r["ttft_ms"], "ms_per_token": r["ms_per_token"], "text": r["text"]}
+
+
+def _run_lean(model, tok, prompt: str, n: int, compile: bool) -> dict:
+    from sparamx.generate import generate
+
+    g = generate(model, tok, prompt, n, compile=compile, stop_at_eos=False)
+    per_token = sum(g.token_times_s) / max(1, len(g.token_times_s))
+    return {
+        "ttft_ms": g.ttft_s * 1e3,
+        "ms_per_token": per_token * 1e3,
+        "text": g.text,
+        "compile_s": g.compile_s,
+    }
+
+
+def _llama_cpp_runner(threads: int):
+    """(run(prompt, n) -> record, format, model_bytes) for llama-cpp-python, or None."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from sparamx.assets import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    llm = Llama(
+        model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+
+    def run(prompt: str, n: int) -> dict:
+        tokens = llm.tokenize(prompt.encode("utf-8"))
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(tokens)
+        stamps, out = [], []
+        for i in range(n):
+            if i:
+                llm.eval([out[-1]])
+            out.append(llm.sample(top_k=1, temp=0.0, repeat_penalty=1.0))  # greedy
+            stamps.append(time.perf_counter())
+        return {
+            "ttft_ms": (stamps[0] - start) * 1e3,
+            "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3,
+            "text": llm.detokenize(out).decode("utf-8", errors="replace"),
+        }
+
+    fmt = "gguf-" + gguf.stem.rsplit(".", 1)[-1].lower()  # e.g. gguf-q4_1
+    return run, fmt, gguf.stat().st_size
+
+
+def run_worker(engine: str, args) -> dict:
+    """Time one engine in this process; returns its record."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    kind, loop = ENGINES[engine]
+    rec = {"engine": engine, "threads": args.threads, "new_tokens": args.new_tokens}
+    if loop == "llama.cpp":
+        runner = _llama_cpp_runner(args.threads)
+        if runner is None:
+            return {**rec, "skipped": "llama_cpp is not importable (pip install llama-cpp-python)"}
+        run, rec["format"], rec["model_bytes"] = runner
+    else:
+        model, tok, rec["format"], rec["model_bytes"] = _load(kind, args)
+        if loop == "hf":
+            run = lambda p, n: _run_hf(model, tok, p, n)  # noqa: E731
+        else:
+            compile = loop == "lean"
+            run = lambda p, n: _run_lean(model, tok, p, n, compile)  # noqa: E731
+    t0 = time.perf_counter()
+    warm = run(args.prompts[0], args.new_tokens if loop.startswith("lean") else 8)
+    rec["warmup_s"] = time.perf_counter() - t0
+    rec["compile_s"] = warm.get("compile_s")
+    runs = [run(p, args.new_tokens) for _ in range(args.repeats) for p in args.prompts]
+    ms = statistics.median(r["ms_per_token"] for r in runs)
+    rec.update(
+        ms_per_token=ms,
+        tokens_per_s=1e3 / ms,
+        ttft_ms=statistics.median(r["ttft_ms"] for r in runs),
+        recompiled_while_timed=any(r.get("compile_s") for r in runs),
+        texts=[r["text"] for r in runs[: len(args.prompts)]],
+    )
+    return rec
+
+
+# --------------------------------------------------------------------- main
+
+
+def run_subprocess(engine: str, threads: int, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--threads", str(threads)]
+    cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    cmd += ["--dense", args.dense] + (["--artifact", args.artifact] if args.artifact else [])
+    for p in args.prompts:
+        cmd += ["--prompt", p]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        why = f"exit status {proc.returncode}\n{proc.stderr[-1500:]}"
+        return {"engine": engine, "threads": threads, "failed": why}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _same_tokens(a: str, b: str, eos: str | None) -> bool:
+    if eos:
+        a, b = a.split(eos)[0], b.split(eos)[0]
+    return a == b
+
+
+def mark_same_tokens(records: list[dict], eos: str | None) -> None:
+    """``same_as_hf``: lean texts == ``model.generate`` texts on the same model/threads."""
+    by_key = {(r["engine"], r["threads"]): r for r in records}
+    for r in records:
+        ref = by_key.get((SAME_AS.get(r["engine"]), r["threads"]))
+        if ref and "texts" in r and "texts" in ref:
+            pairs = zip(r["texts"], ref["texts"], strict=True)
+            r["same_as_hf"] = all(_same_tokens(a, b, eos) for a, b in pairs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Decode speed: sparamx vs transformers vs llama.cpp")
+    ap.add_argument("--artifact", help="packed artifact dir (packed engines)")
+    ap.add_argument("--dense", default="smollm2-135m", help="dense model source")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", dest="prompts", action="append", default=None)
+    ap.add_argument("--json", default=None, help="write the records here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.prompts = args.prompts or DEFAULT_PROMPTS
+    if args.worker:
+        args.threads = args.threads[0]
+        print(json.dumps(run_worker(args.worker, args)))
+        return 0
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        ap.error(f"unknown engines {unknown}; known: {', '.join(ENGINES)}")
+    if not args.artifact and any(ENGINES[e][0] == "packed" for e in engines):
+        ap.error("the packed engines need --artifact (or leave them out with --engines)")
+    records = []
+    for threads in args.threads:
+        for engine in engines:
+            rec = run_subprocess(engine, threads, args)
+            records.append(rec)
+            if "skipped" in rec:
+                print(f"{engine}: skipped: {rec['skipped']}", file=sys.stderr)
+            elif "failed" in rec:
+                print(f"{engine} ({threads} threads) failed:\n{rec['failed']}", file=sys.stderr)
+    mark_same_tokens(records, eos=_eos_text(args))
+    done = [
+        {
+            **r,
+            "model_mb": r["model_bytes"] / 1e6,
+            "same": {True: "yes", False: "NO"}.get(r.get("same_as_hf"), "-"),
+        }
+        for r in records
+        if "tokens_per_s" in r
+    ]
+    print_table(
+        done,
+        [
+            ("engine", "engine", "s"),
+            ("format", "format", "s"),
+            ("threads", "threads", "d"),
+            ("tokens_per_s", "tokens/s", ".1f"),
+            ("ms_per_token", "ms/token", ".1f"),
+            ("ttft_ms", "TTFT ms", ".0f"),
+            ("compile_s", "compile s", ".0f"),
+            ("model_mb", "model MB", ".0f"),
+            ("same", "same tokens as HF", "s"),
+        ],
+    )
+    if args.json:
+        payload = {
+            "environment": environment(),
+            "load_avg": os.getloadavg(),
+            "prompts": args.prompts,
+            "records": records,
+        }
+        write_json(args.json, payload)
+    return 0
+
+
+def _eos_text(args) -> str | None:
+    try:
+        from transformers import AutoTokenizer
+
+        from sparamx.models import resolve_source
+
+        return AutoTokenizer.from_pretrained(resolve_source(args.dense)[0]).eos_token
+    except Exception:  # only used to trim texts for the comparison
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

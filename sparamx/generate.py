@@ -1,0 +1,543 @@
+"""Lean greedy decoding for transformers causal LMs, packed (``SparseLinear``) or plain.
+
+``generate(model, tokenizer, prompt, max_new_tokens)`` follows gpt-fast: a preallocated
+static KV cache (transformers' ``StaticCache``), an eager ``prefill`` of the prompt, and
+a ``decode_one_token`` step compiled once with ``torch.compile`` (inductor, fullgraph;
+our kernels are custom ops with fake kernels, so they trace) that ``decode_n_tokens``
+calls for every further token. ``model.generate`` spends a large part of each token in
+Python (generation loop, growing cache, module and mask plumbing, one dispatch per
+small op); the compiled step leaves the linear kernels, lm_head and attention.
+
+Greedy tokens equal ``model.generate(do_sample=False)`` token for token because the
+logits are bitwise the same (checked on SmolLM2, dense and packed):
+
+- attention: a static cache has ``max_cache_len`` slots, and attending over all of them
+  with a mask sums in a different order than ``model.generate``'s growing cache does.
+  During ``generate`` a model on ``sdpa`` runs ``lean_sdpa_attention``, which slices
+  the cache to the filled positions and makes transformers' own unmasked SDPA call.
+  The length comes in as the size of ``kv_positions``, marked dynamic, so one
+  compiled graph serves every length (the model's attention setting is restored after);
+- norms: inductor's fused RMSNorm reduces in another order than eager. Under inductor
+  the norm modules run as one opaque op, ``sparamx_lean::eager_norm``, that calls the
+  module eagerly; ``emulate_precision_casts`` keeps eager's bf16 roundings elsewhere.
+
+The cache and the compiled step live in a ``DecodeSession`` per model and are reused
+by later calls: the cache is reset, not reallocated, while prompt + new tokens fit
+(lengths are rounded up to ``CACHE_BUCKET``); a longer request allocates a larger
+cache and compiles once more. Batch size 1. The compiled step keeps the thread count
+it was compiled with for its fused elementwise kernels (the linear kernels and
+attention follow ``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+import types
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CACHE_BUCKET = 256  # cache lengths are multiples of this (one compiled graph per length)
+LEAN_ATTENTION = "sparamx_sdpa"
+BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends for the decode step
+DEFAULT_BACKEND = "inductor"
+# Inductor: keep eager's bf16 rounding between fused ops (with the norms run eagerly, the
+# logits are bitwise eager's).
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+# generation_config fields that would make model.generate differ from plain argmax.
+_PROCESSOR_FIELDS = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+}
+
+
+@dataclass
+class Generation:
+    """What ``generate`` returns: the new tokens, their text, and timings (seconds)."""
+
+    ids: list[int]  # new tokens only (an end-of-sequence token included, as in HF)
+    text: str | None  # tokenizer.decode(ids), None without a tokenizer
+    prompt_tokens: int
+    ttft_s: float  # prompt ready -> first new token (prefill + argmax)
+    token_times_s: list[float]  # time of each further token (tokens 2..n)
+    compile_s: float  # compile + warm-up step before this call's clock started; 0 if none
+    stop_reason: str  # "eos" or "length"
+    backend: str | None  # torch.compile backend of the decode step; None: eager
+    cache_len: int  # KV cache length in tokens
+    cache_reused: bool  # the cache of an earlier call was reset and reused
+    total_s: float = field(default=0.0)  # prompt ready -> last token
+
+    @property
+    def ms_per_token(self) -> float | None:
+        """Median decode time per token (tokens 2..n), ms."""
+        if not self.token_times_s:
+            return None
+        times = sorted(self.token_times_s)
+        return times[len(times) // 2] * 1e3
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode throughput (tokens 2..n) over their total time."""
+        if not self.token_times_s:
+            return None
+        return len(self.token_times_s) / sum(self.token_times_s)
+
+
+# ----------------------------------------------------------------- attention
+
+
+def lean_sdpa_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw
+):
+    """transformers' SDPA attention; for a one-token query given ``kv_positions`` (a
+    tensor whose length L is the number of filled cache positions) it attends to the
+    first L cached positions only, without a mask: the very call ``model.generate``
+    makes with its growing cache, so the floats are the same. Shapes: query
+    ``[b, h, 1, d]``, key/value ``[b, kv_heads, max_cache_len, d]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kv_positions = kw.pop("kv_positions", None)
+    if query.shape[2] == 1 and kv_positions is not None and kw.get("position_bias") is None:
+        length = kv_positions.shape[0]
+        key, value, attention_mask = key[:, :, :length], value[:, :, :length], None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw
+    )
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(LEAN_ATTENTION, lean_sdpa_attention)
+    AttentionMaskInterface.register(LEAN_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def _lean_attention(model):
+    """Run a model configured for ``sdpa`` on ``lean_sdpa_attention``; restore after.
+    Yields whether it did (other attention implementations keep the static mask)."""
+    config = model.config
+    old = getattr(config, "_attn_implementation", None)
+    swap = old == "sdpa"
+    if swap:
+        _register_attention()
+        config._attn_implementation = LEAN_ATTENTION
+    try:
+        yield swap
+    finally:
+        if swap:
+            config._attn_implementation = old
+
+
+# -------------------------------------------------------------------- norms
+
+# The model's norm modules, called by ``sparamx_lean::eager_norm`` (key -> (forward,
+# output dtype)); filled from the session while a compiled step may run.
+_NORMS: dict[int, tuple[Callable, torch.dtype]] = {}
+
+
+@torch.library.custom_op("sparamx_lean::eager_norm", mutates_args=())
+def eager_norm(x: torch.Tensor, key: int) -> torch.Tensor:
+    """The model's own norm module ``key``, run eagerly: inductor sees one opaque op
+    instead of fusing (and reordering) the norm's mean reduction."""
+    return _NORMS[key][0](x)
+
+
+@eager_norm.register_fake
+def _(x, key):
+    return x.new_empty(x.shape, dtype=_NORMS[key][1])
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    name = type(mod).__name__
+    return (name.endswith("RMSNorm") or isinstance(mod, nn.LayerNorm)) and isinstance(
+        getattr(mod, "weight", None), torch.Tensor
+    )
+
+
+def _norm_wrappers(model) -> list[tuple[nn.Module, Callable, Callable, torch.dtype]]:
+    """(module, its eager forward, the replacement forward, output dtype) per norm."""
+    out = []
+    dtype = next(model.parameters()).dtype
+    for key, mod in enumerate(m for m in model.modules() if _is_norm(m)):
+        with torch.inference_mode():
+            out_dtype = mod(torch.zeros(1, mod.weight.shape[-1], dtype=dtype)).dtype
+        out.append((mod, mod.forward, functools.partial(eager_norm, key=key), out_dtype))
+    return out
+
+
+@contextmanager
+def _opaque_norms(wrappers):
+    """Route the norms through ``eager_norm`` (same floats as eager) while compiled."""
+    _NORMS.clear()
+    for key, (mod, forward, replacement, out_dtype) in enumerate(wrappers):
+        _NORMS[key] = (forward, out_dtype)
+        mod.forward = replacement
+    try:
+        yield
+    finally:
+        for mod, *_ in wrappers:
+            del mod.forward
+
+
+# ------------------------------------------------------------ decoding steps
+
+
+def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt ``[1, T]`` through the model (eager), filling the cache; return
+    the first new token ``[1, 1]``. Only the last position's logits are computed, as in
+    ``model.generate``."""
+    kw = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
+    logits = model(input_ids, cache=cache, use_cache=True, **kw).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode_one_token(
+    model, token: torch.Tensor, position: torch.Tensor, cache, kv_positions=None
+) -> torch.Tensor:
+    """One decode step: token ``[1, 1]`` at ``position`` ``[1, 1]`` -> next token
+    ``[1, 1]``; ``kv_positions`` (length = filled cache positions) goes to
+    ``lean_sdpa_attention``. This is the function ``torch.compile`` compiles."""
+    extra = {} if kv_positions is None else {"kv_positions": kv_positions}
+    logits = model(token, position_ids=position, cache=cache, use_cache=True, **extra).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode_n_tokens(
+    step: Callable,
+    model,
+    token: torch.Tensor,
+    start: int,
+    n: int,
+    sess: DecodeSession,
+    eos_ids: set[int],
+    on_token: Callable[[int], None],
+) -> str:
+    """Feed ``token`` (at position ``start``) and up to ``n - 1`` further tokens through
+    ``step``, calling ``on_token`` with each new id; stop early at an end-of-sequence
+    token. Returns the stop reason, ``"eos"`` or ``"length"``."""
+    for i in range(n):
+        pos = start + i
+        kv = sess.kv_positions(pos + 1, dynamic=step is not decode_one_token)
+        token = step(model, token, torch.tensor([[pos]]), sess.cache, kv)
+        tid = int(token)
+        on_token(tid)
+        if tid in eos_ids:
+            return "eos"
+    return "length"
+
+
+# ---------------------------------------------------------------- sessions
+
+
+@dataclass
+class DecodeSession:
+    """Per-model state reused across calls: the static cache and the compiled steps."""
+
+    cache: object  # transformers.StaticCache
+    cache_len: int
+    exact_attention: bool = False  # lean_sdpa_attention active: pass kv_positions
+    steps: dict[str, Callable] = field(default_factory=dict)  # backend -> compiled step
+    warm: set[tuple[str, int]] = field(default_factory=set)  # (backend, cache_len) compiled
+    norms: list | None = None  # _norm_wrappers(model), made on first compiled use
+
+    def __post_init__(self):
+        self.positions = torch.arange(self.cache_len)  # kv_positions are views of it
+
+    def use_cache(self, cache, cache_len: int) -> None:
+        """Switch to a new cache (another length: a compiled step recompiles for it)."""
+        self.cache, self.cache_len = cache, cache_len
+        self.positions = torch.arange(cache_len)
+
+    def kv_positions(self, length: int, dynamic: bool) -> torch.Tensor | None:
+        """``positions[:length]``; under compile its length is a symbolic size (one
+        graph for every length 2 .. cache_len - 1)."""
+        if not self.exact_attention:
+            return None
+        view = self.positions[:length]
+        if dynamic:
+            torch._dynamo.mark_dynamic(view, 0, min=2, max=self.cache_len - 1)
+        return view
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bucket(n: int) -> int:
+    return -(-n // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def _max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _session(model, need: int, max_cache_len: int | None) -> tuple[DecodeSession, bool]:
+    """The model's session with a cache of at least ``need`` tokens (exactly
+    ``max_cache_len`` when given); returns (session, whether the cache was reused)."""
+    from transformers import StaticCache
+
+    sess = _SESSIONS.get(model)
+    if max_cache_len is not None:
+        length = max_cache_len
+    else:
+        length = max(_bucket(need), sess.cache_len if sess else 0)
+        limit = _max_positions(model)
+        length = min(length, limit) if limit else length
+    if sess is not None and sess.cache_len == length:
+        sess.cache.reset()
+        return sess, True
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    if sess is None:
+        sess = DecodeSession(cache, length)
+        _SESSIONS[model] = sess
+    else:
+        sess.use_cache(cache, length)
+    return sess, False
+
+
+def _backend(compile: bool | str) -> str | None:
+    if compile is False:
+        return None
+    if compile is True:
+        return DEFAULT_BACKEND
+    if compile in BACKENDS:
+        return compile
+    raise ValueError(f"compile must be True, False or one of {BACKENDS}, got {compile!r}")
+
+
+def _compiled_step(sess: DecodeSession, backend: str) -> Callable:
+    if backend not in sess.steps:
+        options = INDUCTOR_OPTIONS if backend == "inductor" else None
+        sess.steps[backend] = torch.compile(
+            decode_one_token, fullgraph=True, backend=backend, options=options
+        )
+    return sess.steps[backend]
+
+
+def _step_context(model, sess: DecodeSession, backend: str | None):
+    """What the decode steps run under: inductor gets the norms as opaque eager ops."""
+    if backend != "inductor":
+        return nullcontext()
+    if sess.norms is None:
+        sess.norms = _norm_wrappers(model)
+    return _opaque_norms(sess.norms)
+
+
+def _warm_up(model, sess: DecodeSession, backend: str) -> float:
+    """Compile the decode step for the session's cache (one dummy prefill and step,
+    then reset the cache); returns the seconds spent."""
+    step = _compiled_step(sess, backend)
+    t0 = time.perf_counter()
+    token = prefill(model, torch.zeros((1, 1), dtype=torch.long), sess.cache)
+    step(model, token, torch.tensor([[1]]), sess.cache, sess.kv_positions(2, dynamic=True))
+    sess.cache.reset()
+    sess.warm.add((backend, sess.cache_len))
+    return time.perf_counter() - t0
+
+
+def release(model) -> None:
+    """Drop the model's cached decode session (its KV cache memory)."""
+    _SESSIONS.pop(model, None)
+
+
+# ------------------------------------------------------------------- inputs
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _prompt_ids(tokenizer, prompt) -> torch.Tensor:
+    """``[1, T]`` token ids from a string (through the tokenizer) or from ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (or pass token ids)")
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    elif isinstance(prompt, torch.Tensor):
+        ids = prompt.reshape(1, -1) if prompt.dim() == 1 else prompt
+    elif isinstance(prompt, Sequence):
+        ids = torch.tensor([list(prompt)], dtype=torch.long)
+    else:
+        raise TypeError(f"prompt must be a str, a list of ids or a tensor, got {type(prompt)}")
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"one prompt at a time: got token ids of shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty (0 tokens)")
+    return ids.long()
+
+
+def _check_fits(prompt_len: int, max_new_tokens: int, max_cache_len: int | None, model) -> None:
+    limit = max_cache_len if max_cache_len is not None else _max_positions(model)
+    what = (
+        f"the KV cache (max_cache_len={max_cache_len})"
+        if max_cache_len is not None
+        else f"the model's context (max_position_embeddings={limit})"
+    )
+    if limit is None:
+        return
+    if prompt_len >= limit:
+        raise ValueError(
+            f"prompt is too long: {prompt_len} tokens, but {what} holds {limit}; "
+            f"shorten the prompt or pass a larger max_cache_len"
+        )
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{prompt_len + max_new_tokens} tokens do not fit {what}, which holds {limit}; "
+            f"ask for at most {limit - prompt_len} new tokens or pass a larger max_cache_len"
+        )
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _warn_processors(model) -> None:
+    gc = model.generation_config
+    set_fields = []
+    for name, default in _PROCESSOR_FIELDS.items():
+        value = getattr(gc, name, default)
+        if value is not None and value != default and value != [] and value != {}:
+            set_fields.append(name)
+    if set_fields:
+        log.warning(
+            "generation_config sets %s: model.generate applies them, the lean path does "
+            "plain greedy argmax (outputs may differ)",
+            ", ".join(set_fields),
+        )
+
+
+class _TextStream:
+    """Calls ``stream`` with each new piece of decoded text (held back while the text
+    ends in an incomplete multi-byte character)."""
+
+    def __init__(self, tokenizer, stream: Callable[[str], object]):
+        self.tokenizer, self.stream = tokenizer, stream
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def put(self, tid: int) -> None:
+        self.ids.append(tid)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.stream(text[self.sent :])
+            self.sent = len(text)
+
+
+# ------------------------------------------------------------------ generate
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    stream: Callable[[str], object] | None = None,
+    compile: bool | str = True,
+    max_cache_len: int | None = None,
+    stop_at_eos: bool = True,
+) -> Generation:
+    """Greedy decoding of one prompt with a static KV cache and a compiled decode step.
+
+    ``prompt``: text (needs ``tokenizer``) or token ids. ``stream``: called with each
+    new piece of text as it is decoded. ``compile``: compile the decode step (compile
+    time is reported in ``compile_s``, outside ``ttft_s`` and the per-token times).
+    ``max_cache_len``: a fixed KV cache length (default: prompt + new tokens rounded up
+    to ``CACHE_BUCKET``, grown as later calls need, capped by the model's context).
+    Stops at the model's end-of-sequence token, like ``model.generate``, unless
+    ``stop_at_eos`` is False (benchmarks: always ``max_new_tokens`` tokens).
+    """
+    _check_positive_int("max_new_tokens", max_new_tokens)
+    if max_cache_len is not None:
+        _check_positive_int("max_cache_len", max_cache_len)
+    if stream is not None and tokenizer is None:
+        raise ValueError("stream needs a tokenizer to turn tokens into text")
+    ids = _prompt_ids(tokenizer, prompt)
+    prompt_len = ids.shape[1]
+    _check_fits(prompt_len, max_new_tokens, max_cache_len, model)
+    _warn_processors(model)
+    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    texts = _TextStream(tokenizer, stream) if stream is not None else None
+
+    backend = _backend(compile)
+    with torch.inference_mode(), _lean_attention(model) as swapped:
+        sess, reused = _session(model, prompt_len + max_new_tokens, max_cache_len)
+        sess.exact_attention = swapped and not any(sess.cache.is_sliding)
+        compile_s = 0.0
+        if backend and (backend, sess.cache_len) not in sess.warm:
+            with _step_context(model, sess, backend):
+                compile_s = _warm_up(model, sess, backend)
+        step = _compiled_step(sess, backend) if backend else decode_one_token
+
+        new: list[int] = []
+        stamps: list[float] = []
+
+        def on_token(tid: int) -> None:
+            new.append(tid)
+            if texts is not None:
+                texts.put(tid)
+            stamps.append(time.perf_counter())
+
+        start = time.perf_counter()
+        token = prefill(model, ids, sess.cache)
+        on_token(int(token))
+        stop = "eos" if new[0] in eos else "length"
+        if stop == "length" and max_new_tokens > 1:
+            with _step_context(model, sess, backend):
+                stop = decode_n_tokens(
+                    step, model, token, prompt_len, max_new_tokens - 1, sess, eos, on_token
+                )
+
+    times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    return Generation(
+        ids=new,
+        text=tokenizer.decode(new) if tokenizer is not None else None,
+        prompt_tokens=prompt_len,
+        ttft_s=stamps[0] - start,
+        token_times_s=times,
+        compile_s=compile_s,
+        stop_reason=stop,
+        backend=backend,
+        cache_len=sess.cache_len,
+        cache_reused=reused,
+        total_s=stamps[-1] - start,
+    )
+
+
+class _CallableModule(types.ModuleType):
+    """``sparamx.generate`` names both this module and its function: importing the
+    module (``import sparamx.generate``) binds the module as the package attribute, so
+    the module forwards calls to ``generate``."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
