@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .format import FORMAT_VERSION, STORAGES, PackedWeight, PackedWeightError
-from .layers import PackedEmbedding, SparseLinear
+from .layers import PackedEmbedding, SparseLinear, untie_config
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,7 @@ def load(path: str | os.PathLike, *, kv: dict | None = None):
             [head.out_features, head.in_features],
             config,
         )
+        untie_config(model)
     expected = model.state_dict()
     packed_names = [lay["name"] for lay in manifest["layers"]]
     packed_names += list(manifest.get("packed_embeddings", {}))

@@ -145,7 +145,17 @@ def share_tied_embedding(model: nn.Module) -> bool:
     ):
         return False
     model.set_input_embeddings(PackedEmbedding(head, emb.padding_idx))
+    untie_config(model)
     return True
+
+
+def untie_config(model: nn.Module) -> None:
+    """The packed head and embedding already share one tensor; stop transformers'
+    ``tie_weights`` (called by lm-eval, ``generate`` set-up...) from looking for an
+    ``embed_tokens.weight`` parameter that no longer exists."""
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {}
 
 
 def linear_names(

@@ -191,6 +191,7 @@ def test_packed_embedding_round_trip(tmp_path, tokenizer):
     manifest = read_manifest(tmp_path / "t")
     assert manifest["packed_embeddings"] == {"model.embed_tokens": "lm_head"}
     loaded, _ = sparamx.load(tmp_path / "t")
+    loaded.tie_weights()  # lm-eval's HFLM calls it: must not look for embed_tokens.weight
     emb = loaded.get_input_embeddings()
     assert isinstance(emb, PackedEmbedding) and emb.values is loaded.lm_head.values
     ids = torch.randint(0, 257, (1, 6))

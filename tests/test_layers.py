@@ -124,6 +124,7 @@ def test_tied_lm_head_shares_one_copy_with_the_embedding():
     with torch.no_grad():
         ref = model(ids).logits.float()
     swap_linears(model, exclude=[])
+    model.tie_weights()  # transformers/lm-eval call this; the packed copy is already shared
     emb = model.get_input_embeddings()
     assert isinstance(emb, PackedEmbedding) and emb.values is model.lm_head.values
     assert torch.equal(emb(ids), emb_ref)
