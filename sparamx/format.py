@@ -141,7 +141,8 @@ class PackedWeight:
             raise PackedWeightError(
                 f"offsets must be int64 [{groups + 1}], got {o.dtype} {tuple(o.shape)}"
             )
-        counts = bitmap_to_mask(b).sum(dim=(1, 2))
+        mask = bitmap_to_mask(b)  # [G, P, 32], shared by the two checks below
+        counts = mask.sum(dim=(1, 2))
         expected = torch.zeros(groups + 1, dtype=torch.int64)
         expected[1:] = counts.cumsum(0)
         if not torch.equal(o, expected):
@@ -156,7 +157,6 @@ class PackedWeight:
             )
         # Padding in the dense layout is zero by construction; a bitmap bit set in the
         # padded rows or columns would make unpack() disagree with the kernels.
-        mask = bitmap_to_mask(b)
         if np_ > n or kp > k:
             pad = _from_units(mask.to(torch.bfloat16), np_, kp).bool()
             if pad[n:].any() or pad[:, k:].any():
