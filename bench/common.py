@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -21,6 +22,18 @@ def median_time_us(fn, repeats: int, inner: int = 1) -> float:
             fn()
         times.append((time.perf_counter_ns() - t0) / inner / 1e3)
     return statistics.median(times)
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of the largest CPU cache from sysfs (Linux), else ``default``."""
+    sizes = []
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(f).read().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * mult)
+    return max(sizes, default=default)
 
 
 def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:

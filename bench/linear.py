@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, median_time_us, print_table, read_bandwidth_gbps, write_json  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    last_level_cache_bytes,
+    median_time_us,
+    print_table,
+    read_bandwidth_gbps,
+    write_json,
+)
 
 from sparamx.format import pack  # noqa: E402
 from sparamx.ops import packed_linear  # noqa: E402
@@ -30,7 +37,9 @@ SHAPES = {
     "smollm": [(576, 576), (1536, 576), (576, 1536)],
     "llama": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
 }
-DRAM_BYTES = 384 << 20  # cycle through at least this many weight bytes (L3 is 32 MiB)
+# Cycle through at least this many weight bytes: 384 MiB, or 3x the last-level cache where
+# that is larger (an AMX Xeon seen here reports 300 MiB of L3).
+DRAM_BYTES = max(384 << 20, 3 * last_level_cache_bytes())
 
 
 def make_weights(n: int, k: int, sparsity: float, copies: int, seed: int = 0):
@@ -47,11 +56,13 @@ def make_weights(n: int, k: int, sparsity: float, copies: int, seed: int = 0):
     return dense, packed
 
 
-def bench_case(n, k, m, sparsity, threads, residency, repeats, kernel):
-    copies = 1
-    if residency == "dram":
-        copies = max(2, -(-DRAM_BYTES // (n * k * 2)))
-    dense, packed = make_weights(n, k, sparsity, copies)
+def copies_for(n: int, k: int, residency: str) -> int:
+    return max(2, -(-DRAM_BYTES // (n * k * 2))) if residency == "dram" else 1
+
+
+def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel):
+    n, k = dense[0].shape
+    copies = len(dense)
     x = torch.randn(m, k, dtype=torch.bfloat16)
     torch.set_num_threads(threads)
     state = {"i": 0}
@@ -122,13 +133,17 @@ def main(argv=None):
     rows = []
     for residency in args.residency.split(","):
         for n, k in shapes:
-            for m in ms:
-                for sp in sps:
+            for sp in sps:  # weights are made (and packed) once per shape and sparsity
+                dense, packed = make_weights(n, k, sp, copies_for(n, k, residency))
+                for m in ms:
                     for t in threads:
-                        r = bench_case(n, k, m, sp, t, residency, args.repeats, args.kernel)
+                        r = bench_case(
+                            dense, packed, m, sp, t, residency, args.repeats, args.kernel
+                        )
                         r["bw_frac"] = r["gbps"] / bw[t]
                         rows.append(r)
                         print_table([r], COLUMNS) if len(rows) == 1 else print_row(r)
+                del dense, packed
     print()
     print_table(rows, COLUMNS)
     if args.json:

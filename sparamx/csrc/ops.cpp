@@ -23,8 +23,11 @@ namespace {
 
 using KernelFn = void (*)(const LinearArgs&, int64_t, int64_t);
 
-// Rows of x up to which the decode path is used for kernel choice and reporting.
-constexpr int64_t kDecodeRows = 16;
+// Rows of x up to which AVX-512 is preferred over AMX when both exist. Its streaming
+// decode path covers M <= 4; above that it decompresses panels, which AMX does faster:
+// on a 16-core AMX Xeon (bench/amx_device.sh), 4096x4096 at M = 16 took 10.2 ms (dense)
+// and 11.3 ms (50% sparse) on AVX-512 vs 2.7 and 4.2 ms on AMX, 1 thread.
+constexpr int64_t kDecodeRows = 4;
 
 struct Kernel {
   const char* name;
