@@ -102,6 +102,33 @@ def _outer_targets(
     return out
 
 
+def prune_outer_linears(
+    base: nn.Module,
+    outer: dict[str, nn.Linear],
+    states: list[torch.Tensor] | None,
+    method: str,
+    sparsity: float,
+    granularity: str,
+    return_masks: bool = False,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Prune the linears outside the decoder layers (see ``_outer_targets``); with
+    calibration ``states`` (the last layer's outputs) a head sees them through the final
+    norm, as in the model's forward. Shared with the streaming path."""
+    stats, masks = [], {}
+    for name, lin in outer.items():
+        with torch.no_grad(), input_sq_norms({name: lin}) as sq:
+            if states is not None:
+                final_norm = getattr(base, "norm", None)
+                final_norm = nn.Identity() if final_norm is None else final_norm
+                for h in states:
+                    lin(final_norm(h))
+        keep = prune_linear(lin, method, sparsity, granularity, sq[name] if states else None)
+        stats.append(linear_stats(name, lin, method, sparsity, granularity, None))
+        if return_masks:
+            masks[name] = keep
+    return stats, masks
+
+
 def prune(
     model: nn.Module,
     method: str,
@@ -167,17 +194,11 @@ def prune(
             states = res.states
             stats += res.stats
             masks.update(res.masks or {})
-        for name, lin in outer.items():
-            with torch.no_grad(), input_sq_norms({name: lin}) as sq:
-                if states is not None:  # the head sees the final norm of the last layer
-                    final_norm = getattr(base, "norm", None)
-                    final_norm = nn.Identity() if final_norm is None else final_norm
-                    for h in states:
-                        lin(final_norm(h))
-            keep = prune_linear(lin, method, sparsity, granularity, sq[name] if states else None)
-            stats.append(linear_stats(name, lin, method, sparsity, granularity, None))
-            if return_masks:
-                masks[name] = keep
+        outer_stats, outer_masks = prune_outer_linears(
+            base, outer, states, method, sparsity, granularity, return_masks
+        )
+        stats += outer_stats
+        masks.update(outer_masks)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start

@@ -48,12 +48,15 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """state_dict without aliases (tied weights): (tensors, {alias: stored name})."""
+def dedupe_tensors(
+    items, seen: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors without aliases (tied weights): (tensors, {alias: stored name}). ``seen``
+    carries the storage keys across calls when a caller dedupes in several passes."""
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple], str] = {}
-    for name, t in model.state_dict().items():
+    seen = {} if seen is None else seen
+    for name, t in items:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             tied[name] = seen[key]
@@ -63,17 +66,83 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, tied
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, cur, size = [], {}, 0
-    for name, t in tensors.items():
-        nb = t.numel() * t.element_size()
-        if cur and size + nb > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name] = t
-        size += nb
-    shards.append(cur)
-    return shards
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict without aliases (tied weights): (tensors, {alias: stored name})."""
+    return dedupe_tensors(model.state_dict().items())
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardWriter:
+    """Writes tensors, in the order given, into safetensors shards of at most
+    ``max_bytes`` each (a tensor larger than that gets a shard of its own).
+
+    A shard is written to a temp file as soon as the next tensor would overflow it, so a
+    streaming caller holds at most one shard's tensors in memory. The final names
+    (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus the index) need
+    the shard count, so files are renamed in :meth:`close`. ``save`` uses the same writer:
+    a streamed artifact and an in-memory one are split identically.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._cur: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nb = tensor.numel() * tensor.element_size()
+        if self._cur and self._size + nb > self.max_bytes:
+            self._flush()
+        self._cur[name] = tensor
+        self._size += nb
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.path / f".shard-{len(self._parts):05d}.part"
+        save_file(self._cur, str(tmp), metadata={"format": "pt", "producer": "sparamx"})
+        self._parts.append((tmp, list(self._cur)))
+        self._cur, self._size = {}, 0
+
+    def close(self) -> dict[str, int]:
+        """Flush the last shard, give every shard its final name, write (or remove) the
+        index; returns ``{file name: size in bytes}`` for the manifest."""
+        self._flush()
+        names = shard_file_names(len(self._parts))
+        files = {}
+        for fname, (tmp, _) in zip(names, self._parts, strict=True):
+            os.replace(tmp, self.path / fname)
+            files[fname] = (self.path / fname).stat().st_size
+        if len(names) > 1:
+            weight_map = {
+                k: f for f, (_, keys) in zip(names, self._parts, strict=True) for k in keys
+            }
+            atomic_write_json(
+                self.path / INDEX,
+                {"metadata": {"total_size": sum(files.values())}, "weight_map": weight_map},
+            )
+        else:
+            (self.path / INDEX).unlink(missing_ok=True)
+        return files
+
+
+def layer_record(name: str, mod: SparseLinear) -> dict:
+    """The manifest entry of one packed linear."""
+    p = mod.packed
+    return {
+        "name": name,
+        "shape": list(p.shape),
+        "nnz": p.nnz,
+        "storage": p.storage,
+        "bias": mod.bias is not None,
+        "bytes": p.nbytes,
+    }
 
 
 def save(
@@ -88,25 +157,14 @@ def save(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write a model whose linears are ``SparseLinear`` (see ``swap_linears``) as an artifact."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest lands
-    layers = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear):
-            p = mod.packed
-            layers.append(
-                {
-                    "name": name,
-                    "shape": list(p.shape),
-                    "nnz": p.nnz,
-                    "storage": p.storage,
-                    "bias": mod.bias is not None,
-                    "bytes": p.nbytes,
-                }
-            )
+    layers = [
+        layer_record(name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, SparseLinear)
+    ]
     if not layers:
         raise ValueError("save: the model has no SparseLinear layers (call swap_linears first)")
     head_of = {id(m.values): n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
@@ -114,31 +172,10 @@ def save(
         n: head_of[id(m.values)] for n, m in model.named_modules() if isinstance(m, PackedEmbedding)
     }
     tensors, tied = _unique_state(model)
-    shards = _shards(tensors, max_shard_bytes)
-    files = {}
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for fname, shard in zip(names, shards, strict=True):
-        tmp = path / f".{fname}.part"
-        save_file(shard, str(tmp), metadata={"format": "pt", "producer": "sparamx"})
-        os.replace(tmp, path / fname)
-        files[fname] = (path / fname).stat().st_size
-    if len(shards) > 1:
-        weight_map = {k: f for f, s in zip(names, shards, strict=True) for k in s}
-        atomic_write_json(
-            path / INDEX,
-            {"metadata": {"total_size": sum(files.values())}, "weight_map": weight_map},
-        )
-    else:
-        (path / INDEX).unlink(missing_ok=True)
-    model.config.save_pretrained(path)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    writer = ShardWriter(path, max_shard_bytes)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    files = writer.close()
     dtype = next(
         (
             t.dtype
@@ -147,6 +184,48 @@ def save(
         ),
         torch.bfloat16,
     )
+    write_metadata(
+        path,
+        model.config,
+        getattr(model, "generation_config", None),
+        tokenizer,
+        layers=layers,
+        tied=tied,
+        packed_embeddings=packed_embeddings,
+        files=files,
+        dtype=dtype,
+        source=source,
+        recipe=recipe,
+        kv=kv,
+        eval_summary=eval_summary,
+    )
+    return path
+
+
+def write_metadata(
+    path: Path,
+    config,
+    generation_config,
+    tokenizer,
+    *,
+    layers: list[dict],
+    tied: dict[str, str],
+    packed_embeddings: dict[str, str],
+    files: dict[str, int],
+    dtype: torch.dtype,
+    source: dict | None = None,
+    recipe: dict | None = None,
+    kv: dict | None = None,
+    eval_summary: dict | None = None,
+) -> None:
+    """Write the HF config, generation config and tokenizer files, then the manifest
+    (last: its presence marks a complete artifact). Shared by ``save`` and the
+    streaming writer (:mod:`sparamx.streaming`)."""
+    config.save_pretrained(path)
+    if generation_config is not None:
+        generation_config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     manifest = {
         "format": "sparamx",
         "format_version": FORMAT_VERSION,
@@ -167,7 +246,6 @@ def save(
     }
     atomic_write_json(path / MANIFEST, manifest)
     log.info("saved artifact %s (%d packed layers, %d files)", path, len(layers), len(files))
-    return path
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

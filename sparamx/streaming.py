@@ -1,0 +1,405 @@
+"""Prune and pack a causal LM one decoder layer at a time, straight from its safetensors
+shards into a sharded sparamx artifact: the path for models larger than RAM (Llama-3-8B
+in bf16 is 16 GB; the machine this targets has 24 GiB).
+
+    from sparamx.streaming import stream_prune_pack
+    result = stream_prune_pack("path/to/hf_dir", "artifact_dir", method="magnitude", sparsity=0.5)
+
+The model skeleton is built without initialising its weights (allocated, never touched, so
+it costs address space but no RSS). The tensors outside the decoder layers (embeddings,
+final norm, head) are loaded once; then, per decoder layer: its tensors are copied out of
+the memory-mapped shards, the layer is pruned with :func:`pruning.prune_decoder_layer`
+(Wanda's calibration states carried forward from the pruned layer before), its linears are
+packed, the packed tensors go to a :class:`~sparamx.artifact.ShardWriter`, and the layer
+moves to the meta device (freed). Peak RSS is about: outer tensors + one layer and its
+fp32 scores + one artifact shard + the calibration states.
+
+The artifact is the one ``sparamx.save`` writes for the same model and recipe (same
+tensors, same order, same shards, same manifest), and ``sparamx.load`` memory-maps it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .artifact import (
+    DEFAULT_SHARD_BYTES,
+    INDEX,
+    MANIFEST,
+    ShardWriter,
+    dedupe_tensors,
+    layer_record,
+    write_metadata,
+)
+from .layers import PackedEmbedding, SparseLinear, linear_names, share_tied_embedding
+from .models import parse_dtype
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A model directory whose safetensors files are missing, incomplete or unreadable."""
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a HF model directory (``model.safetensors``, or shards listed in
+    ``model.safetensors.index.json``), read a few at a time.
+
+    Shards are opened per :meth:`read` call and closed after copying: a tensor from
+    ``safe_open`` is a view of the memory-mapped file, and every page touched through a
+    mapping that stays open counts in RSS, so keeping the files open while streaming
+    would end with the whole model resident.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        self.path = Path(path)
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        elif (self.path / SINGLE_FILE).is_file():
+            self.weight_map = {}
+        else:
+            raise CheckpointError(
+                f"{self.path}: no {SINGLE_FILE} or {INDEX} (streaming needs safetensors "
+                "weights; convert .bin checkpoints with save_pretrained first)"
+            )
+        files = sorted(set(self.weight_map.values())) or [SINGLE_FILE]
+        missing = [f for f in files if not (self.path / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: shard file(s) {missing} listed in {INDEX} are missing"
+            )
+        # Read every header once (cheap: safetensors headers are small JSON) so a tensor
+        # the index promises but its file lacks is reported before any work starts.
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        held: dict[str, str] = {}
+        for fname in files:
+            try:
+                with safe_open(str(self.path / fname), framework="pt") as f:
+                    for key in f.keys():
+                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+                        held[key] = fname
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(
+                    f"{self.path / fname}: unreadable safetensors ({e})"
+                ) from None
+        if not self.weight_map:
+            self.weight_map = held
+        for key, fname in self.weight_map.items():
+            if held.get(key) != fname:
+                raise CheckpointError(
+                    f"{self.path}: {INDEX} puts tensor {key} in {fname}, but that file "
+                    f"does not hold it"
+                )
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def numel(self) -> int:
+        return sum(int(torch.Size(s).numel()) for s in self.shapes.values())
+
+    def require(self, names: Sequence[str], what: str) -> None:
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                f"of {what} missing from the safetensors files"
+            )
+
+    def read(self, names: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Copies (owning their memory) of ``names``; floating tensors cast to ``dtype``,
+        as ``from_pretrained(dtype=...)`` does."""
+        from safetensors.torch import safe_open
+
+        self.require(names, "the model")
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for fname, keys in by_file.items():
+            with safe_open(str(self.path / fname), framework="pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    out[k] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+        return {n: out[n] for n in names}
+
+
+@dataclass
+class StreamResult:
+    path: Path
+    stats: list[dict]  # per pruned linear, as pruning.PruneResult.stats
+    layers: list[dict]  # manifest entries of the packed linears
+    files: dict[str, int]
+    seconds: float
+    peak_rss_mb: float  # of this process, since it started
+    calibration: dict | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _swap(root: nn.Module, name: str, storage: str) -> SparseLinear:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    packed = SparseLinear.from_linear(getattr(parent, child), storage=storage)
+    setattr(parent, child, packed)
+    return packed
+
+
+def build_skeleton(source: str | os.PathLike, dtype: torch.dtype):
+    """The model of ``source``'s config.json with allocated but untouched weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(source)
+    # Parameters come from torch.empty and are never written: large ones are fresh
+    # anonymous mappings that cost no RSS until touched; each is replaced (assign=True)
+    # by a tensor read from the shards, or moved to meta, before anything reads it.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def stream_prune_pack(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str,
+    sparsity: float,
+    granularity: str = "row",
+    skip: Sequence[str] | None = None,
+    calibration_ids: torch.Tensor | None = None,
+    calibration_info: dict | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    storage: str = "auto",
+    dtype: str | torch.dtype = "bfloat16",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    batch_size: int = 8,
+    tokenizer=None,
+    source_record: dict | None = None,
+    recipe: dict | None = None,
+    progress: bool = True,
+) -> StreamResult:
+    """Prune ``source`` (a local HF directory with safetensors weights) layer by layer
+    and write the packed artifact to ``out``.
+
+    Arguments mean what they mean in :func:`pruning.prune` (method, sparsity,
+    granularity, skip; ``calibration_ids`` is the ``[samples, seqlen]`` token tensor Wanda
+    needs) and :func:`sparamx.swap_linears` (include, exclude, storage).
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from pruning.driver import _outer_targets, prune_outer_linears
+    from pruning.layerwise import (
+        DEFAULT_SKIP,
+        NEEDS_ACTIVATIONS,
+        capture_layer_inputs,
+        check_method,
+        decoder_layers,
+        prune_decoder_layer,
+    )
+    from pruning.scores import check_sparsity
+
+    start = time.perf_counter()
+    check_method(method)
+    check_sparsity(sparsity)
+    if NEEDS_ACTIVATIONS[method] and calibration_ids is None:
+        raise ValueError(f"{method} needs calibration_ids (a [samples, seqlen] token tensor)")
+    skip = DEFAULT_SKIP if skip is None else tuple(skip)
+    dtype = parse_dtype(dtype)
+    source = Path(source)
+    out = Path(out)
+    ckpt = SafetensorsCheckpoint(source)
+    model = build_skeleton(source, dtype)
+    base, layers = decoder_layers(model)
+    prefix = {id(m): n for n, m in model.named_modules()}[id(layers)] + "."
+    expected = list(model.state_dict())
+    layer_keys = [
+        [k for k in expected if k.startswith(f"{prefix}{i}.")] for i in range(len(layers))
+    ]
+    outer_keys = [k for k in expected if not k.startswith(prefix)]
+    for i, keys in enumerate(layer_keys):
+        ckpt.require(keys, f"decoder layer {i}")
+    unexpected = sorted(set(ckpt.keys()) - set(expected))
+    if unexpected:
+        log.warning(
+            "ignoring %d tensors the model does not use: %s", len(unexpected), unexpected[:5]
+        )
+    selected = set(linear_names(model, include, exclude))
+
+    # Embeddings, final norm, head: loaded once and kept. A head tied to the embeddings is
+    # not in the safetensors (save_pretrained stores it once): tie_weights restores it.
+    outer = ckpt.read([k for k in outer_keys if k in ckpt.weight_map], dtype)
+    model.load_state_dict(outer, strict=False, assign=True)
+    del outer
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in ckpt.weight_map}
+    absent = [
+        k
+        for k, t in model.state_dict().items()
+        if not k.startswith(prefix) and k not in ckpt.weight_map and t.data_ptr() not in loaded
+    ]
+    if absent:
+        raise CheckpointError(f"{source}: tensor(s) {absent} missing from the safetensors files")
+
+    t0 = time.perf_counter()
+    inputs = None
+    if NEEDS_ACTIVATIONS[method]:
+        inputs = capture_layer_inputs(model, calibration_ids, batch_size)
+    states = inputs.states if inputs else None
+    timings = {"load_outer_and_capture_s": time.perf_counter() - t0}
+    outer_targets = _outer_targets(model, layers, skip, method)
+
+    # A head tied to the embeddings is never pruned (_outer_targets refuses); packing it
+    # now lets the embedding share its packed copy before the embedding is written.
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    emb = model.get_input_embeddings()
+    if head_name in selected and head.weight.data_ptr() == emb.weight.data_ptr():
+        _swap(model, head_name, storage)
+        share_tied_embedding(model)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest lands
+    writer = ShardWriter(out, max_shard_bytes)
+    outer_seen: dict = {}
+    tied: dict[str, str] = {}
+    first_dtype: list[torch.dtype] = []
+
+    def emit(items, seen: dict) -> None:
+        tensors, aliases = dedupe_tensors(items, seen)
+        tied.update(aliases)
+        for name, t in tensors.items():
+            if not first_dtype and t.is_floating_point() and not name.endswith(".values"):
+                first_dtype.append(t.dtype)
+            writer.add(name, t)
+
+    # The order of the in-memory save: state_dict order, i.e. what precedes the decoder
+    # layers (embeddings), the layers, what follows them (norm, head).
+    keys = list(model.state_dict())
+    first = next(i for i, k in enumerate(keys) if k.startswith(prefix))
+    sd = model.state_dict()
+    emit(((k, sd[k]) for k in keys[:first]), outer_seen)
+    del sd
+
+    stats: list[dict] = []
+    records: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(
+        range(len(layers)),
+        desc=f"stream {method} {sparsity:.0%}",
+        unit="layer",
+        disable=not progress,
+    )
+    for i in bar:
+        layer = layers[i]
+        lp = f"{prefix}{i}."
+        tensors = ckpt.read(layer_keys[i], dtype)
+        layer.load_state_dict(
+            {k[len(lp) :]: v for k, v in tensors.items()}, strict=True, assign=True
+        )
+        del tensors
+        res = prune_decoder_layer(
+            layer,
+            states,
+            inputs.kwargs[i] if inputs else None,
+            method=method,
+            sparsity=sparsity,
+            granularity=granularity,
+            skip=skip,
+            prefix=lp,
+            layer_index=i,
+        )
+        states = res.states
+        stats += res.stats
+        for n, m in list(layer.named_modules()):
+            if isinstance(m, nn.Linear) and lp + n in selected:
+                records[lp + n] = layer_record(lp + n, _swap(layer, n, storage))
+        emit(layer.state_dict(prefix=lp).items(), {})
+        # The writer holds the packed tensors until their shard is written; the dense
+        # weights and the layer's modules go now.
+        layer.to("meta")
+        bar.set_postfix(peak_rss=f"{peak_rss_mb() / 1024:.1f}G")
+    timings["layers_s"] = time.perf_counter() - t0
+
+    outer_stats, _ = prune_outer_linears(base, outer_targets, states, method, sparsity, granularity)
+    stats += outer_stats
+    del states, inputs
+    for name in sorted(selected):
+        mod = model.get_submodule(name)
+        if not name.startswith(prefix) and type(mod) is nn.Linear:
+            _swap(model, name, storage)
+    share_tied_embedding(model)
+    sd = model.state_dict()
+    last = max(i for i, k in enumerate(sd) if k.startswith(prefix))
+    emit(((k, t) for j, (k, t) in enumerate(sd.items()) if j > last), outer_seen)
+    del sd
+    files = writer.close()
+
+    order = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    for name in order:
+        if name not in records:
+            records[name] = layer_record(name, model.get_submodule(name))
+    layer_list = [records[n] for n in order]
+    if not layer_list:
+        raise ValueError(f"include={include} exclude={exclude} select no linear of {source}")
+    head_of = {id(m.values): n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    packed_embeddings = {
+        n: head_of[id(m.values)] for n, m in model.named_modules() if isinstance(m, PackedEmbedding)
+    }
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation_config = model.generation_config
+    write_metadata(
+        out,
+        model.config,
+        generation_config,
+        tokenizer,
+        layers=layer_list,
+        tied=tied,
+        packed_embeddings=packed_embeddings,
+        files=files,
+        dtype=first_dtype[0] if first_dtype else torch.bfloat16,
+        source=source_record,
+        recipe=recipe,
+        eval_summary=None,
+    )
+    seconds = time.perf_counter() - start
+    result = StreamResult(
+        out, stats, layer_list, files, seconds, peak_rss_mb(), calibration_info, timings
+    )
+    log.info(
+        "streamed %d decoder layers of %s into %s in %.0f s (peak RSS %.2f GiB)",
+        len(layers),
+        source,
+        out,
+        seconds,
+        result.peak_rss_mb / 1024,
+    )
+    return result

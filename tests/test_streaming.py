@@ -1,0 +1,129 @@
+"""Streaming prune + pack from safetensors shards: the artifact equals the in-memory path's
+(same tensors, shards, manifest), loads with ``sparamx.load``, and bad checkpoints fail
+with errors that name the file or tensor."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+import pruning
+import sparamx
+from sparamx.artifact import INDEX, MANIFEST
+from sparamx.layers import swap_linears
+from sparamx.streaming import CheckpointError, SafetensorsCheckpoint, stream_prune_pack
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from sparamx.models import load_model
+
+    return load_model("smollm2-135m")[1]
+
+
+def write_model(path, tokenizer, tie=False, shard="60KB"):
+    """A tiny random Llama saved as several safetensors shards (fp32 on disk, as many hub
+    checkpoints are, so the bf16 cast on load is exercised too)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        tie_word_embeddings=tie,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path, max_shard_size=shard)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def in_memory_artifact(src, out, method, calib, shard_bytes):
+    model, tok = sparamx.models.load_model(str(src), dtype="bfloat16")
+    pruning.prune(model, method, 0.5, calibration=calib, batch_size=2, progress=False)
+    swap_linears(model, exclude=[])
+    sparamx.save(model, tok, out, max_shard_bytes=shard_bytes)
+    return out
+
+
+def assert_same_artifact(a, b):
+    ma, mb = (json.loads((p / MANIFEST).read_text()) for p in (a, b))
+    assert ma == mb
+    assert len(ma["files"]) > 1  # sharded: the index path is exercised
+    assert json.loads((a / INDEX).read_text()) == json.loads((b / INDEX).read_text())
+    for fname in ma["files"]:
+        ta, tb = load_file(a / fname), load_file(b / fname)
+        assert list(ta) == list(tb)
+        for k in ta:
+            assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
+    assert ca == cb
+
+
+@pytest.mark.parametrize(
+    "method, tie", [("magnitude", False), ("wanda", False), ("magnitude", True)]
+)
+def test_streamed_artifact_equals_in_memory(tmp_path, tokenizer, method, tie):
+    src = write_model(tmp_path / "src", tokenizer, tie=tie)
+    assert len(SafetensorsCheckpoint(src).weight_map) > 0
+    assert (src / INDEX).is_file()  # the source is sharded
+    calib = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
+    calib = calib if method == "wanda" else None
+    shard_bytes = 40_000
+    ref = in_memory_artifact(src, tmp_path / "mem", method, calib, shard_bytes)
+    res = stream_prune_pack(
+        src,
+        tmp_path / "stream",
+        method=method,
+        sparsity=0.5,
+        calibration_ids=calib,
+        batch_size=2,
+        exclude=[],
+        max_shard_bytes=shard_bytes,
+        progress=False,
+    )
+    assert_same_artifact(ref, res.path)
+    assert len(res.stats) == 3 * 7 and all(abs(s["sparsity"] - 0.5) < 1e-3 for s in res.stats)
+    model, tok = sparamx.load(res.path)
+    ids = tok("The history of the printing press", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_missing_shard_file_is_named(tmp_path, tokenizer):
+    src = write_model(tmp_path / "src", tokenizer)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        stream_prune_pack(src, tmp_path / "a", method="magnitude", sparsity=0.5, progress=False)
+
+
+def test_missing_tensor_is_named(tmp_path, tokenizer):
+    src = write_model(tmp_path / "src", tokenizer)
+    index = json.loads((src / INDEX).read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (src / INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        stream_prune_pack(src, tmp_path / "a", method="magnitude", sparsity=0.5, progress=False)
+
+
+def test_index_pointing_at_wrong_file_is_named(tmp_path, tokenizer):
+    src = write_model(tmp_path / "src", tokenizer)
+    index = json.loads((src / INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    key = next(k for k, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][key] = files[1]
+    (src / INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        SafetensorsCheckpoint(src)
+
+
+def test_no_safetensors_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        SafetensorsCheckpoint(tmp_path)
