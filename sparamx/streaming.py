@@ -403,3 +403,63 @@ def stream_prune_pack(
         result.peak_rss_mb / 1024,
     )
     return result
+
+
+def main(argv=None) -> int:
+    """``python -m sparamx.streaming SRC OUT``: prune + pack one model directory (the
+    pipeline's pack stage does the same with a config; this is the bare tool)."""
+    import argparse
+    import sys
+
+    from .artifact import atomic_write_json
+
+    ap = argparse.ArgumentParser(description="Stream-prune and pack a safetensors model.")
+    ap.add_argument("source", help="local HF model directory with safetensors weights")
+    ap.add_argument("out", help="artifact directory to write")
+    ap.add_argument("--method", default="magnitude", choices=("magnitude", "wanda"))
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--granularity", default="row", choices=("row", "layer"))
+    ap.add_argument("--calib-source", default="wikipedia", help="wanda: wikipedia or c4")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--shard-gb", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    ids, info = None, None
+    if args.method == "wanda":
+        from transformers import AutoTokenizer
+
+        from pruning.calibration import Calibration, load_calibration
+
+        calib = Calibration(args.calib_source, args.calib_samples, args.calib_seqlen, 0)
+        ids = load_calibration(AutoTokenizer.from_pretrained(args.source), calib)
+        info = {"source": args.calib_source, "samples": ids.shape[0], "seqlen": ids.shape[1]}
+    recipe = {"method": args.method, "sparsity": args.sparsity, "granularity": args.granularity}
+    res = stream_prune_pack(
+        args.source,
+        args.out,
+        method=args.method,
+        sparsity=args.sparsity,
+        granularity=args.granularity,
+        skip=["lm_head"],
+        calibration_ids=ids,
+        calibration_info=info,
+        exclude=[],
+        max_shard_bytes=int(args.shard_gb * (1 << 30)),
+        batch_size=args.batch_size,
+        recipe={**recipe, "calibration": info},
+    )
+    atomic_write_json(
+        Path(args.out).parent / f"{Path(args.out).name}.stream.json",
+        {"seconds": res.seconds, "peak_rss_mb": res.peak_rss_mb, "timings": res.timings},
+    )
+    print(
+        f"{len(res.layers)} linears packed into {args.out} in {res.seconds:.0f} s, "
+        f"peak RSS {res.peak_rss_mb / 1024:.2f} GiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

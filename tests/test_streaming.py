@@ -127,3 +127,22 @@ def test_no_safetensors_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         SafetensorsCheckpoint(tmp_path)
+
+
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+def test_fast_mask_selection_equals_stable_sort(granularity):
+    """The float32 selection path of mask_from_scores (used at 8B scale for speed) drops
+    exactly what a stable sort drops: ties by lower index, negatives, -0.0 == +0.0."""
+    from pruning.scores import mask_from_scores, prune_count
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(-4, 5, (37, 64), generator=g).float() / 2  # many ties, negatives
+    s[0, :8] = -0.0
+    s[1, :8] = 0.0
+    for sparsity in (0.0, 0.3, 0.5, 0.9):
+        fast = mask_from_scores(s, sparsity, granularity)
+        groups = s if granularity == "row" else s.reshape(1, -1)
+        k = prune_count(sparsity, groups.shape[1])
+        ref = torch.ones_like(groups, dtype=torch.bool)
+        ref.scatter_(1, torch.sort(groups, dim=1, stable=True).indices[:, :k], False)
+        assert torch.equal(fast, ref.reshape(s.shape)), sparsity
