@@ -18,6 +18,8 @@ DTYPES = ("bfloat16", "float32")
 KV_METHODS = ("none", "magnitude", "wanda")
 CALIB_SOURCES = ("wikipedia", "c4")
 STORAGES = ("auto", "bitmap-bf16", "dense-bf16")
+STREAMING = ("auto", "true", "false")
+RANDOM_PRESETS = ("none", "llama3-8b")  # sparamx.random_model.PRESETS (kept import-free)
 
 
 class ConfigError(ValueError):
@@ -25,10 +27,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RandomModelConfig:
+    # A random-weight model at a real architecture's shapes (speed work without the hub):
+    # written to model.source on first use (sparamx.random_model). "none": a real model.
+    preset: str = "none"
+    num_layers: int | None = None  # fewer decoder layers than the preset; null = all
+    seed: int = 0
+
+
+@dataclass
 class ModelConfig:
     source: str = "smollm2-135m"  # hub id, local HF dir, .gguf file, or a built-in name
     revision: str | None = None  # hub revision (commit, tag) for reproducibility
     dtype: str = "bfloat16"  # weights are packed as bf16; dense eval/bench run in this
+    # Prune + pack one decoder layer at a time from the safetensors shards (sparamx.
+    # streaming) instead of in memory. auto: stream when 3x the weights (the in-memory
+    # stages hold a dense and a pruned copy plus temporaries) exceed the available RAM.
+    streaming: str = "auto"
+    random: RandomModelConfig = field(default_factory=RandomModelConfig)
 
 
 @dataclass
@@ -37,6 +53,7 @@ class CalibrationConfig:
     samples: int = 32  # Wanda is insensitive to calibration size (paper, Fig. 4)
     seqlen: int = 256
     seed: int = 0
+    batch_size: int = 8  # samples per layer call: bounds activation memory
 
 
 @dataclass
@@ -109,12 +126,18 @@ class Config:
 
 CHOICES = {
     "model.dtype": DTYPES,
+    "model.streaming": STREAMING,
+    "model.random.preset": RANDOM_PRESETS,
     "prune.method": METHODS,
     "prune.granularity": GRANULARITIES,
     "prune.calibration.source": CALIB_SOURCES,
     "kv.method": KV_METHODS,
     "pack.storage": STORAGES,
 }
+
+
+# String fields whose allowed values include true/false (auto|true|false).
+BOOL_STRINGS = {"model.streaming"}
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -156,6 +179,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool) and path in BOOL_STRINGS:  # YAML reads `true` as a bool
+            return str(value).lower()
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return str(value)
@@ -191,12 +216,24 @@ def validate(cfg: Config) -> Config:
     need(0.0 <= cfg.prune.sparsity < 1.0, "prune.sparsity", "allowed: 0 <= sparsity < 1")
     need(cfg.prune.calibration.samples > 0, "prune.calibration.samples", "must be > 0")
     need(cfg.prune.calibration.seqlen > 0, "prune.calibration.seqlen", "must be > 0")
+    need(cfg.prune.calibration.batch_size > 0, "prune.calibration.batch_size", "must be > 0")
     for f in ("k_sparsity", "v_sparsity"):
         need(0.0 <= getattr(cfg.kv, f) < 1.0, f"kv.{f}", "allowed: 0 <= sparsity < 1")
     need(cfg.kv.recent_window >= 0, "kv.recent_window", "must be >= 0")
     need(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.pack.max_shard_gb > 0, "pack.max_shard_gb", "must be > 0")
+    need(
+        cfg.model.random.num_layers is None or cfg.model.random.num_layers > 0,
+        "model.random.num_layers",
+        "must be > 0 or null",
+    )
+    need(
+        cfg.model.random.preset == "none" or not _looks_remote(cfg.model.source),
+        "model.source",
+        "with model.random.preset set, model.source is the local directory the random "
+        "model is written to",
+    )
     need(cfg.bench.new_tokens > 1, "bench.new_tokens", "must be > 1")
     need(cfg.bench.repeats > 0, "bench.repeats", "must be > 0")
     need(
@@ -215,6 +252,15 @@ def validate(cfg: Config) -> Config:
         "use letters, digits, '.', '_' or '-' (it names the run directory)",
     )
     return cfg
+
+
+def _looks_remote(source: str) -> bool:
+    """A hub id (owner/name) rather than a local path."""
+    return (
+        not source.startswith((".", "/", "~"))
+        and source.count("/") == 1
+        and not Path(source).exists()
+    )
 
 
 def _get(cfg, path: str):

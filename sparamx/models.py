@@ -141,3 +141,33 @@ def _file_hash(f: Path) -> dict:
     with open(f, "rb") as fh:
         h.update(fh.read(16 << 20))
     return {"size": size, "sha256_first_16mib": h.hexdigest()}
+
+
+# What a streaming run needs from a hub repository: weights, configs, tokenizer files.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def local_model_dir(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory holding ``source``'s files: the directory itself, the cached
+    conversion of a GGUF or built-in model, or a hub snapshot (safetensors, configs and
+    tokenizer files only; downloaded once into the HF cache)."""
+    path, _ = resolve_source(source)
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many types (offline, gated, 404)
+        raise OSError(f"could not fetch model {source!r} from the hub: {e}") from e
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the physical memory size."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

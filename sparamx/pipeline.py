@@ -112,6 +112,47 @@ class Pipeline:
             log.info("[%s] done in %.1f s: %s", stage, dt, res.summary)
 
     # ---------------------------------------------------------------- models
+    def source_dir(self) -> Path:
+        """The model's local directory (hub snapshot, converted GGUF, or the directory)."""
+        from .models import local_model_dir
+
+        m = self.cfg.model
+        return local_model_dir(m.source, m.revision)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether prune + pack stream layer by layer (``model.streaming``; auto: when 3x
+        the weights would not fit in the available RAM)."""
+        if getattr(self, "_streaming", None) is None:
+            mode = self.cfg.model.streaming
+            if mode == "auto":
+                from .models import available_ram_bytes, parse_dtype
+                from .streaming import CheckpointError, SafetensorsCheckpoint
+
+                try:
+                    numel = SafetensorsCheckpoint(self.source_dir()).numel()
+                except CheckpointError:
+                    numel = 0  # no safetensors (e.g. .bin weights): in memory it is
+                size = numel * parse_dtype(self.cfg.model.dtype).itemsize
+                self._streaming = 3 * size > available_ram_bytes()
+                log.info(
+                    "model.streaming=auto: %.1f GB of weights, %.1f GB RAM available: %s",
+                    size / 1e9,
+                    available_ram_bytes() / 1e9,
+                    "streaming" if self._streaming else "in memory",
+                )
+            else:
+                self._streaming = mode == "true"
+        return self._streaming
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.source_dir())
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
     def dense_model(self):
         """A fresh dense model and tokenizer (cheap: the source is a cached HF dir)."""
         from .models import load_model
@@ -134,6 +175,13 @@ class Pipeline:
     def stage_load(self) -> StageResult:
         from .models import resolve_source, source_record
 
+        r = self.cfg.model.random
+        if r.preset != "none":
+            from .random_model import ensure_random_model
+
+            ensure_random_model(self.cfg.model.source, r.preset, r.num_layers, r.seed)
+        if self.streaming:
+            return self._stage_load_streaming()
         path, _ = resolve_source(self.cfg.model.source)
         model, _ = self.dense_model()
         n = sum(p.numel() for p in model.parameters())
@@ -150,6 +198,32 @@ class Pipeline:
             f"{rec['architecture']} {n / 1e6:.1f}M parameters ({rec['dtype']})",
         )
 
+    def _stage_load_streaming(self) -> StageResult:
+        """What the in-memory load stage records, read from config.json and the
+        safetensors headers: the weights are never loaded here."""
+        from transformers import AutoConfig
+
+        from .models import source_record
+        from .streaming import SafetensorsCheckpoint
+
+        path = self.source_dir()
+        config = AutoConfig.from_pretrained(path)
+        n = SafetensorsCheckpoint(path).numel()
+        arch = (config.architectures or [config.model_type])[0]
+        rec = {
+            **source_record(self.cfg.model.source, str(path), self.cfg.model.revision),
+            "architecture": arch,
+            "parameters": n,
+            "dtype": self.cfg.model.dtype,
+            "streaming": True,
+            "config": config.to_dict(),
+        }
+        atomic_write_json(self.path("load", "source.json"), rec)
+        return StageResult(
+            ["load/source.json"],
+            f"{arch} {n / 1e6:.1f}M parameters ({rec['dtype']}), streamed layer by layer",
+        )
+
     def stage_calibrate(self) -> StageResult:
         from safetensors.torch import save_file
 
@@ -160,8 +234,7 @@ class Pipeline:
         if self.cfg.prune.method == "magnitude":
             atomic_write_json(out, {"needed": False, "reason": "magnitude uses no data"})
             return StageResult(["calibrate/calibration.json"], "not needed for magnitude")
-        _, tok = self.dense_model()
-        ids = load_calibration(tok, Calibration(c.source, c.samples, c.seqlen, c.seed))
+        ids = load_calibration(self.tokenizer(), Calibration(c.source, c.samples, c.seqlen, c.seed))
         tmp = self.path("calibrate", ".ids.part")
         save_file({"input_ids": ids.contiguous()}, str(tmp))
         tmp.replace(self.path("calibrate", "ids.safetensors"))
@@ -177,6 +250,16 @@ class Pipeline:
         import pruning
 
         p = self.cfg.prune
+        if self.streaming:
+            # Pruning happens inside the pack stage, layer by layer; this records the
+            # recipe so that a change of it re-runs pack (through this output's hash).
+            atomic_write_json(
+                self.path("prune", "plan.json"), {"streaming": True, "prune": asdict(p)}
+            )
+            return StageResult(
+                ["prune/plan.json"],
+                f"{p.method} {p.sparsity:.0%}: streamed with pack, one layer at a time",
+            )
         model, tok = self.dense_model()
         ids_path = self.path("calibrate", "ids.safetensors")
         calib = load_file(ids_path)["input_ids"] if p.method == "wanda" else None
@@ -188,6 +271,7 @@ class Pipeline:
             calibration=calib,
             granularity=p.granularity,
             skip=p.skip,
+            batch_size=p.calibration.batch_size,
         )
         log.info("per-layer sparsity:\n%s", res.table())
         names = [s["name"] for s in res.stats]
@@ -214,7 +298,17 @@ class Pipeline:
         log.info("%s: %s", label, _metric_line(res))
         return res
 
+    def _skip(self, stage: str, reason: str) -> StageResult:
+        atomic_write_json(self.path(stage, "skipped.json"), {"skipped": True, "reason": reason})
+        return StageResult([f"{stage}/skipped.json"], f"skipped: {reason}")
+
     def stage_eval(self) -> StageResult:
+        if not self.cfg.eval.tasks:
+            return self._skip("eval", "no eval.tasks")
+        if self.streaming:
+            # Both evaluations need the whole dense model in RAM, which streaming exists
+            # to avoid; eval-packed evaluates the (memory-mapped) packed model instead.
+            return self._skip("eval", "streaming run: dense and masked-dense models not loaded")
         dense = self._evaluate(*self.dense_model(), self.path("eval", "dense.json"), "dense")
         pruned = self._evaluate(*self.pruned_model(), self.path("eval", "pruned.json"), "pruned")
         return StageResult(
@@ -230,6 +324,8 @@ class Pipeline:
         from .layers import swap_linears
 
         pk, p = self.cfg.pack, self.cfg.prune
+        if self.streaming:
+            return self._stage_pack_streaming()
         model, tok = self.pruned_model()
         names = swap_linears(model, include=pk.include, exclude=pk.exclude, storage=pk.storage)
         src = json.loads(self.path("load", "source.json").read_text())
@@ -237,6 +333,7 @@ class Pipeline:
         evals = {
             v: json.loads(self.path("eval", f"{v}.json").read_text())["results"]
             for v in ("dense", "pruned")
+            if self.path("eval", f"{v}.json").is_file()
         }
         art = self.path("pack", "artifact")
         if art.exists():
@@ -261,7 +358,69 @@ class Pipeline:
             f"vs {t['dense_bytes'] / 1e6:.1f} MB dense bf16",
         )
 
+    def _stage_pack_streaming(self) -> StageResult:
+        import json
+        import shutil
+
+        from safetensors.torch import load_file
+
+        from .streaming import stream_prune_pack
+
+        pk, p = self.cfg.pack, self.cfg.prune
+        calib, calib_info = None, None
+        if p.method == "wanda":
+            calib = load_file(self.path("calibrate", "ids.safetensors"))["input_ids"]
+            calib_info = json.loads(self.path("calibrate", "calibration.json").read_text())
+        src = json.loads(self.path("load", "source.json").read_text())
+        src.pop("config", None)
+        art = self.path("pack", "artifact")
+        if art.exists():
+            shutil.rmtree(art)
+        res = stream_prune_pack(
+            self.source_dir(),
+            art,
+            method=p.method,
+            sparsity=p.sparsity,
+            granularity=p.granularity,
+            skip=p.skip,
+            calibration_ids=calib,
+            calibration_info=calib_info,
+            include=pk.include,
+            exclude=pk.exclude,
+            storage=pk.storage,
+            dtype=self.cfg.model.dtype,
+            max_shard_bytes=int(pk.max_shard_gb * (1 << 30)),
+            batch_size=p.calibration.batch_size,
+            source_record=src,
+            recipe=asdict(p),
+        )
+        layers = {
+            "method": p.method,
+            "sparsity": p.sparsity,
+            "granularity": p.granularity,
+            "calibration": calib_info,
+            "seconds": res.seconds,
+            "streaming": {"peak_rss_mb": res.peak_rss_mb, **res.timings},
+            "layers": res.stats,
+        }
+        atomic_write_json(self.path("pack", "layers.json"), layers)
+        storages = [lay["storage"] for lay in res.layers]
+        packed = sum(lay["bytes"] for lay in res.layers)
+        dense = sum(2 * lay["shape"][0] * lay["shape"][1] for lay in res.layers)
+        nnz = sum(s["nnz"] for s in res.stats)
+        total = sum(s["shape"][0] * s["shape"][1] for s in res.stats)
+        return StageResult(
+            ["pack/artifact", "pack/layers.json"],
+            f"streamed: {p.method} {p.sparsity:.0%} on {len(res.stats)} linears (overall "
+            f"{1 - nnz / max(total, 1):.1%}), {len(res.layers)} packed "
+            f"({storages.count('bitmap-bf16')} bitmap, {storages.count('dense-bf16')} dense): "
+            f"{packed / 1e6:.1f} MB vs {dense / 1e6:.1f} MB dense bf16, in {res.seconds:.0f} s, "
+            f"peak RSS {res.peak_rss_mb / 1024:.2f} GiB",
+        )
+
     def stage_verify(self) -> StageResult:
+        if self.streaming:
+            return self._stage_verify_streaming()
         from .artifact import load
         from .verify import compare_models
 
@@ -285,8 +444,32 @@ class Pipeline:
             raise RuntimeError(f"verify failed: {summary}\nworst layers:\n{table}")
         return StageResult(["verify/verify.json"], summary)
 
+    def _stage_verify_streaming(self) -> StageResult:
+        from .verify import verify_against_checkpoint
+
+        rep = verify_against_checkpoint(
+            self.path("pack", "artifact"), self.source_dir(), self.cfg.model.dtype
+        )
+        ok = rep["weights_match"] and rep["worst_layer_rel_l2"] <= VERIFY_REL_TOL
+        rep["passed"] = ok
+        rep["criteria"] = {"weights_match": True, "layer_rel_l2_max": VERIFY_REL_TOL}
+        atomic_write_json(self.path("verify", "verify.json"), rep)
+        agree = "match" if rep["weights_match"] else "DIFFER FROM"
+        summary = (
+            f"{len(rep['layers'])} packed linears: weights {agree} the source where kept; "
+            f"kernel vs torch worst rel. L2 {rep['worst_layer_rel_l2']:.2e}"
+        )
+        if not ok:
+            bad = [r for r in rep["layers"] if not r["weights_match"]][:5]
+            worst = sorted(rep["layers"], key=lambda r: -r["rel_l2"])[:5]
+            raise RuntimeError(f"verify failed: {summary}\nmismatched: {bad}\nworst: {worst}")
+        return StageResult(["verify/verify.json"], summary)
+
     def stage_eval_packed(self) -> StageResult:
         from .artifact import load
+
+        if not self.cfg.eval.tasks:
+            return self._skip("eval-packed", "no eval.tasks")
 
         res = self._evaluate(
             *load(self.path("pack", "artifact")), self.path("eval-packed", "packed.json"), "packed"
@@ -300,7 +483,8 @@ class Pipeline:
         art = self.path("pack", "artifact").resolve()
         records = []
         for threads in b.threads:
-            for kind, src in (("stock", self.cfg.model.source), ("sparse", str(art))):
+            stock = str(self.source_dir())
+            for kind, src in (("stock", stock), ("sparse", str(art))):
                 log.info("bench: %s model, %d thread(s)", kind, threads)
                 records.append(
                     bench_subprocess(

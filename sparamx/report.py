@@ -91,7 +91,8 @@ def write_report(pipe) -> list[str]:
         "packed": _read(run / "eval-packed" / "packed.json"),
     }
     evals = {k: v for k, v in evals.items() if v}
-    prune = _read(run / "prune" / "layers.json") or {}
+    # A streaming run prunes inside the pack stage and writes its table there.
+    prune = _read(run / "prune" / "layers.json") or _read(run / "pack" / "layers.json") or {}
     verify = _read(run / "verify" / "verify.json") or {}
     bench = (_read(run / "bench" / "bench.json") or {}).get("records", [])
     manifest = _read(run / "pack" / "artifact" / "sparamx.json") or {}
