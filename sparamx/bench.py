@@ -81,6 +81,35 @@ def model_bytes(model) -> int:
     return total
 
 
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step must read: every linear's weight (and bias), dense
+    ``nn.Linear`` or packed ``SparseLinear`` (bitmap + values + offsets). Embeddings are
+    left out (a step reads one row) and so is the KV cache (small at bench contexts)."""
+    from .layers import SparseLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Linear, SparseLinear)):
+            for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def dram_read_gbps(threads: int, mbytes: int = 512, repeats: int = 5) -> float:
+    """Measured DRAM read bandwidth: a float32 sum over a buffer far larger than the
+    caches (a streaming read; the adds are cheap). The reference for the fraction of
+    bandwidth a decode step reaches."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(mbytes * (1 << 20) // 4)
+    buf.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
 def kernel_share(model, tokenizer, prompt: str, new_tokens: int) -> float | None:
     """Fraction of CPU time spent in sparamx ops during one generation (profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -137,6 +166,11 @@ def run_bench(
         "warmup": "one 8-token generation before timing",
         "texts": [r["text"] for r in runs[: len(prompts)]],
     }
+    wbytes = weight_bytes_per_token(model)
+    rec["weight_bytes_per_token"] = wbytes
+    rec["weight_gb_per_s"] = wbytes / (ms_tok / 1e3) / 1e9
+    rec["dram_read_gbps"] = dram_read_gbps(threads)
+    rec["bandwidth_fraction"] = rec["weight_gb_per_s"] / rec["dram_read_gbps"]
     if kind == "sparse" and profile_kernels:
         rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens))
     return rec
@@ -202,7 +236,9 @@ def main(argv=None) -> int:
         print(
             f"{kind} {args.threads} threads: {rec['tokens_per_s']:.1f} tokens/s, "
             f"{rec['ms_per_token']:.1f} ms/token, TTFT {rec['ttft_ms']:.0f} ms, "
-            f"peak RSS {rec['peak_rss_mb']:.0f} MB"
+            f"peak RSS {rec['peak_rss_mb']:.0f} MB, weights read at "
+            f"{rec['weight_gb_per_s']:.1f} GB/s = {rec['bandwidth_fraction']:.0%} of the "
+            f"{rec['dram_read_gbps']:.1f} GB/s DRAM read probe"
         )
         if args.json:
             from .artifact import atomic_write_json

@@ -19,7 +19,11 @@ KV_METHODS = ("none", "magnitude", "wanda")
 CALIB_SOURCES = ("wikipedia", "c4")
 STORAGES = ("auto", "bitmap-bf16", "dense-bf16")
 STREAMING = ("auto", "true", "false")
-RANDOM_PRESETS = ("none", "llama3-8b")  # sparamx.random_model.PRESETS (kept import-free)
+RANDOM_PRESETS = (
+    "none",
+    "llama3-8b",
+    "tiny-llama",
+)  # sparamx.random_model.PRESETS (kept import-free)
 
 
 class ConfigError(ValueError):

@@ -43,6 +43,21 @@ PRESETS = {
         bos_token_id=128000,
         eos_token_id=128001,
     ),
+    # The same architecture in miniature, for tests of the random-model code path.
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=49152,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 WEIGHT_STD = 0.02  # transformers' initializer_range for Llama: activations stay finite
 DEFAULT_SHARD_BYTES = 2 << 30

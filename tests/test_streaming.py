@@ -146,3 +146,74 @@ def test_fast_mask_selection_equals_stable_sort(granularity):
         ref = torch.ones_like(groups, dtype=torch.bool)
         ref.scatter_(1, torch.sort(groups, dim=1, stable=True).indices[:, :k], False)
         assert torch.equal(fast, ref.reshape(s.shape)), sparsity
+
+
+def pipeline_config(tmp_path, **model):
+    import yaml
+
+    cfg = {
+        "name": "stream",
+        "output_dir": str(tmp_path / "runs"),
+        "model": model,
+        "prune": {"method": "magnitude", "sparsity": 0.5},
+        "eval": {"tasks": []},
+        "pack": {"exclude": [], "max_shard_gb": 0.0002},
+        "bench": {"enabled": False},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_pipeline_streams_a_random_model(tmp_path):
+    """configs/llama8b-random.yaml's path in miniature: the load stage writes a random
+    model, prune + pack stream it into a sharded artifact, verify checks it against the
+    source checkpoint; a rerun skips every stage."""
+    from sparamx import pipeline
+
+    src = tmp_path / "models" / "tiny"
+    cfg = pipeline_config(
+        tmp_path,
+        source=str(src),
+        streaming=True,
+        random={"preset": "tiny-llama", "num_layers": 3},
+    )
+    assert pipeline.main([str(cfg)]) == 0
+    run = tmp_path / "runs" / "stream"
+    assert json.loads((src / "config.json").read_text())["num_hidden_layers"] == 3
+    assert (src / "model.safetensors").is_file()  # one file: the unsharded source path
+    source = json.loads((run / "load" / "source.json").read_text())
+    assert source["streaming"] is True and source["architecture"] == "LlamaForCausalLM"
+    verify = json.loads((run / "verify" / "verify.json").read_text())
+    assert verify["passed"] and len(verify["layers"]) == 3 * 7 + 1
+    layers = json.loads((run / "pack" / "layers.json").read_text())
+    assert len(layers["layers"]) == 21 and layers["streaming"]["peak_rss_mb"] > 0
+    art = run / "pack" / "artifact"
+    assert len(json.loads((art / MANIFEST).read_text())["files"]) > 1
+    assert (run / "report" / "report.md").is_file()
+    model, tok = sparamx.load(art)
+    assert model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=2).shape[1] > 1
+    state = json.loads((run / "state.json").read_text())
+    assert pipeline.main([str(cfg)]) == 0
+    assert json.loads((run / "state.json").read_text()) == state  # nothing re-ran
+
+
+def test_streaming_auto_keeps_small_models_in_memory(tmp_path, tokenizer):
+    from sparamx.config import load_config
+    from sparamx.pipeline import Pipeline
+
+    src = write_model(tmp_path / "src", tokenizer)
+    cfg = load_config(pipeline_config(tmp_path, source=str(src)))
+    assert cfg.model.streaming == "auto"
+    assert Pipeline(cfg).streaming is False
+    cfg = load_config(pipeline_config(tmp_path, source=str(src), streaming=True))
+    assert cfg.model.streaming == "true" and Pipeline(cfg).streaming is True
+
+
+def test_random_model_dir_with_other_layer_count_is_refused(tmp_path):
+    from sparamx.random_model import ensure_random_model
+
+    dest = ensure_random_model(tmp_path / "m", "tiny-llama", 1, 0)
+    assert ensure_random_model(dest, "tiny-llama", 1, 0) == dest  # reused
+    with pytest.raises(ValueError, match="1-layer model but the config asks for 2"):
+        ensure_random_model(dest, "tiny-llama", 2, 0)
