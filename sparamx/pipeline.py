@@ -125,7 +125,14 @@ class Pipeline:
         the weights would not fit in the available RAM)."""
         if getattr(self, "_streaming", None) is None:
             mode = self.cfg.model.streaming
-            if mode == "auto":
+            recorded = self.run_dir / "load" / "source.json"
+            if mode == "auto" and self.state.is_done("load", self.inputs_hash("load")):
+                # Decided once, by the load stage: free RAM changes between stages, and
+                # a run must not prune in memory and then pack streaming.
+                import json
+
+                self._streaming = bool(json.loads(recorded.read_text()).get("streaming"))
+            elif mode == "auto":
                 from .models import available_ram_bytes, parse_dtype
                 from .streaming import CheckpointError, SafetensorsCheckpoint
 
@@ -190,6 +197,7 @@ class Pipeline:
             "architecture": type(model).__name__,
             "parameters": n,
             "dtype": self.cfg.model.dtype,
+            "streaming": False,
             "config": model.config.to_dict(),
         }
         atomic_write_json(self.path("load", "source.json"), rec)
