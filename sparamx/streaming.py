@@ -251,6 +251,7 @@ def stream_prune_pack(
 
     # Embeddings, final norm, head: loaded once and kept. A head tied to the embeddings is
     # not in the safetensors (save_pretrained stores it once): tie_weights restores it.
+    t0 = time.perf_counter()
     outer = ckpt.read([k for k in outer_keys if k in ckpt.weight_map], dtype)
     model.load_state_dict(outer, strict=False, assign=True)
     del outer
@@ -265,7 +266,6 @@ def stream_prune_pack(
     if absent:
         raise CheckpointError(f"{source}: tensor(s) {absent} missing from the safetensors files")
 
-    t0 = time.perf_counter()
     inputs = None
     if NEEDS_ACTIVATIONS[method]:
         inputs = capture_layer_inputs(model, calibration_ids, batch_size)
