@@ -217,3 +217,18 @@ def test_random_model_dir_with_other_layer_count_is_refused(tmp_path):
     assert ensure_random_model(dest, "tiny-llama", 1, 0) == dest  # reused
     with pytest.raises(ValueError, match="1-layer model but the config asks for 2"):
         ensure_random_model(dest, "tiny-llama", 2, 0)
+
+
+def test_weight_bytes_per_token_counts_linears_once(tiny_llama):
+    """The bench's bandwidth figure: dense linears count their bf16 weights, packed ones
+    their bitmap + values + offsets; embeddings are not counted."""
+    from sparamx.bench import weight_bytes_per_token
+
+    model = tiny_llama.to(torch.bfloat16)
+    dense = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert weight_bytes_per_token(model) == dense
+    pruning.prune(model, "magnitude", 0.5, progress=False)
+    swap_linears(model)  # lm_head stays an nn.Linear
+    packed = sum(m.packed.nbytes for m in model.modules() if isinstance(m, sparamx.SparseLinear))
+    head = model.lm_head.weight.numel() * 2
+    assert weight_bytes_per_token(model) == packed + head < dense
