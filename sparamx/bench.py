@@ -70,6 +70,27 @@ def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
     }
 
 
+def time_generate_lean(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """The same measurement through ``sparamx.generate`` (static cache, compiled decode
+    step). Compilation happens in the untimed warm-up call; ``compile_s`` says how long
+    a call spent compiling (0 once warm)."""
+    from .generate import generate
+
+    g = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False)
+    decode = sum(g.token_times_s) / max(1, len(g.token_times_s))
+    return {
+        "ttft_ms": g.ttft_s * 1e3,
+        "ms_per_token": decode * 1e3,
+        "new_tokens": len(g.ids),
+        "prompt_tokens": g.prompt_tokens,
+        "text": g.text,
+        "compile_s": g.compile_s,
+    }
+
+
+ENGINES = {"hf": time_generate, "lean": time_generate_lean}
+
+
 def model_bytes(model) -> int:
     """Bytes of the model's parameters and buffers (tied tensors counted once)."""
     seen, total = set(), 0
@@ -81,12 +102,12 @@ def model_bytes(model) -> int:
     return total
 
 
-def kernel_share(model, tokenizer, prompt: str, new_tokens: int) -> float | None:
+def kernel_share(model, tokenizer, prompt: str, new_tokens: int, timed=None) -> float | None:
     """Fraction of CPU time spent in sparamx ops during one generation (profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_generate(model, tokenizer, prompt, new_tokens)
+        (timed or time_generate)(model, tokenizer, prompt, new_tokens)
     events = prof.key_averages()
     ours = sum(e.self_cpu_time_total for e in events if e.key.startswith("sparamx::"))
     total = sum(e.self_cpu_time_total for e in events)
@@ -102,8 +123,13 @@ def run_bench(
     repeats: int,
     dtype: str = "bfloat16",
     profile_kernels: bool = True,
+    engine: str = "hf",
 ) -> dict:
-    """Load a model (stock dense or packed artifact) and time generation on ``prompts``."""
+    """Load a model (stock dense or packed artifact) and time generation on ``prompts``
+    with ``engine``: "hf" (``model.generate``) or "lean" (``sparamx.generate``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+    timed = ENGINES[engine]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "stock":
@@ -115,14 +141,16 @@ def run_bench(
 
         model, tok = load(source)
     load_s = time.perf_counter() - t0
-    time_generate(model, tok, prompts[0], min(8, new_tokens))  # warm-up, not timed
+    # Warm-up, not timed (the lean engine compiles its decode step here).
+    warm = timed(model, tok, prompts[0], new_tokens if engine == "lean" else min(8, new_tokens))
     runs = []
     for _ in range(repeats):
         for p in prompts:
-            runs.append(time_generate(model, tok, p, new_tokens))
+            runs.append(timed(model, tok, p, new_tokens))
     ms_tok = statistics.median(r["ms_per_token"] for r in runs)
     rec = {
         "model": kind,
+        "engine": engine,
         "source": str(source),
         "threads": threads,
         "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
@@ -134,11 +162,13 @@ def run_bench(
         "new_tokens": new_tokens,
         "prompts": len(prompts),
         "repeats": repeats,
-        "warmup": "one 8-token generation before timing",
+        "warmup": "one untimed generation before timing"
+        + (" (compiles the decode step)" if engine == "lean" else ""),
+        "compile_s": warm.get("compile_s", 0.0),
         "texts": [r["text"] for r in runs[: len(prompts)]],
     }
     if kind == "sparse" and profile_kernels:
-        rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens))
+        rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens), timed)
     return rec
 
 
@@ -150,6 +180,7 @@ def bench_subprocess(
     new_tokens: int,
     repeats: int,
     dtype: str = "bfloat16",
+    engine: str = "hf",
 ) -> dict:
     """``run_bench`` in a fresh interpreter (clean peak RSS, threads set before work)."""
     cmd = [
@@ -166,6 +197,8 @@ def bench_subprocess(
         str(repeats),
         "--dtype",
         dtype,
+        "--engine",
+        engine,
         "--json",
         "-",
     ]
@@ -190,12 +223,27 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default="hf",
+        help="hf: model.generate; lean: sparamx.generate (static cache, compiled step)",
+    )
     ap.add_argument("--json", default=None, help="write the record here ('-': stdout)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     prompts = args.prompt or ["The history of the printing press begins"]
     kind, source = ("stock", args.stock) if args.stock else ("sparse", args.sparse)
-    rec = run_bench(kind, source, args.threads, prompts, args.new_tokens, args.repeats, args.dtype)
+    rec = run_bench(
+        kind,
+        source,
+        args.threads,
+        prompts,
+        args.new_tokens,
+        args.repeats,
+        args.dtype,
+        engine=args.engine,
+    )
     if args.json == "-":
         print(json.dumps(rec))
     else:
