@@ -80,8 +80,12 @@ def _load(kind: str, args):
 
     (artifact,) = args.artifact
     model, tok = sparamx.load(artifact)
-    sparsity = read_manifest(artifact).get("recipe", {}).get("sparsity")
-    fmt = "bitmap-bf16" + (f" {sparsity:.0%}" if sparsity is not None else "")
+    manifest = read_manifest(artifact)
+    sparsity = manifest.get("recipe", {}).get("sparsity")
+    if all(layer.get("storage") == "dense-bf16" for layer in manifest.get("layers", [])):
+        fmt = "dense-bf16 (packed)"
+    else:
+        fmt = "bitmap-bf16" + (f" {sparsity:.0%}" if sparsity is not None else "")
     return model, tok, fmt, model_bytes(model)
 
 
