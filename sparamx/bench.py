@@ -7,6 +7,11 @@ alternately, in the same pipeline run, on the same prompts.
 
     python -m sparamx.bench --artifact runs/x/pack/artifact --threads 2 --json out.json
     python -m sparamx.bench --stock smollm2-135m --threads 1
+    python -m sparamx.bench --artifact A --lean --context 512 --kernel portable
+
+``--lean`` times ``sparamx.generate`` (static cache, compiled decode step; compile time
+reported apart) instead of ``model.generate``; ``--context N`` makes the prompt exactly N
+tokens of real text; ``--kernel`` sets ``SPARAMX_KERNEL`` for the measurement.
 """
 
 from __future__ import annotations
@@ -45,8 +50,12 @@ class _TokenClock:
 
 
 def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
-    """One greedy generation of exactly ``new_tokens`` tokens, timed per token."""
-    ids = tokenizer(prompt, return_tensors="pt")
+    """One greedy generation of exactly ``new_tokens`` tokens, timed per token (``prompt``:
+    text, or token ids ``[1, T]``)."""
+    if isinstance(prompt, torch.Tensor):
+        ids = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")
     clock = _TokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -68,6 +77,39 @@ def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
         "prompt_tokens": ids["input_ids"].shape[1],
         "text": tokenizer.decode(out[0, ids["input_ids"].shape[1] :]),
     }
+
+
+def time_lean(model, tokenizer, prompt, new_tokens: int) -> dict:
+    """One greedy generation through ``sparamx.generate`` (exactly ``new_tokens`` tokens),
+    in the same record shape as :func:`time_generate`."""
+    from .generate import generate
+
+    out = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False)
+    return {
+        "ttft_ms": out.ttft_s * 1e3,
+        "ms_per_token": 1e3 / out.tokens_per_s,
+        "new_tokens": len(out.ids),
+        "prompt_tokens": out.prompt_tokens,
+        "text": out.text,
+        "compile_s": out.compile_s,
+    }
+
+
+CONTEXT_TEXT = "pang_lee_polarity.cor"  # movie-review sentences (not an evaluation set)
+
+
+def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
+    """A prompt of exactly ``tokens`` token ids ``[1, tokens]``: the start of real
+    English text (gensim's test data), so attention sees a natural context length."""
+    from .assets import gensim_text
+
+    if tokens < 1:
+        raise ValueError(f"context must be >= 1 token, got {tokens}")
+    text = gensim_text(CONTEXT_TEXT).read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text[: tokens * 16], return_tensors="pt")["input_ids"]
+    if ids.shape[1] < tokens:
+        raise ValueError(f"context of {tokens} tokens is longer than the text ({ids.shape[1]})")
+    return ids[:, :tokens]
 
 
 def model_bytes(model) -> int:
@@ -102,8 +144,12 @@ def run_bench(
     repeats: int,
     dtype: str = "bfloat16",
     profile_kernels: bool = True,
+    lean: bool = False,
+    context: int | None = None,
 ) -> dict:
-    """Load a model (stock dense or packed artifact) and time generation on ``prompts``."""
+    """Load a model (stock dense or packed artifact) and time generation on ``prompts``
+    (or on one prompt of exactly ``context`` tokens), through ``model.generate`` or, with
+    ``lean``, through ``sparamx.generate``."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "stock":
@@ -115,11 +161,17 @@ def run_bench(
 
         model, tok = load(source)
     load_s = time.perf_counter() - t0
-    time_generate(model, tok, prompts[0], min(8, new_tokens))  # warm-up, not timed
+    if context is not None:
+        ids = context_prompt(tok, context)
+        # model.generate takes the ids back through the tokenizer-free path below.
+        prompts = [ids]
+    timer = time_lean if lean else time_generate
+    # Warm-up, not timed (for lean: compiles the decode step for this cache length).
+    warm = timer(model, tok, prompts[0], new_tokens if lean else min(8, new_tokens))
     runs = []
     for _ in range(repeats):
         for p in prompts:
-            runs.append(time_generate(model, tok, p, new_tokens))
+            runs.append(timer(model, tok, p, new_tokens))
     ms_tok = statistics.median(r["ms_per_token"] for r in runs)
     rec = {
         "model": kind,
@@ -134,10 +186,15 @@ def run_bench(
         "new_tokens": new_tokens,
         "prompts": len(prompts),
         "repeats": repeats,
-        "warmup": "one 8-token generation before timing",
+        "warmup": f"one {'full' if lean else '8-token'} generation before timing",
         "texts": [r["text"] for r in runs[: len(prompts)]],
+        "loop": "sparamx.generate" if lean else "model.generate",
+        "prompt_tokens": runs[0]["prompt_tokens"],
+        "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
     }
-    if kind == "sparse" and profile_kernels:
+    if lean:
+        rec["compile_s"] = warm.get("compile_s", 0.0)
+    if kind == "sparse" and profile_kernels and not lean:
         rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens))
     return rec
 
@@ -150,8 +207,14 @@ def bench_subprocess(
     new_tokens: int,
     repeats: int,
     dtype: str = "bfloat16",
+    *,
+    lean: bool = False,
+    context: int | None = None,
+    kernel: str | None = None,
+    profile_kernels: bool = True,
 ) -> dict:
-    """``run_bench`` in a fresh interpreter (clean peak RSS, threads set before work)."""
+    """``run_bench`` in a fresh interpreter (clean peak RSS, threads and ``SPARAMX_KERNEL``
+    set before any work, so no setting leaks from one measurement into the next)."""
     cmd = [
         sys.executable,
         "-m",
@@ -171,7 +234,16 @@ def bench_subprocess(
     ]
     for p in prompts:
         cmd += ["--prompt", p]
+    if lean:
+        cmd.append("--lean")
+    if context is not None:
+        cmd += ["--context", str(context)]
+    if not profile_kernels:
+        cmd.append("--no-profile")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.pop("SPARAMX_KERNEL", None)
+    if kernel not in (None, "auto"):
+        env["SPARAMX_KERNEL"] = kernel
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -191,11 +263,31 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="write the record here ('-': stdout)")
+    ap.add_argument("--lean", action="store_true", help="time sparamx.generate")
+    ap.add_argument("--context", type=int, default=None, help="prompt of exactly N tokens")
+    ap.add_argument(
+        "--kernel", choices=("amx", "avx512", "portable"), default=None, help="SPARAMX_KERNEL"
+    )
+    ap.add_argument("--no-profile", action="store_true", help="skip the kernel-share profile")
     args = ap.parse_args(argv)
+    if args.kernel:
+        # Read by the native library on each call, so setting it before loading works.
+        os.environ["SPARAMX_KERNEL"] = args.kernel
     logging.basicConfig(level=logging.WARNING)
     prompts = args.prompt or ["The history of the printing press begins"]
     kind, source = ("stock", args.stock) if args.stock else ("sparse", args.sparse)
-    rec = run_bench(kind, source, args.threads, prompts, args.new_tokens, args.repeats, args.dtype)
+    rec = run_bench(
+        kind,
+        source,
+        args.threads,
+        prompts,
+        args.new_tokens,
+        args.repeats,
+        args.dtype,
+        profile_kernels=not args.no_profile,
+        lean=args.lean,
+        context=args.context,
+    )
     if args.json == "-":
         print(json.dumps(rec))
     else:
