@@ -434,7 +434,8 @@ def _metric_columns(eval_result: dict) -> list[str]:
     for task in requested:
         metrics = eval_result.get("results", {}).get(task, {})
         for m in HEADLINE_METRICS:
-            if metrics.get(m) is not None:
+            # acc_norm only where there is no acc (on our analogy task they are equal).
+            if metrics.get(m) is not None and not (m == "acc_norm" and "acc" in metrics):
                 cols.append(f"{task}:{m}")
     return cols
 
