@@ -158,6 +158,7 @@ def race(
     threads: int,
     on_change: Callable[[], None] = lambda: None,
     lanes: dict[str, Lane] | None = None,
+    compile: bool = True,
 ) -> dict[str, Lane]:
     """Generate ``prompt`` with both models, turn by turn (see the module docstring);
     ``dense`` None: the sparse model alone."""
@@ -201,7 +202,15 @@ def race(
     racer = _Racer(lanes[SPARSE], SPARSE, baton, on_change)
     try:
         racer.begin()
-        generate(sparse, tokenizer, prompt, new_tokens, stream=racer.token, max_cache_len=cache_len)
+        generate(
+            sparse,
+            tokenizer,
+            prompt,
+            new_tokens,
+            stream=racer.token,
+            max_cache_len=cache_len,
+            compile=compile,
+        )
     finally:
         lanes[SPARSE].done = True
         baton.finish(SPARSE)
@@ -211,14 +220,14 @@ def race(
     return lanes
 
 
-def warm_up(sparse, dense, tokenizer, prompt: str, new_tokens: int) -> float:
+def warm_up(sparse, dense, tokenizer, prompt: str, new_tokens: int, compile: bool = True) -> float:
     """Compile the sparse decode step for the race's cache length and run each model
     once, outside the clock; returns the sparse compile seconds."""
     from .generate import CACHE_BUCKET, generate
 
     n = tokenizer(prompt, return_tensors="pt")["input_ids"].shape[1]
     cache_len = -(-(n + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    out = generate(sparse, tokenizer, prompt, 2, max_cache_len=cache_len)
+    out = generate(sparse, tokenizer, prompt, 2, max_cache_len=cache_len, compile=compile)
     if dense is not None:
         with torch.inference_mode():
             dense.generate(
@@ -304,6 +313,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-live", action="store_true", help="print the final texts and speeds")
     ap.add_argument("--stock-source", default=None, help="dense model (default: the source)")
     ap.add_argument("--dtype", default="bfloat16", help="stock model dtype")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="eager sparse decode step (no compile wait)"
+    )
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
@@ -336,22 +348,23 @@ def main(argv=None) -> int:
     lanes = {SPARSE: Lane(f"sparamx packed ({desc}, {kernel} kernel)")}
     if dense is not None:
         lanes = {STOCK: Lane(f"stock transformers ({args.dtype})"), **lanes}
+    compile = not args.no_compile
     with console.status("compiling the sparse decode step, warming up…"):
-        compile_s = warm_up(sparse, dense, tok, args.prompt, args.tokens)
-    footer = (
-        f"{args.threads} thread(s), greedy, {args.tokens} new tokens; compile {compile_s:.0f} s"
-    )
+        compile_s = warm_up(sparse, dense, tok, args.prompt, args.tokens, compile)
+    footer = f"{args.threads} thread(s), greedy, {args.tokens} new tokens"
+    footer += f"; sparse step compiled in {compile_s:.0f} s" if compile else "; eager sparse step"
+    run_args = (sparse, dense, tok, args.prompt, args.tokens, args.threads)
     if args.no_live:
-        race(sparse, dense, tok, args.prompt, args.tokens, args.threads, lanes=lanes)
+        race(*run_args, lanes=lanes, compile=compile)
         print(final_text(lanes, args.prompt, footer))
-        return 0 if not any(lane.error for lane in lanes.values()) else 1
-    with Live(
-        get_renderable=lambda: render(lanes, args.prompt, footer),
-        refresh_per_second=12,
-        console=Console(),
-    ):
-        race(sparse, dense, tok, args.prompt, args.tokens, args.threads, lanes=lanes)
-    return 0 if not any(lane.error for lane in lanes.values()) else 1
+    else:
+        with Live(
+            get_renderable=lambda: render(lanes, args.prompt, footer),
+            refresh_per_second=12,
+            console=Console(),
+        ):
+            race(*run_args, lanes=lanes, compile=compile)
+    return 1 if any(lane.error for lane in lanes.values()) else 0
 
 
 if __name__ == "__main__":
