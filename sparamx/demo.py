@@ -336,6 +336,10 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import transformers
+
+    # Weight-loading bars would scroll the side-by-side view off the screen.
+    transformers.utils.logging.disable_progress_bar()
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
     with console.status("loading models…"):
