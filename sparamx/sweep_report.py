@@ -164,32 +164,31 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
             "## Best configuration per accuracy budget",
             "",
             f"Headline metric `{head}`; budget = largest relative {kind} against dense. "
-            "Fastest experiment within each budget, per thread count.",
+            "Fastest experiment within each budget, per thread count: id, method, "
+            "sparsity (metric, change vs dense) → decode tokens/s (speed-up vs stock).",
             "",
         ]
+        # One row per budget, one column per thread count: "id: method sparsity
+        # (metric, vs dense) -> tok/s (speed-up)".
+        picks = best_per_budget(rows, head)
+        threads = sorted({b["threads"] for b in picks})
         body = []
-        for b in best_per_budget(rows, head):
-            r = b["row"]
-            label = "any" if b["budget"] is None else f"≤ {b['budget']:.0%}"
-            if r is None:
-                body.append([label, str(b["threads"]), "none within budget", "", "", "", ""])
-                continue
-            loss = relative_loss(r, head)
-            body.append(
-                [
-                    label,
-                    str(b["threads"]),
-                    f"{r['id']}: {r['method']} {r['sparsity']}, "
-                    f"{r.get('kernel_used') or r['kernel']}",
-                    _num(r.get(head), ".4g"),
-                    "–" if loss is None else f"{loss:+.1%}",
-                    _num(r.get("tokens_per_s"), ".1f"),
-                    _num(r.get("speedup"), ".2f"),
-                ]
-            )
-        lines.append(
-            _table(["budget", "threads", "best", head, "vs dense", "tok/s", "speed-up ×"], body)
-        )
+        for budget in BUDGETS:
+            label = "any" if budget is None else f"≤ {budget:.0%}"
+            cells = [label]
+            for t in threads:
+                r = next(b["row"] for b in picks if b["budget"] == budget and b["threads"] == t)
+                if r is None:
+                    cells.append("none within budget")
+                    continue
+                v, d, sp = _f(r.get(head)), _f(r.get("dense:" + head)), _f(r.get("speedup"))
+                change = f"{(v - d) / d:+.1%}" if v is not None and d else "–"
+                cells.append(
+                    f"{r['id']}: {r['method']} {r['sparsity']} ({_num(v, '.4g')}, {change}) → "
+                    f"{_num(r.get('tokens_per_s'), '.1f')} tok/s" + (f" ({sp:.2f}×)" if sp else "")
+                )
+            body.append(cells)
+        lines.append(_table(["budget", *(f"{t} thread(s)" for t in threads)], body))
     if failed:
         lines += ["", "## Skipped or failed", ""]
         lines += [
