@@ -466,3 +466,20 @@ def _tiny_model(tmp_path) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def test_context_prompt_has_exactly_the_asked_tokens():
+    from sparamx.bench import context_prompt
+    from sparamx.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    for n in (1, 32, 300):
+        ids = context_prompt(tok, n)
+        assert tuple(ids.shape) == (1, n)
+    assert torch_equal_prefix(context_prompt(tok, 32), context_prompt(tok, 300))
+    with pytest.raises(ValueError, match="context must be >= 1"):
+        context_prompt(tok, 0)
+
+
+def torch_equal_prefix(a, b) -> bool:
+    return bool((a[0] == b[0, : a.shape[1]]).all())
