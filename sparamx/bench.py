@@ -7,11 +7,10 @@ alternately, in the same pipeline run, on the same prompts.
 
     python -m sparamx.bench --artifact runs/x/pack/artifact --threads 2 --json out.json
     python -m sparamx.bench --stock smollm2-135m --threads 1
-    python -m sparamx.bench --artifact A --lean --context 512 --kernel portable
+    python -m sparamx.bench --artifact A --engine lean --context 512 --kernel portable
 
-``--lean`` times ``sparamx.generate`` (static cache, compiled decode step; compile time
-reported apart) instead of ``model.generate``; ``--context N`` makes the prompt exactly N
-tokens of real text; ``--kernel`` sets ``SPARAMX_KERNEL`` for the measurement.
+``--context N`` makes the prompt exactly N tokens of real text; ``--kernel`` sets
+``SPARAMX_KERNEL`` for the measurement (sweeps use both).
 """
 
 from __future__ import annotations
@@ -79,22 +78,25 @@ def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
     }
 
 
-def time_lean(model, tokenizer, prompt, new_tokens: int) -> dict:
-    """One greedy generation through ``sparamx.generate`` (exactly ``new_tokens`` tokens),
-    in the same record shape as :func:`time_generate`."""
+def time_generate_lean(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """The same measurement through ``sparamx.generate`` (static cache, compiled decode
+    step). Compilation happens in the untimed warm-up call; ``compile_s`` says how long
+    a call spent compiling (0 once warm)."""
     from .generate import generate
 
-    out = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False)
+    g = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False)
+    decode = sum(g.token_times_s) / max(1, len(g.token_times_s))
     return {
-        "ttft_ms": out.ttft_s * 1e3,
-        "ms_per_token": 1e3 / out.tokens_per_s,
-        "new_tokens": len(out.ids),
-        "prompt_tokens": out.prompt_tokens,
-        "text": out.text,
-        "compile_s": out.compile_s,
+        "ttft_ms": g.ttft_s * 1e3,
+        "ms_per_token": decode * 1e3,
+        "new_tokens": len(g.ids),
+        "prompt_tokens": g.prompt_tokens,
+        "text": g.text,
+        "compile_s": g.compile_s,
     }
 
 
+ENGINES = {"hf": time_generate, "lean": time_generate_lean}
 CONTEXT_TEXT = "pang_lee_polarity.cor"  # movie-review sentences (not an evaluation set)
 
 
@@ -123,12 +125,12 @@ def model_bytes(model) -> int:
     return total
 
 
-def kernel_share(model, tokenizer, prompt: str, new_tokens: int) -> float | None:
+def kernel_share(model, tokenizer, prompt: str, new_tokens: int, timed=None) -> float | None:
     """Fraction of CPU time spent in sparamx ops during one generation (profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_generate(model, tokenizer, prompt, new_tokens)
+        (timed or time_generate)(model, tokenizer, prompt, new_tokens)
     events = prof.key_averages()
     ours = sum(e.self_cpu_time_total for e in events if e.key.startswith("sparamx::"))
     total = sum(e.self_cpu_time_total for e in events)
@@ -144,12 +146,15 @@ def run_bench(
     repeats: int,
     dtype: str = "bfloat16",
     profile_kernels: bool = True,
-    lean: bool = False,
+    engine: str = "hf",
     context: int | None = None,
 ) -> dict:
     """Load a model (stock dense or packed artifact) and time generation on ``prompts``
-    (or on one prompt of exactly ``context`` tokens), through ``model.generate`` or, with
-    ``lean``, through ``sparamx.generate``."""
+    (or on one prompt of exactly ``context`` tokens) with ``engine``: "hf"
+    (``model.generate``) or "lean" (``sparamx.generate``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+    timed = ENGINES[engine]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "stock":
@@ -162,19 +167,17 @@ def run_bench(
         model, tok = load(source)
     load_s = time.perf_counter() - t0
     if context is not None:
-        ids = context_prompt(tok, context)
-        # model.generate takes the ids back through the tokenizer-free path below.
-        prompts = [ids]
-    timer = time_lean if lean else time_generate
-    # Warm-up, not timed (for lean: compiles the decode step for this cache length).
-    warm = timer(model, tok, prompts[0], new_tokens if lean else min(8, new_tokens))
+        prompts = [context_prompt(tok, context)]
+    # Warm-up, not timed (the lean engine compiles its decode step here).
+    warm = timed(model, tok, prompts[0], new_tokens if engine == "lean" else min(8, new_tokens))
     runs = []
     for _ in range(repeats):
         for p in prompts:
-            runs.append(timer(model, tok, p, new_tokens))
+            runs.append(timed(model, tok, p, new_tokens))
     ms_tok = statistics.median(r["ms_per_token"] for r in runs)
     rec = {
         "model": kind,
+        "engine": engine,
         "source": str(source),
         "threads": threads,
         "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
@@ -186,16 +189,15 @@ def run_bench(
         "new_tokens": new_tokens,
         "prompts": len(prompts),
         "repeats": repeats,
-        "warmup": f"one {'full' if lean else '8-token'} generation before timing",
+        "warmup": "one untimed generation before timing"
+        + (" (compiles the decode step)" if engine == "lean" else ""),
+        "compile_s": warm.get("compile_s", 0.0),
         "texts": [r["text"] for r in runs[: len(prompts)]],
-        "loop": "sparamx.generate" if lean else "model.generate",
         "prompt_tokens": runs[0]["prompt_tokens"],
         "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
     }
-    if lean:
-        rec["compile_s"] = warm.get("compile_s", 0.0)
-    if kind == "sparse" and profile_kernels and not lean:
-        rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens))
+    if kind == "sparse" and profile_kernels:
+        rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens), timed)
     return rec
 
 
@@ -207,8 +209,8 @@ def bench_subprocess(
     new_tokens: int,
     repeats: int,
     dtype: str = "bfloat16",
+    engine: str = "hf",
     *,
-    lean: bool = False,
     context: int | None = None,
     kernel: str | None = None,
     profile_kernels: bool = True,
@@ -229,13 +231,13 @@ def bench_subprocess(
         str(repeats),
         "--dtype",
         dtype,
+        "--engine",
+        engine,
         "--json",
         "-",
     ]
     for p in prompts:
         cmd += ["--prompt", p]
-    if lean:
-        cmd.append("--lean")
     if context is not None:
         cmd += ["--context", str(context)]
     if not profile_kernels:
@@ -262,8 +264,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default="hf",
+        help="hf: model.generate; lean: sparamx.generate (static cache, compiled step)",
+    )
     ap.add_argument("--json", default=None, help="write the record here ('-': stdout)")
-    ap.add_argument("--lean", action="store_true", help="time sparamx.generate")
     ap.add_argument("--context", type=int, default=None, help="prompt of exactly N tokens")
     ap.add_argument(
         "--kernel", choices=("amx", "avx512", "portable"), default=None, help="SPARAMX_KERNEL"
@@ -285,7 +292,7 @@ def main(argv=None) -> int:
         args.repeats,
         args.dtype,
         profile_kernels=not args.no_profile,
-        lean=args.lean,
+        engine=args.engine,
         context=args.context,
     )
     if args.json == "-":

@@ -90,6 +90,9 @@ class BenchConfig:
     new_tokens: int = 64
     threads: list[int] = field(default_factory=lambda: [1, 2])
     repeats: int = 3  # median over repeats; one warm-up generation is not timed
+    # Decode loop for the packed model: "lean" = sparamx.generate (static cache, compiled
+    # step), "hf" = model.generate. The stock baseline always runs model.generate.
+    engine: str = "lean"
     enabled: bool = True
 
 
@@ -119,6 +122,7 @@ CHOICES = {
     "prune.calibration.source": CALIB_SOURCES,
     "kv.method": KV_METHODS,
     "pack.storage": STORAGES,
+    "bench.engine": ("lean", "hf"),
 }
 
 

@@ -301,11 +301,19 @@ class Pipeline:
         art = self.path("pack", "artifact").resolve()
         records = []
         for threads in b.threads:
-            for kind, src in (("stock", self.cfg.model.source), ("sparse", str(art))):
-                log.info("bench: %s model, %d thread(s)", kind, threads)
+            runs = (("stock", self.cfg.model.source, "hf"), ("sparse", str(art), b.engine))
+            for kind, src, engine in runs:
+                log.info("bench: %s model (%s loop), %d thread(s)", kind, engine, threads)
                 records.append(
                     bench_subprocess(
-                        kind, src, threads, b.prompts, b.new_tokens, b.repeats, self.cfg.model.dtype
+                        kind,
+                        src,
+                        threads,
+                        b.prompts,
+                        b.new_tokens,
+                        b.repeats,
+                        self.cfg.model.dtype,
+                        engine=engine,
                     )
                 )
         atomic_write_json(self.path("bench", "bench.json"), {"records": records})

@@ -561,7 +561,7 @@ class Sweep:
             exp.new_tokens,
             self.sweep.bench.repeats,
             self.base.model.dtype,
-            lean=True,
+            "lean",
             context=exp.context,
             kernel=exp.kernel,
             profile_kernels=False,
