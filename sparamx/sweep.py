@@ -89,6 +89,7 @@ RESULT_COLUMNS = (
     "prompt_tokens",
     "artifact",
     "seconds",
+    "load_avg",  # 1-minute load average after the timing: flags a busy, shared machine
     "finished",
 )
 # Headline metrics copied from the evaluation into result columns (lm-eval names).
@@ -603,6 +604,7 @@ class Sweep:
         dense = self.dense_eval(exp.model)
         art = self.artifact(exp)
         sparse = self.time_sparse(exp, art["path"])
+        load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         stock = self.time_stock(exp)
         row.update(_metric_values(art["pruned"], self.metric_columns))
         row.update(_metric_values(dense, self.metric_columns, prefix="dense:"))
@@ -618,6 +620,7 @@ class Sweep:
             model_bytes=sparse["model_bytes"],
             prompt_tokens=sparse.get("prompt_tokens", ""),
             artifact=str(Path(art["path"]).relative_to(self.out)),
+            load_avg="" if load_avg is None else f"{load_avg:.2f}",
         )
         if stock:
             row["stock_tokens_per_s"] = f"{stock['tokens_per_s']:.3f}"

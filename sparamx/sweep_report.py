@@ -132,6 +132,9 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
     header = ["id", "model", "method", "sparsity", "kernel", "threads", "ctx", "new"]
     header += [c.replace(":", " ") for c in cols]
     header += ["tok/s", "stock tok/s", "speed-up", "ms/token", "compile s"]
+    with_load = any(r.get("load_avg") for r in rows)  # results from before the column
+    if with_load:
+        header.append("load avg")
     body = []
     for r in rows:
         body.append(
@@ -150,6 +153,7 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
                 _num(r.get("speedup"), ".2f") + ("×" if _f(r.get("speedup")) else ""),
                 _num(r.get("ms_per_token"), ".1f"),
                 _num(r.get("compile_s"), ".0f"),
+                *([_num(r.get("load_avg"), ".1f")] if with_load else []),
             ]
         )
     lines.append(_table(header, body) if body else "(no finished experiments)")

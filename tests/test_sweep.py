@@ -203,6 +203,7 @@ def test_plan_edit_then_run_runs_exactly_the_edited_rows(tmp_path, fakes):
     assert [r["id"] for r in got] == [r["id"] for r in rows]
     assert got[0]["sparsity"] == "0.7" and got[-1]["kernel"] == "portable"
     assert all(r["status"] == "ok" for r in got)
+    assert all(float(r["load_avg"]) >= 0 for r in got)
     assert {r["method"] for r in got} == {"wanda"}
     # The plan as run is kept next to the results (what --resume reads).
     assert [e.id for e in sw.read_plan(out / "experiments.csv")] == [r["id"] for r in rows]
