@@ -7,6 +7,10 @@ alternately, in the same pipeline run, on the same prompts.
 
     python -m sparamx.bench --artifact runs/x/pack/artifact --threads 2 --json out.json
     python -m sparamx.bench --stock smollm2-135m --threads 1
+    python -m sparamx.bench --artifact A --engine lean --context 512 --kernel portable
+
+``--context N`` makes the prompt exactly N tokens of real text; ``--kernel`` sets
+``SPARAMX_KERNEL`` for the measurement (sweeps use both).
 """
 
 from __future__ import annotations
@@ -45,8 +49,12 @@ class _TokenClock:
 
 
 def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
-    """One greedy generation of exactly ``new_tokens`` tokens, timed per token."""
-    ids = tokenizer(prompt, return_tensors="pt")
+    """One greedy generation of exactly ``new_tokens`` tokens, timed per token (``prompt``:
+    text, or token ids ``[1, T]``)."""
+    if isinstance(prompt, torch.Tensor):
+        ids = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")
     clock = _TokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -89,6 +97,21 @@ def time_generate_lean(model, tokenizer, prompt: str, new_tokens: int) -> dict:
 
 
 ENGINES = {"hf": time_generate, "lean": time_generate_lean}
+CONTEXT_TEXT = "pang_lee_polarity.cor"  # movie-review sentences (not an evaluation set)
+
+
+def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
+    """A prompt of exactly ``tokens`` token ids ``[1, tokens]``: the start of real
+    English text (gensim's test data), so attention sees a natural context length."""
+    from .assets import gensim_text
+
+    if tokens < 1:
+        raise ValueError(f"context must be >= 1 token, got {tokens}")
+    text = gensim_text(CONTEXT_TEXT).read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text[: tokens * 16], return_tensors="pt")["input_ids"]
+    if ids.shape[1] < tokens:
+        raise ValueError(f"context of {tokens} tokens is longer than the text ({ids.shape[1]})")
+    return ids[:, :tokens]
 
 
 def model_bytes(model) -> int:
@@ -124,9 +147,11 @@ def run_bench(
     dtype: str = "bfloat16",
     profile_kernels: bool = True,
     engine: str = "hf",
+    context: int | None = None,
 ) -> dict:
     """Load a model (stock dense or packed artifact) and time generation on ``prompts``
-    with ``engine``: "hf" (``model.generate``) or "lean" (``sparamx.generate``)."""
+    (or on one prompt of exactly ``context`` tokens) with ``engine``: "hf"
+    (``model.generate``) or "lean" (``sparamx.generate``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
     timed = ENGINES[engine]
@@ -141,6 +166,8 @@ def run_bench(
 
         model, tok = load(source)
     load_s = time.perf_counter() - t0
+    if context is not None:
+        prompts = [context_prompt(tok, context)]
     # Warm-up, not timed (the lean engine compiles its decode step here).
     warm = timed(model, tok, prompts[0], new_tokens if engine == "lean" else min(8, new_tokens))
     runs = []
@@ -166,6 +193,8 @@ def run_bench(
         + (" (compiles the decode step)" if engine == "lean" else ""),
         "compile_s": warm.get("compile_s", 0.0),
         "texts": [r["text"] for r in runs[: len(prompts)]],
+        "prompt_tokens": runs[0]["prompt_tokens"],
+        "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
     }
     if kind == "sparse" and profile_kernels:
         rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens), timed)
@@ -181,8 +210,13 @@ def bench_subprocess(
     repeats: int,
     dtype: str = "bfloat16",
     engine: str = "hf",
+    *,
+    context: int | None = None,
+    kernel: str | None = None,
+    profile_kernels: bool = True,
 ) -> dict:
-    """``run_bench`` in a fresh interpreter (clean peak RSS, threads set before work)."""
+    """``run_bench`` in a fresh interpreter (clean peak RSS, threads and ``SPARAMX_KERNEL``
+    set before any work, so no setting leaks from one measurement into the next)."""
     cmd = [
         sys.executable,
         "-m",
@@ -204,7 +238,14 @@ def bench_subprocess(
     ]
     for p in prompts:
         cmd += ["--prompt", p]
+    if context is not None:
+        cmd += ["--context", str(context)]
+    if not profile_kernels:
+        cmd.append("--no-profile")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.pop("SPARAMX_KERNEL", None)
+    if kernel not in (None, "auto"):
+        env["SPARAMX_KERNEL"] = kernel
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -230,7 +271,15 @@ def main(argv=None) -> int:
         help="hf: model.generate; lean: sparamx.generate (static cache, compiled step)",
     )
     ap.add_argument("--json", default=None, help="write the record here ('-': stdout)")
+    ap.add_argument("--context", type=int, default=None, help="prompt of exactly N tokens")
+    ap.add_argument(
+        "--kernel", choices=("amx", "avx512", "portable"), default=None, help="SPARAMX_KERNEL"
+    )
+    ap.add_argument("--no-profile", action="store_true", help="skip the kernel-share profile")
     args = ap.parse_args(argv)
+    if args.kernel:
+        # Read by the native library on each call, so setting it before loading works.
+        os.environ["SPARAMX_KERNEL"] = args.kernel
     logging.basicConfig(level=logging.WARNING)
     prompts = args.prompt or ["The history of the printing press begins"]
     kind, source = ("stock", args.stock) if args.stock else ("sparse", args.sparse)
@@ -242,7 +291,9 @@ def main(argv=None) -> int:
         args.new_tokens,
         args.repeats,
         args.dtype,
+        profile_kernels=not args.no_profile,
         engine=args.engine,
+        context=args.context,
     )
     if args.json == "-":
         print(json.dumps(rec))

@@ -12,6 +12,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .select import PatternError, check_patterns
+
 METHODS = ("magnitude", "wanda")
 GRANULARITIES = ("row", "layer")
 DTYPES = ("bfloat16", "float32")
@@ -44,6 +46,9 @@ class PruneConfig:
     method: str = "wanda"
     sparsity: float = 0.5
     granularity: str = "row"  # Wanda's per-output-row comparison group
+    # Which linears are pruned: include minus skip, as module patterns (exact name,
+    # dotted suffix, glob, or "re:" regex; sparamx/select.py), the language pack.* uses.
+    include: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -201,6 +206,13 @@ def validate(cfg: Config) -> Config:
     need(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.pack.max_shard_gb > 0, "pack.max_shard_gb", "must be > 0")
+    for path in ("prune.include", "prune.skip", "pack.include", "pack.exclude"):
+        try:
+            check_patterns(_get(cfg, path), path)
+        except PatternError as e:
+            raise ConfigError(str(e)) from None
+    need(bool(cfg.prune.include), "prune.include", "at least one pattern ('*' = all)")
+    need(bool(cfg.pack.include), "pack.include", "at least one pattern ('*' = all)")
     need(cfg.bench.new_tokens > 1, "bench.new_tokens", "must be > 1")
     need(cfg.bench.repeats > 0, "bench.repeats", "must be > 0")
     need(

@@ -188,6 +188,7 @@ class Pipeline:
             calibration=calib,
             granularity=p.granularity,
             skip=p.skip,
+            include=p.include,
         )
         log.info("per-layer sparsity:\n%s", res.table())
         names = [s["name"] for s in res.stats]
