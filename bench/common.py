@@ -37,15 +37,18 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
 
 
 def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:
-    """Measured DRAM read bandwidth: a float32 reduction over a buffer far larger than
-    the caches (a streaming read; the reduction itself is cheap)."""
+    """Measured DRAM read bandwidth: ``sparamx::read_probe`` streams a buffer far larger
+    than the caches once per repeat (plain 64-byte-line reads, several accumulators per
+    thread; a float reduction like ``torch.sum`` reads slower than the limit)."""
+    import sparamx.ops  # noqa: F401  (registers the ops)
+
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    buf = torch.ones(mbytes * (1 << 20) // 4)
-    buf.sum()
-    t = median_time_us(lambda: buf.sum(), repeats)
+    buf = torch.ones(mbytes * (1 << 20), dtype=torch.uint8)
+    torch.ops.sparamx.read_probe(buf)
+    t = median_time_us(lambda: torch.ops.sparamx.read_probe(buf), repeats)
     torch.set_num_threads(old)
-    return buf.numel() * 4 / t / 1e3
+    return buf.numel() / t / 1e3
 
 
 def environment() -> dict:
@@ -64,7 +67,7 @@ def environment() -> dict:
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format spec)."""
     cells = [[_cell(r[k], f) for k, _, f in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h, _) in enumerate(columns)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths, strict=True)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))

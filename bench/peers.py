@@ -9,7 +9,15 @@ Engines (``--engines``, default all):
 | `sparamx-lean`       | packed artifact                     | ``sparamx.generate``           |
 | `sparamx-lean-eager` | packed artifact                     | the same, ``compile=False``    |
 | `dense-lean`         | dense bf16                          | ``sparamx.generate``           |
-| `llama.cpp`          | SmolLM2 GGUF (Q4_1), llama-cpp-python | llama.cpp's own loop         |
+| `llama.cpp-bf16`     | SmolLM2 GGUF, BF16 (same weights)   | llama-cpp-python's own loop    |
+| `llama.cpp-q4_1`     | SmolLM2 GGUF, Q4_1 (as shipped)     | llama-cpp-python's own loop    |
+
+``--artifact`` takes several packed artifacts (e.g. a dense-packed one and 50% / 70%
+sparse ones); each packed engine runs once per artifact. The BF16 GGUF is written from
+the shipped Q4_1 one with the ``gguf`` package (``sparamx.assets.smollm2_gguf_bf16``):
+the same de-quantized weights transformers and sparamx load. llama.cpp comes from the
+``peers`` extra (``pip install .[peers]`` builds llama-cpp-python from source); without
+it those rows are skipped with a message.
 
 Each (engine, threads) runs in a fresh process (threads set before any work, clean
 memory). One untimed warm-up generation first (the lean path compiles there; its
@@ -43,7 +51,8 @@ ENGINES = {  # name: (model, loop)
     "sparamx-lean": ("packed", "lean"),
     "sparamx-lean-eager": ("packed", "lean-eager"),
     "dense-lean": ("dense", "lean"),
-    "llama.cpp": ("gguf", "llama.cpp"),
+    "llama.cpp-bf16": ("gguf-bf16", "llama.cpp"),
+    "llama.cpp-q4_1": ("gguf-q4_1", "llama.cpp"),
 }
 SAME_AS = {"sparamx-lean": "sparamx-hf", "sparamx-lean-eager": "sparamx-hf"}
 SAME_AS["dense-lean"] = "transformers"
@@ -57,7 +66,8 @@ DEFAULT_PROMPTS = [
 
 
 def _load(kind: str, args):
-    """(model, tokenizer, format, model_bytes) for the dense model or the artifact."""
+    """(model, tokenizer, format, model_bytes) for the dense model or the artifact
+    (the worker gets exactly one ``--artifact``)."""
     from sparamx.bench import model_bytes
 
     if kind == "dense":
@@ -68,9 +78,14 @@ def _load(kind: str, args):
     import sparamx
     from sparamx.artifact import read_manifest
 
-    model, tok = sparamx.load(args.artifact)
-    sparsity = read_manifest(args.artifact).get("recipe", {}).get("sparsity")
-    fmt = "bitmap-bf16" + (f" {sparsity:.0%}" if sparsity is not None else "")
+    (artifact,) = args.artifact
+    model, tok = sparamx.load(artifact)
+    manifest = read_manifest(artifact)
+    sparsity = manifest.get("recipe", {}).get("sparsity")
+    if all(layer.get("storage") == "dense-bf16" for layer in manifest.get("layers", [])):
+        fmt = "dense-bf16 (packed)"
+    else:
+        fmt = "bitmap-bf16" + (f" {sparsity:.0%}" if sparsity is not None else "")
     return model, tok, fmt, model_bytes(model)
 
 
@@ -94,15 +109,15 @@ def _run_lean(model, tok, prompt: str, n: int, compile: bool) -> dict:
     }
 
 
-def _llama_cpp_runner(threads: int):
+def _llama_cpp_runner(threads: int, kind: str):
     """(run(prompt, n) -> record, format, model_bytes) for llama-cpp-python, or None."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    from sparamx.assets import smollm2_gguf
+    from sparamx.assets import smollm2_gguf, smollm2_gguf_bf16
 
-    gguf = smollm2_gguf()
+    gguf = smollm2_gguf_bf16() if kind == "gguf-bf16" else smollm2_gguf()
     llm = Llama(
         model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
     )
@@ -135,8 +150,10 @@ def run_worker(engine: str, args) -> dict:
     torch.set_num_threads(args.threads)
     kind, loop = ENGINES[engine]
     rec = {"engine": engine, "threads": args.threads, "new_tokens": args.new_tokens}
+    if kind == "packed":
+        rec["artifact"] = args.artifact[0]
     if loop == "llama.cpp":
-        runner = _llama_cpp_runner(args.threads)
+        runner = _llama_cpp_runner(args.threads, kind)
         if runner is None:
             return {**rec, "skipped": "llama_cpp is not importable (pip install llama-cpp-python)"}
         run, rec["format"], rec["model_bytes"] = runner
@@ -166,17 +183,17 @@ def run_worker(engine: str, args) -> dict:
 # --------------------------------------------------------------------- main
 
 
-def run_subprocess(engine: str, threads: int, args) -> dict:
+def run_subprocess(engine: str, threads: int, args, artifact: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--threads", str(threads)]
     cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-    cmd += ["--dense", args.dense] + (["--artifact", args.artifact] if args.artifact else [])
+    cmd += ["--dense", args.dense] + (["--artifact", artifact] if artifact else [])
     for p in args.prompts:
         cmd += ["--prompt", p]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         why = f"exit status {proc.returncode}\n{proc.stderr[-1500:]}"
-        return {"engine": engine, "threads": threads, "failed": why}
+        return {"engine": engine, "threads": threads, "artifact": artifact, "failed": why}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -188,9 +205,9 @@ def _same_tokens(a: str, b: str, eos: str | None) -> bool:
 
 def mark_same_tokens(records: list[dict], eos: str | None) -> None:
     """``same_as_hf``: lean texts == ``model.generate`` texts on the same model/threads."""
-    by_key = {(r["engine"], r["threads"]): r for r in records}
+    by_key = {(r["engine"], r["threads"], r.get("artifact")): r for r in records}
     for r in records:
-        ref = by_key.get((SAME_AS.get(r["engine"]), r["threads"]))
+        ref = by_key.get((SAME_AS.get(r["engine"]), r["threads"], r.get("artifact")))
         if ref and "texts" in r and "texts" in ref:
             pairs = zip(r["texts"], ref["texts"], strict=True)
             r["same_as_hf"] = all(_same_tokens(a, b, eos) for a, b in pairs)
@@ -198,7 +215,7 @@ def mark_same_tokens(records: list[dict], eos: str | None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Decode speed: sparamx vs transformers vs llama.cpp")
-    ap.add_argument("--artifact", help="packed artifact dir (packed engines)")
+    ap.add_argument("--artifact", nargs="+", default=[], help="packed artifact dirs")
     ap.add_argument("--dense", default="smollm2-135m", help="dense model source")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -223,12 +240,14 @@ def main(argv=None) -> int:
     records = []
     for threads in args.threads:
         for engine in engines:
-            rec = run_subprocess(engine, threads, args)
-            records.append(rec)
-            if "skipped" in rec:
-                print(f"{engine}: skipped: {rec['skipped']}", file=sys.stderr)
-            elif "failed" in rec:
-                print(f"{engine} ({threads} threads) failed:\n{rec['failed']}", file=sys.stderr)
+            packed = ENGINES[engine][0] == "packed"
+            for artifact in args.artifact if packed else [None]:
+                rec = run_subprocess(engine, threads, args, artifact)
+                records.append(rec)
+                if "skipped" in rec:
+                    print(f"{engine}: skipped: {rec['skipped']}", file=sys.stderr)
+                elif "failed" in rec:
+                    print(f"{engine} ({threads} threads) failed:\n{rec['failed']}", file=sys.stderr)
     mark_same_tokens(records, eos=_eos_text(args))
     done = [
         {

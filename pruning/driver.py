@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparamx.select import check_patterns, is_selected, unmatched
+
 from .calibration import Calibration, resolve_calibration
 from .layerwise import (
     DEFAULT_SKIP,
@@ -76,14 +78,18 @@ def format_table(stats: Sequence[dict]) -> str:
 
 
 def _outer_targets(
-    model: nn.Module, layers: nn.ModuleList, skip: Sequence[str], method: str
+    model: nn.Module,
+    layers: nn.ModuleList,
+    skip: Sequence[str],
+    method: str,
+    include: Sequence[str] | None = None,
 ) -> dict[str, nn.Linear]:
     """Linears outside the decoder layers that the skip list lets through (normally none)."""
     inside = {id(m) for m in layers.modules()}
     out = {
         n: m
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and id(m) not in inside and not is_skipped(n, skip)
+        if isinstance(m, nn.Linear) and id(m) not in inside and is_selected(n, include, skip)
     }
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, lin in out.items():
@@ -138,6 +144,7 @@ def prune(
     calibration: Calibration | str | torch.Tensor | None = None,
     granularity: str = "row",
     skip: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
     return_masks: bool = False,
     batch_size: int = 8,
     progress: bool = True,
@@ -149,8 +156,10 @@ def prune(
     granularity: "row" (each output row; Wanda's default) or "layer" (whole matrix).
     calibration: None (offline Wikipedia set, tokenized with ``tokenizer``), a source name
         ("wikipedia", "c4"), a :class:`Calibration`, or a LongTensor ``[samples, seqlen]``.
-    skip: module names (exact, dotted suffix or glob) left dense; default lm_head and
-        embeddings.
+    skip: module patterns (exact, dotted suffix, glob or ``re:`` regex; see
+        :mod:`sparamx.select`) left dense; default lm_head and embeddings.
+    include: patterns choosing the linears to prune (None: every linear not skipped),
+        e.g. ``["*.mlp.*"]`` for the MLP projections only.
     return_masks: also return the boolean keep-masks (True = kept) by module name.
     batch_size: calibration samples per layer call; bounds activation memory.
     """
@@ -159,12 +168,15 @@ def prune(
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES}")
     skip = DEFAULT_SKIP if skip is None else tuple(skip)
+    include = None if include is None else tuple(check_patterns(include, "include"))
     base, layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
     for s in skip:
         if s not in DEFAULT_SKIP and not any(is_skipped(n, [s]) for n in names.values()):
             log.warning("skip entry %r matches no module of %s", s, type(model).__name__)
-    outer = _outer_targets(model, layers, skip, method)
+    for s in unmatched(include, names.values()):
+        log.warning("include entry %r matches no module of %s", s, type(model).__name__)
+    outer = _outer_targets(model, layers, skip, method, include)
     prefix = names[id(layers)] + "."
 
     start = time.perf_counter()
@@ -190,6 +202,7 @@ def prune(
                 prefix=f"{prefix}{i}.",
                 layer_index=i,
                 return_masks=return_masks,
+                include=include,
             )
             states = res.states
             stats += res.stats

@@ -11,12 +11,13 @@ itself with the states and kwargs from :func:`capture_layer_inputs`.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from sparamx.select import is_selected, matches_any
 
 from .scores import magnitude_score, mask_from_scores, wanda_score
 
@@ -33,9 +34,10 @@ def check_method(method: str) -> str:
 
 
 def is_skipped(name: str, skip: Sequence[str]) -> bool:
-    """``name`` matches a skip entry exactly, as a dotted suffix ("mlp.down_proj"), or as a
-    glob ("model.layers.0.*")."""
-    return any(name == s or name.endswith("." + s) or fnmatch.fnmatchcase(name, s) for s in skip)
+    """``name`` matches a skip entry exactly, as a dotted suffix ("mlp.down_proj"), as a
+    glob ("model.layers.0.*") or as a ``re:`` regex (:mod:`sparamx.select`, the pattern
+    language packing uses too)."""
+    return matches_any(name, skip)
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -205,6 +207,7 @@ def prune_decoder_layer(
     prefix: str = "",
     layer_index: int | None = None,
     return_masks: bool = False,
+    include: Sequence[str] | None = None,
 ) -> LayerResult:
     """Prune the linears of ONE decoder layer and return the states for the next layer.
 
@@ -213,13 +216,14 @@ def prune_decoder_layer(
     copy of the calibration states is alive. ``kwargs``: the layer's keyword arguments, one
     dict for all batches or one per batch (see :class:`LayerInputs`). Magnitude needs
     neither: pass ``states=None``. ``prefix`` makes the names in the statistics global
-    ("model.layers.3.").
+    ("model.layers.3."). ``include``: patterns choosing the linears to prune (None: all
+    but ``skip``).
     """
     check_method(method)
     linears = {
         prefix + n: m
         for n, m in layer.named_modules()
-        if isinstance(m, nn.Linear) and not is_skipped(prefix + n, skip)
+        if isinstance(m, nn.Linear) and is_selected(prefix + n, include, skip)
     }
     if states is not None:
         kw = list(kwargs) if isinstance(kwargs, (list, tuple)) else [kwargs or {}] * len(states)

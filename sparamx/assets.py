@@ -101,3 +101,51 @@ def smollm2_gguf() -> Path:
 def gensim_text(filename: str) -> Path:
     """A file of gensim's ``test_data`` folder (real text: news, Wikipedia, analogies)."""
     return wheel_member(*GENSIM_WHEEL, GENSIM_TEST_DATA + filename)
+
+
+def smollm2_gguf_bf16() -> Path:
+    """The same SmolLM2 weights as a BF16 GGUF (for llama.cpp comparisons): every
+    quantized tensor de-quantized and stored as bf16, F32 tensors kept, metadata
+    copied. Written once into the cache."""
+    src = smollm2_gguf()
+    dest = src.with_name(src.name.replace(".Q4_1.", ".BF16."))
+    if not dest.exists():
+        gguf_to_bf16(src, dest)
+    return dest
+
+
+def gguf_to_bf16(src: Path, dest: Path) -> None:
+    """Rewrite GGUF ``src`` with its quantized tensors as bf16 (same values as the
+    de-quantized weights transformers loads, rounded to bf16). Atomic."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    tmp = dest.with_name(f".{dest.name}.part")
+    writer = gguf.GGUFWriter(tmp, arch)
+    for name, field in reader.fields.items():
+        # The header counts and the architecture are written by GGUFWriter itself.
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        if name == "general.file_type":
+            value = int(gguf.LlamaFileType.MOSTLY_BF16)
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+    keep = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    for t in reader.tensors:
+        if t.tensor_type in keep:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+            continue
+        dense = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        # quantize() returns the bf16 bytes as uint8 [..., 2 * cols]; the writer turns
+        # that byte shape back into the element shape.
+        bf16 = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.BF16)
+        writer.add_tensor(t.name, bf16, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, dest)

@@ -7,6 +7,10 @@ alternately, in the same pipeline run, on the same prompts.
 
     python -m sparamx.bench --artifact runs/x/pack/artifact --threads 2 --json out.json
     python -m sparamx.bench --stock smollm2-135m --threads 1
+    python -m sparamx.bench --artifact A --engine lean --context 512 --kernel portable
+
+``--context N`` makes the prompt exactly N tokens of real text; ``--kernel`` sets
+``SPARAMX_KERNEL`` for the measurement (sweeps use both).
 """
 
 from __future__ import annotations
@@ -45,8 +49,12 @@ class _TokenClock:
 
 
 def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
-    """One greedy generation of exactly ``new_tokens`` tokens, timed per token."""
-    ids = tokenizer(prompt, return_tensors="pt")
+    """One greedy generation of exactly ``new_tokens`` tokens, timed per token (``prompt``:
+    text, or token ids ``[1, T]``)."""
+    if isinstance(prompt, torch.Tensor):
+        ids = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")
     clock = _TokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -68,6 +76,42 @@ def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
         "prompt_tokens": ids["input_ids"].shape[1],
         "text": tokenizer.decode(out[0, ids["input_ids"].shape[1] :]),
     }
+
+
+def time_generate_lean(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """The same measurement through ``sparamx.generate`` (static cache, compiled decode
+    step). Compilation happens in the untimed warm-up call; ``compile_s`` says how long
+    a call spent compiling (0 once warm)."""
+    from .generate import generate
+
+    g = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False)
+    decode = sum(g.token_times_s) / max(1, len(g.token_times_s))
+    return {
+        "ttft_ms": g.ttft_s * 1e3,
+        "ms_per_token": decode * 1e3,
+        "new_tokens": len(g.ids),
+        "prompt_tokens": g.prompt_tokens,
+        "text": g.text,
+        "compile_s": g.compile_s,
+    }
+
+
+ENGINES = {"hf": time_generate, "lean": time_generate_lean}
+CONTEXT_TEXT = "pang_lee_polarity.cor"  # movie-review sentences (not an evaluation set)
+
+
+def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
+    """A prompt of exactly ``tokens`` token ids ``[1, tokens]``: the start of real
+    English text (gensim's test data), so attention sees a natural context length."""
+    from .assets import gensim_text
+
+    if tokens < 1:
+        raise ValueError(f"context must be >= 1 token, got {tokens}")
+    text = gensim_text(CONTEXT_TEXT).read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text[: tokens * 16], return_tensors="pt")["input_ids"]
+    if ids.shape[1] < tokens:
+        raise ValueError(f"context of {tokens} tokens is longer than the text ({ids.shape[1]})")
+    return ids[:, :tokens]
 
 
 def model_bytes(model) -> int:
@@ -110,12 +154,12 @@ def dram_read_gbps(threads: int, mbytes: int = 512, repeats: int = 5) -> float:
     return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
-def kernel_share(model, tokenizer, prompt: str, new_tokens: int) -> float | None:
+def kernel_share(model, tokenizer, prompt: str, new_tokens: int, timed=None) -> float | None:
     """Fraction of CPU time spent in sparamx ops during one generation (profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_generate(model, tokenizer, prompt, new_tokens)
+        (timed or time_generate)(model, tokenizer, prompt, new_tokens)
     events = prof.key_averages()
     ours = sum(e.self_cpu_time_total for e in events if e.key.startswith("sparamx::"))
     total = sum(e.self_cpu_time_total for e in events)
@@ -131,8 +175,15 @@ def run_bench(
     repeats: int,
     dtype: str = "bfloat16",
     profile_kernels: bool = True,
+    engine: str = "hf",
+    context: int | None = None,
 ) -> dict:
-    """Load a model (stock dense or packed artifact) and time generation on ``prompts``."""
+    """Load a model (stock dense or packed artifact) and time generation on ``prompts``
+    (or on one prompt of exactly ``context`` tokens) with ``engine``: "hf"
+    (``model.generate``) or "lean" (``sparamx.generate``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+    timed = ENGINES[engine]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "stock":
@@ -144,14 +195,18 @@ def run_bench(
 
         model, tok = load(source)
     load_s = time.perf_counter() - t0
-    time_generate(model, tok, prompts[0], min(8, new_tokens))  # warm-up, not timed
+    if context is not None:
+        prompts = [context_prompt(tok, context)]
+    # Warm-up, not timed (the lean engine compiles its decode step here).
+    warm = timed(model, tok, prompts[0], new_tokens if engine == "lean" else min(8, new_tokens))
     runs = []
     for _ in range(repeats):
         for p in prompts:
-            runs.append(time_generate(model, tok, p, new_tokens))
+            runs.append(timed(model, tok, p, new_tokens))
     ms_tok = statistics.median(r["ms_per_token"] for r in runs)
     rec = {
         "model": kind,
+        "engine": engine,
         "source": str(source),
         "threads": threads,
         "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
@@ -163,8 +218,12 @@ def run_bench(
         "new_tokens": new_tokens,
         "prompts": len(prompts),
         "repeats": repeats,
-        "warmup": "one 8-token generation before timing",
+        "warmup": "one untimed generation before timing"
+        + (" (compiles the decode step)" if engine == "lean" else ""),
+        "compile_s": warm.get("compile_s", 0.0),
         "texts": [r["text"] for r in runs[: len(prompts)]],
+        "prompt_tokens": runs[0]["prompt_tokens"],
+        "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
     }
     wbytes = weight_bytes_per_token(model)
     rec["weight_bytes_per_token"] = wbytes
@@ -172,7 +231,7 @@ def run_bench(
     rec["dram_read_gbps"] = dram_read_gbps(threads)
     rec["bandwidth_fraction"] = rec["weight_gb_per_s"] / rec["dram_read_gbps"]
     if kind == "sparse" and profile_kernels:
-        rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens))
+        rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens), timed)
     return rec
 
 
@@ -184,8 +243,14 @@ def bench_subprocess(
     new_tokens: int,
     repeats: int,
     dtype: str = "bfloat16",
+    engine: str = "hf",
+    *,
+    context: int | None = None,
+    kernel: str | None = None,
+    profile_kernels: bool = True,
 ) -> dict:
-    """``run_bench`` in a fresh interpreter (clean peak RSS, threads set before work)."""
+    """``run_bench`` in a fresh interpreter (clean peak RSS, threads and ``SPARAMX_KERNEL``
+    set before any work, so no setting leaks from one measurement into the next)."""
     cmd = [
         sys.executable,
         "-m",
@@ -200,12 +265,21 @@ def bench_subprocess(
         str(repeats),
         "--dtype",
         dtype,
+        "--engine",
+        engine,
         "--json",
         "-",
     ]
     for p in prompts:
         cmd += ["--prompt", p]
+    if context is not None:
+        cmd += ["--context", str(context)]
+    if not profile_kernels:
+        cmd.append("--no-profile")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.pop("SPARAMX_KERNEL", None)
+    if kernel not in (None, "auto"):
+        env["SPARAMX_KERNEL"] = kernel
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -224,12 +298,37 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default="hf",
+        help="hf: model.generate; lean: sparamx.generate (static cache, compiled step)",
+    )
     ap.add_argument("--json", default=None, help="write the record here ('-': stdout)")
+    ap.add_argument("--context", type=int, default=None, help="prompt of exactly N tokens")
+    ap.add_argument(
+        "--kernel", choices=("amx", "avx512", "portable"), default=None, help="SPARAMX_KERNEL"
+    )
+    ap.add_argument("--no-profile", action="store_true", help="skip the kernel-share profile")
     args = ap.parse_args(argv)
+    if args.kernel:
+        # Read by the native library on each call, so setting it before loading works.
+        os.environ["SPARAMX_KERNEL"] = args.kernel
     logging.basicConfig(level=logging.WARNING)
     prompts = args.prompt or ["The history of the printing press begins"]
     kind, source = ("stock", args.stock) if args.stock else ("sparse", args.sparse)
-    rec = run_bench(kind, source, args.threads, prompts, args.new_tokens, args.repeats, args.dtype)
+    rec = run_bench(
+        kind,
+        source,
+        args.threads,
+        prompts,
+        args.new_tokens,
+        args.repeats,
+        args.dtype,
+        profile_kernels=not args.no_profile,
+        engine=args.engine,
+        context=args.context,
+    )
     if args.json == "-":
         print(json.dumps(rec))
     else:

@@ -12,6 +12,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .select import PatternError, check_patterns
+
 METHODS = ("magnitude", "wanda")
 GRANULARITIES = ("row", "layer")
 DTYPES = ("bfloat16", "float32")
@@ -65,6 +67,9 @@ class PruneConfig:
     method: str = "wanda"
     sparsity: float = 0.5
     granularity: str = "row"  # Wanda's per-output-row comparison group
+    # Which linears are pruned: include minus skip, as module patterns (exact name,
+    # dotted suffix, glob, or "re:" regex; sparamx/select.py), the language pack.* uses.
+    include: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -106,6 +111,9 @@ class BenchConfig:
     new_tokens: int = 64
     threads: list[int] = field(default_factory=lambda: [1, 2])
     repeats: int = 3  # median over repeats; one warm-up generation is not timed
+    # Decode loop for the packed model: "lean" = sparamx.generate (static cache, compiled
+    # step), "hf" = model.generate. The stock baseline always runs model.generate.
+    engine: str = "lean"
     enabled: bool = True
 
 
@@ -137,6 +145,7 @@ CHOICES = {
     "prune.calibration.source": CALIB_SOURCES,
     "kv.method": KV_METHODS,
     "pack.storage": STORAGES,
+    "bench.engine": ("lean", "hf"),
 }
 
 
@@ -238,6 +247,13 @@ def validate(cfg: Config) -> Config:
         "with model.random.preset set, model.source is the local directory the random "
         "model is written to",
     )
+    for path in ("prune.include", "prune.skip", "pack.include", "pack.exclude"):
+        try:
+            check_patterns(_get(cfg, path), path)
+        except PatternError as e:
+            raise ConfigError(str(e)) from None
+    need(bool(cfg.prune.include), "prune.include", "at least one pattern ('*' = all)")
+    need(bool(cfg.pack.include), "pack.include", "at least one pattern ('*' = all)")
     need(cfg.bench.new_tokens > 1, "bench.new_tokens", "must be > 1")
     need(cfg.bench.repeats > 0, "bench.repeats", "must be > 0")
     need(

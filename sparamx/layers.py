@@ -4,7 +4,6 @@ of a transformers model."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 from . import ops as _ops  # noqa: F401  (loads the native ops: torch.ops.sparamx.*)
 from .format import PackedWeight, pack
+from .select import check_patterns, is_selected, unmatched
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +161,15 @@ def untie_config(model: nn.Module) -> None:
 def linear_names(
     model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
 ) -> list[str]:
-    """Names of the ``nn.Linear`` modules selected by glob patterns (``include`` default:
-    all; ``exclude`` default: ``lm_head``)."""
-    include = include or ["*"]
-    exclude = ["lm_head"] if exclude is None else exclude
-    names = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
-            fnmatch.fnmatchcase(name, p) for p in exclude
-        ):
-            names.append(name)
-    return names
+    """Names of the ``nn.Linear`` modules selected by ``include`` / ``exclude`` patterns
+    (exact name, dotted suffix, glob or ``re:`` regex, as in pruning; see
+    :mod:`sparamx.select`). ``include`` default: all; ``exclude`` default: ``lm_head``."""
+    include = check_patterns(include or ["*"], "include")
+    exclude = check_patterns(["lm_head"] if exclude is None else exclude, "exclude")
+    linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for p in unmatched(include, linears):
+        log.warning("include pattern %r matches no linear of %s", p, type(model).__name__)
+    return [name for name in linears if is_selected(name, include, exclude)]
 
 
 def swap_linears(

@@ -280,6 +280,7 @@ class Pipeline:
             granularity=p.granularity,
             skip=p.skip,
             batch_size=p.calibration.batch_size,
+            include=p.include,
         )
         log.info("per-layer sparsity:\n%s", res.table())
         names = [s["name"] for s in res.stats]
@@ -391,6 +392,7 @@ class Pipeline:
             sparsity=p.sparsity,
             granularity=p.granularity,
             skip=p.skip,
+            prune_include=p.include,
             calibration_ids=calib,
             calibration_info=calib_info,
             include=pk.include,
@@ -492,11 +494,19 @@ class Pipeline:
         records = []
         for threads in b.threads:
             stock = str(self.source_dir())
-            for kind, src in (("stock", stock), ("sparse", str(art))):
-                log.info("bench: %s model, %d thread(s)", kind, threads)
+            runs = (("stock", stock, "hf"), ("sparse", str(art), b.engine))
+            for kind, src, engine in runs:
+                log.info("bench: %s model (%s loop), %d thread(s)", kind, engine, threads)
                 records.append(
                     bench_subprocess(
-                        kind, src, threads, b.prompts, b.new_tokens, b.repeats, self.cfg.model.dtype
+                        kind,
+                        src,
+                        threads,
+                        b.prompts,
+                        b.new_tokens,
+                        b.repeats,
+                        self.cfg.model.dtype,
+                        engine=engine,
                     )
                 )
         atomic_write_json(self.path("bench", "bench.json"), {"records": records})

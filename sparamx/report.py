@@ -176,20 +176,23 @@ def render_markdown(r: dict, eval_table: str) -> str:
             "",
             f"{len(b['prompts'])} prompts x {b['repeats']} repeats, {b['new_tokens']} new "
             "tokens each, medians; one warm-up generation per process is not timed. "
-            "`stock` = transformers bf16 dense (unpruned); `sparse` = packed artifact.",
+            "`stock` = transformers bf16 dense (unpruned); `sparse` = packed artifact. "
+            "Loop: `hf` = `model.generate`, `lean` = `sparamx.generate` (static cache, "
+            "compiled decode step; compile time in the warm-up, shown apart).",
             "",
-            "| model | threads | tokens/s | ms/token | TTFT ms | peak RSS MB | model MB "
-            "| kernel share | weights GB/s | of DRAM |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| model | loop | threads | tokens/s | ms/token | TTFT ms | peak RSS MB "
+            "| model MB | kernel share | compile s | weights GB/s | of DRAM |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in r["bench"]:
             ks = x.get("kernel_share")
             bw = x.get("weight_gb_per_s")
             lines.append(
-                f"| {x['model']} | {x['threads']} | {x['tokens_per_s']:.1f} | "
+                f"| {x['model']} | {x.get('engine', 'hf')} | {x['threads']} | "
+                f"{x['tokens_per_s']:.1f} | "
                 f"{x['ms_per_token']:.1f} | {x['ttft_ms']:.0f} | {x['peak_rss_mb']:.0f} "
                 f"| {x['model_bytes'] / 1e6:.0f} | "
-                f"{'-' if ks is None else f'{ks:.0%}'} | "
+                f"{'-' if ks is None else f'{ks:.0%}'} | {x.get('compile_s', 0.0):.1f} | "
                 f"{'-' if bw is None else f'{bw:.1f}'} | "
                 f"{'-' if bw is None else format(x['bandwidth_fraction'], '.0%')} |"
             )

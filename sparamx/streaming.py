@@ -189,6 +189,7 @@ def stream_prune_pack(
     sparsity: float,
     granularity: str = "row",
     skip: Sequence[str] | None = None,
+    prune_include: Sequence[str] | None = None,
     calibration_ids: torch.Tensor | None = None,
     calibration_info: dict | None = None,
     include: list[str] | None = None,
@@ -206,8 +207,9 @@ def stream_prune_pack(
     and write the packed artifact to ``out``.
 
     Arguments mean what they mean in :func:`pruning.prune` (method, sparsity,
-    granularity, skip; ``calibration_ids`` is the ``[samples, seqlen]`` token tensor Wanda
-    needs) and :func:`sparamx.swap_linears` (include, exclude, storage).
+    granularity, skip, ``prune_include`` = its ``include``; ``calibration_ids`` is the
+    ``[samples, seqlen]`` token tensor Wanda needs) and :func:`sparamx.swap_linears`
+    (include, exclude, storage).
     """
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -271,7 +273,7 @@ def stream_prune_pack(
         inputs = capture_layer_inputs(model, calibration_ids, batch_size)
     states = inputs.states if inputs else None
     timings = {"load_outer_and_capture_s": time.perf_counter() - t0}
-    outer_targets = _outer_targets(model, layers, skip, method)
+    outer_targets = _outer_targets(model, layers, skip, method, prune_include)
 
     # A head tied to the embeddings is never pruned (_outer_targets refuses); packing it
     # now lets the embedding share its packed copy before the embedding is written.
@@ -330,6 +332,7 @@ def stream_prune_pack(
             sparsity=sparsity,
             granularity=granularity,
             skip=skip,
+            include=prune_include,
             prefix=lp,
             layer_index=i,
         )

@@ -176,3 +176,15 @@ def test_packed_weight_from_raw_tensors_validates():
     bad[1] = 0
     with pytest.raises(sparamx.PackedWeightError, match="offsets inconsistent"):
         PackedWeight(p.shape, p.storage, p.values, p.bitmap, bad)
+
+
+@pytest.mark.parametrize("nbytes", [0, 63, 64, 1 << 20, (1 << 20) + 200])
+def test_read_probe_checksum(threads, nbytes):
+    # The bandwidth probe of the benchmarks must read every whole 64-byte line.
+    buf = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    lines = buf[: nbytes // 64 * 64].view(torch.int64).view(-1, 8)
+    expect = 0
+    for col in lines.t():
+        for v in col.tolist():
+            expect ^= v
+    assert int(torch.ops.sparamx.read_probe(buf)) == expect

@@ -64,6 +64,7 @@ def finished(run_dir):
         (["model.dtype=int8"], "model.dtype: 'int8' is not one of bfloat16, float32"),
         (["nonsense"], "expected key=value"),
         (["name=a/b"], "name"),
+        (["bench.engine=fast"], "bench.engine: 'fast' is not one of lean, hf"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
@@ -102,7 +103,10 @@ def test_full_run_then_rerun_skips_everything(tmp_path, tiny_model_dir):
     assert {"artifact", "eval", "bench", "config", "layers", "environment"} <= set(report)
     assert set(report["eval"]) == {"dense", "pruned", "packed"}
     assert "word_perplexity" in report["eval"]["packed"]["lee_news_ppl"]
-    assert {r["model"] for r in report["bench"]} == {"stock", "sparse"}
+    assert {(r["model"], r["engine"]) for r in report["bench"]} == {
+        ("stock", "hf"),
+        ("sparse", "lean"),
+    }
     for r in report["bench"]:
         assert {"threads", "ttft_ms", "ms_per_token", "tokens_per_s", "peak_rss_mb"} <= set(r)
     assert (run / "report" / "report.md").read_text().startswith("# sparamx report")

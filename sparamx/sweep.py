@@ -1,0 +1,824 @@
+"""``python -m sparamx.sweep configs/sweeps/NAME.yaml``: a grid of experiments, each one
+prune -> eval -> pack -> verify -> timed decode, with results appended row by row.
+
+    python -m sparamx.sweep SWEEP.yaml --plan [--csv experiments.csv]  # write the plan only
+    python -m sparamx.sweep SWEEP.yaml --from-csv experiments.csv      # run an edited plan
+    python -m sparamx.sweep SWEEP.yaml                                  # plan + run
+    python -m sparamx.sweep --resume experiment_results/2026-11-27_18-00-00
+    python -m sparamx.sweep --report experiment_results/2026-11-27_18-00-00
+
+A sweep file names a pipeline config (``base``) for everything that is not a grid axis
+(calibration, eval tasks and limit, pack settings, module patterns), optional ``set``
+overrides of it, and the ``grid``: model, method, sparsity, kv_sparsity, kernel,
+threads, context (prompt tokens) and new_tokens. The grid expands into
+``experiments.csv`` (one row per combination), which may be edited and run again.
+
+A run writes ``experiment_results/YYYY-MM-DD_HH-MM-SS/``:
+
+- ``sweep.json`` (the resolved sweep and base config) and ``experiments.csv`` (the plan);
+- ``results.csv``: one line per finished experiment, appended (write + fsync) as soon
+  as it finishes; ``--resume DIR`` skips the rows already there, drops a partial last
+  line left by a crash and retries rows that were skipped or failed;
+- ``artifacts/<model>-<method>-<sparsity>-<patterns hash>/``: a pipeline run directory
+  (load, calibrate, prune, eval, pack, verify, with its ``state.json``) shared by every
+  experiment that differs only in run-time settings (kernel, threads, context, new
+  tokens) and resumable like any pipeline run;
+- ``baseline/``: the dense evaluation per model and one stock-transformers timing per
+  (model, threads, context, new tokens), reused across rows;
+- ``plots/*.png`` and ``summary.md`` (see :mod:`sparamx.sweep_report`).
+
+Timings run in a fresh process per row (``sparamx.bench``) with the row's thread count
+and ``SPARAMX_KERNEL``, so no setting leaks between rows. The sparse model decodes
+through ``sparamx.generate`` (compiled step; compile time is a separate column); the
+stock baseline is transformers' ``model.generate`` on the dense bf16 model, i.e. what a
+user runs without sparamx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .artifact import atomic_write_json, atomic_write_text
+from .config import (
+    METHODS,
+    Config,
+    ConfigError,
+    _build,
+    apply_overrides,
+    load_config,
+    validate,
+)
+from .pipeline import Pipeline, StageResult, _metric_line
+
+log = logging.getLogger("sparamx.sweep")
+
+AXES = ("model", "method", "sparsity", "kv_sparsity", "kernel", "threads", "context", "new_tokens")
+# Axes that change the pruned/packed artifact; the others are run-time settings only.
+ARTIFACT_AXES = ("model", "method", "sparsity")
+KERNELS = ("auto", "amx", "avx512", "portable")
+PLAN_COLUMNS = ("id", *AXES)
+# Result columns besides the plan's and the per-metric ones (``<task>:<metric>``).
+RESULT_COLUMNS = (
+    "status",
+    "kernel_used",
+    "actual_sparsity",
+    "tokens_per_s",
+    "ms_per_token",
+    "ttft_ms",
+    "compile_s",
+    "stock_tokens_per_s",
+    "speedup",
+    "peak_rss_mb",
+    "model_bytes",
+    "prompt_tokens",
+    "artifact",
+    "seconds",
+    "load_avg",  # 1-minute load average after the timing: flags a busy, shared machine
+    "finished",
+)
+# Headline metrics copied from the evaluation into result columns (lm-eval names).
+HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "word_perplexity", "perplexity")
+TIMESTAMP = "%Y-%m-%d_%H-%M-%S"
+
+
+class SweepError(ValueError):
+    """A bad sweep file, plan row or results folder; the message names the field."""
+
+
+# ------------------------------------------------------------------ config
+
+
+@dataclass
+class GridConfig:
+    model: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    method: list[str] = field(default_factory=lambda: ["wanda"])
+    sparsity: list[float] = field(default_factory=lambda: [0.5])
+    # KV-cache sparsity; only 0 until the sparse KV cache lands.
+    kv_sparsity: list[float] = field(default_factory=lambda: [0.0])
+    kernel: list[str] = field(default_factory=lambda: ["auto"])  # SPARAMX_KERNEL
+    threads: list[int] = field(default_factory=lambda: [1])
+    context: list[int] = field(default_factory=lambda: [32])  # prompt length in tokens
+    new_tokens: list[int] = field(default_factory=lambda: [64])
+
+
+@dataclass
+class SweepBenchConfig:
+    repeats: int = 3  # median over repeats; a warm-up generation is not timed
+    stock: bool = True  # time the stock transformers baseline (speed-up column)
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    output_dir: str = "experiment_results"
+    base: str | None = None  # pipeline config (relative to this file or the cwd)
+    set: list[str] = field(default_factory=list)  # key=value overrides of the base
+    grid: GridConfig = field(default_factory=GridConfig)
+    bench: SweepBenchConfig = field(default_factory=SweepBenchConfig)
+    verify: bool = True  # packed vs masked dense logits check per artifact
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: str
+    model: str
+    method: str
+    sparsity: float
+    kv_sparsity: float
+    kernel: str
+    threads: int
+    context: int
+    new_tokens: int
+
+    def key(self) -> str:
+        """The settings (without the id): what makes a result row reusable."""
+        return "|".join(_fmt(getattr(self, a)) for a in AXES)
+
+    def artifact_settings(self) -> tuple:
+        return tuple(getattr(self, a) for a in ARTIFACT_AXES)
+
+    def as_row(self) -> dict:
+        return {c: _fmt(getattr(self, c)) for c in PLAN_COLUMNS}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def check_value(axis: str, raw, where: str):
+    """Parse and check one value of ``axis``; ``where`` names the field in errors (e.g.
+    ``grid.sparsity[2]``), which also say what is allowed."""
+    f = where
+    text = str(raw).strip() if raw is not None else ""
+    if axis in ("model",):
+        if not text:
+            raise SweepError(f"{f}: expected a model source (hub id, HF dir, .gguf, built-in)")
+        return text
+    if axis == "method":
+        if text not in METHODS:
+            raise SweepError(f"{f}: {raw!r} is not one of {', '.join(METHODS)}")
+        return text
+    if axis == "kernel":
+        if text not in KERNELS:
+            raise SweepError(f"{f}: {raw!r} is not one of {', '.join(KERNELS)}")
+        return text
+    if axis in ("sparsity", "kv_sparsity"):
+        try:
+            v = float(text)
+        except ValueError:
+            raise SweepError(f"{f}: {raw!r} is not a number (allowed: 0 <= value < 1)") from None
+        if not 0.0 <= v < 1.0:
+            raise SweepError(f"{f}: {raw!r} is out of range (allowed: 0 <= value < 1)")
+        if axis == "kv_sparsity" and v != 0.0:
+            raise SweepError(
+                f"{f}: {raw!r}: the sparse KV cache is not available yet (it is being built "
+                "on another branch); allowed for now: 0"
+            )
+        return v
+    if axis in ("threads", "context", "new_tokens"):
+        try:
+            v = int(text)
+        except ValueError:
+            raise SweepError(f"{f}: {raw!r} is not an integer") from None
+        low = 2 if axis == "new_tokens" else 1
+        if v < low:
+            raise SweepError(f"{f}: {raw!r} is out of range (allowed: >= {low})")
+        return v
+    raise SweepError(f"unknown axis {axis!r}")  # pragma: no cover
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
+    """Read a sweep file; return it and its resolved base pipeline config."""
+    p = Path(path)
+    if not p.is_file():
+        raise SweepError(f"sweep file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SweepError(f"sweep file {p}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"sweep file {p}: expected a mapping at the top level")
+    try:
+        data = apply_overrides(data, overrides or [])
+        sweep = _build(SweepConfig, data)
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
+    base_path = None
+    if sweep.base:
+        for cand in (p.parent / sweep.base, Path(sweep.base)):
+            if cand.is_file():
+                base_path = cand
+                break
+        if base_path is None:
+            raise SweepError(
+                f"base: pipeline config {sweep.base!r} not found (next to {p} or here)"
+            )
+    try:
+        base = load_config(base_path, list(sweep.set))
+    except ConfigError as e:
+        raise SweepError(f"base config ({sweep.base or 'defaults'}): {e}") from None
+    check_sweep(sweep, base)
+    return sweep, base
+
+
+def check_sweep(sweep: SweepConfig, base: Config) -> None:
+    for axis in AXES:
+        values = getattr(sweep.grid, axis)
+        if not values:
+            raise SweepError(f"grid.{axis}: empty list (give at least one value)")
+        for i, v in enumerate(values):
+            check_value(axis, v, f"grid.{axis}[{i}]")
+        if len(set(map(str, values))) != len(values):
+            raise SweepError(f"grid.{axis}: repeated values {values}")
+    if sweep.bench.repeats < 1:
+        raise SweepError(f"bench.repeats: {sweep.bench.repeats!r} must be >= 1")
+    if base.kv.method != "none":
+        raise SweepError(
+            f"base kv.method: {base.kv.method!r}: the sparse KV cache is not available yet; "
+            "use none (sweep kv_sparsity stays 0)"
+        )
+
+
+def expand_grid(sweep: SweepConfig) -> list[Experiment]:
+    """Every combination of the grid, artifact axes outermost so that experiments sharing
+    an artifact run one after another."""
+    g = sweep.grid
+    combos = list(itertools.product(*(getattr(g, a) for a in AXES)))
+    width = max(2, len(str(len(combos))))
+    out = []
+    for i, values in enumerate(combos, 1):
+        parsed = {a: check_value(a, v, f"grid.{a}") for a, v in zip(AXES, values, strict=True)}
+        out.append(Experiment(id=f"e{i:0{width}d}", **parsed))
+    return out
+
+
+# ------------------------------------------------------------------ CSV files
+
+
+def _csv_line(values: list) -> str:
+    buf = io.StringIO()
+    # One physical line per record (a partial last line is then easy to detect).
+    csv.writer(buf, lineterminator="\n").writerow(
+        [str(v).replace("\r", " ").replace("\n", " ") if v is not None else "" for v in values]
+    )
+    return buf.getvalue()
+
+
+def write_plan(path: Path, experiments: list[Experiment]) -> None:
+    text = _csv_line(list(PLAN_COLUMNS)) + "".join(
+        _csv_line([e.as_row()[c] for c in PLAN_COLUMNS]) for e in experiments
+    )
+    atomic_write_text(path, text)
+
+
+def read_plan(path: Path) -> list[Experiment]:
+    """Parse (an edited) ``experiments.csv``; every cell is checked, errors name the row."""
+    if not path.is_file():
+        raise SweepError(f"plan {path} not found")
+    rows = list(csv.reader(path.read_text().splitlines()))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise SweepError(f"{path}: empty (expected a header: {','.join(PLAN_COLUMNS)})")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in AXES if c not in header]
+    unknown = [c for c in header if c not in PLAN_COLUMNS]
+    if missing or unknown:
+        raise SweepError(
+            f"{path}: header {'misses ' + ', '.join(missing) if missing else ''}"
+            f"{'; ' if missing and unknown else ''}"
+            f"{'has unknown columns ' + ', '.join(unknown) if unknown else ''} "
+            f"(allowed columns: {', '.join(PLAN_COLUMNS)}; id optional)"
+        )
+    out, ids, keys = [], set(), set()
+    for n, r in enumerate(rows[1:], 2):
+        if len(r) != len(header):
+            raise SweepError(f"{path} line {n}: {len(r)} fields, the header has {len(header)}")
+        cells = dict(zip(header, r, strict=True))
+        eid = cells.get("id", "").strip() or f"row{n - 1}"
+        where = f"{path.name} line {n} (id {eid})"
+        if eid in ids:
+            raise SweepError(f"{where}: id {eid!r} is used twice")
+        parsed = {a: check_value(a, cells[a], f"{where} column {a}") for a in AXES}
+        exp = Experiment(id=eid, **parsed)
+        if exp.key() in keys:
+            raise SweepError(f"{where}: the same settings as an earlier row")
+        ids.add(eid)
+        keys.add(exp.key())
+        out.append(exp)
+    if not out:
+        raise SweepError(f"{path}: no experiments (only a header)")
+    return out
+
+
+class ResultsFile:
+    """``results.csv``, appended one fsync'ed line per finished experiment."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header: list[str] | None = None
+
+    def load(self) -> list[dict]:
+        """The complete rows so far. A partial last line (the process died while writing
+        it) and rows that were skipped or failed are dropped from the file, so that
+        those experiments run again."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return []
+        text = self.path.read_text()
+        lines = text.split("\n")
+        partial = lines.pop()  # "" when the file ends with a newline
+        if partial:
+            log.warning("results.csv: dropping a partial last line (%d bytes)", len(partial))
+        lines = [ln for ln in lines if ln]
+        if not lines:
+            self.path.unlink()
+            return []
+        self.header = next(csv.reader([lines[0]]))
+        rows, kept = [], [lines[0]]
+        for ln in lines[1:]:
+            fields = next(csv.reader([ln]))
+            if len(fields) != len(self.header):
+                log.warning("results.csv: dropping a malformed line: %.80s", ln)
+                continue
+            row = dict(zip(self.header, fields, strict=True))
+            if row["status"] != "ok":
+                log.info("results.csv: %s was %s; it runs again", row["id"], row["status"])
+                continue
+            rows.append(row)
+            kept.append(ln)
+        if len(kept) != len(lines) or partial:
+            atomic_write_text(self.path, "\n".join(kept) + "\n")
+        return rows
+
+    def append(self, row: dict) -> None:
+        if self.header is None:
+            raise RuntimeError("results header not set")
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        text = (_csv_line(self.header) if new else "") + _csv_line(
+            [row.get(c) for c in self.header]
+        )
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows of a results.csv (complete lines only; for reports)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")
+    lines = [ln for ln in lines[:-1] if ln]  # the last element is partial or ""
+    if not lines:
+        return []
+    header = next(csv.reader([lines[0]]))
+    out = []
+    for ln in lines[1:]:
+        fields = next(csv.reader([ln]))
+        if len(fields) == len(header):
+            out.append(dict(zip(header, fields, strict=True)))
+    return out
+
+
+# ------------------------------------------------------------------ running
+
+
+def kernel_unavailable(kernel: str) -> str | None:
+    """Why this CPU cannot run ``kernel`` (None when it can, or for ``auto``)."""
+    if kernel in ("auto", "portable"):
+        return None
+    from .ops import kernel_info
+
+    info = kernel_info()
+    cpu = info["cpu"]
+    if kernel not in info["compiled"]:
+        return f"kernel {kernel} is not compiled into this build ({', '.join(info['compiled'])})"
+    need = {
+        "avx512": ("avx512f", "avx512bw", "avx512_bf16", "os_avx512"),
+        "amx": ("amx_tile", "amx_bf16", "os_amx"),
+    }[kernel]
+    lacking = [f for f in need if not cpu.get(f)]
+    if lacking:
+        return f"this CPU cannot run kernel {kernel} (lacks {', '.join(lacking)})"
+    return None
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+    return keep.strip("-")[-40:] or "model"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _metric_columns(eval_result: dict) -> list[str]:
+    cols = []
+    requested = eval_result.get("meta", {}).get("tasks") or list(eval_result.get("results", {}))
+    for task in requested:
+        metrics = eval_result.get("results", {}).get(task, {})
+        for m in HEADLINE_METRICS:
+            # acc_norm only where there is no acc (on our analogy task they are equal).
+            if metrics.get(m) is not None and not (m == "acc_norm" and "acc" in metrics):
+                cols.append(f"{task}:{m}")
+    return cols
+
+
+def _metric_values(eval_result: dict, columns: list[str], prefix: str = "") -> dict:
+    out = {}
+    for col in columns:
+        task, metric = col.split(":", 1)
+        v = eval_result.get("results", {}).get(task, {}).get(metric)
+        out[prefix + col] = "" if v is None else f"{v:.6g}"
+    return out
+
+
+class Sweep:
+    """Runs the experiments of one results folder. The four steps (``dense_eval``,
+    ``artifact``, ``time_sparse``, ``time_stock``) are methods, each cached on disk in
+    the folder, so a rerun only does what is missing."""
+
+    def __init__(self, out_dir: Path, sweep: SweepConfig, base: Config):
+        self.out = Path(out_dir)
+        self.sweep, self.base = sweep, base
+        self.results = ResultsFile(self.out / "results.csv")
+
+    # ------------------------------------------------------------ folders
+    @classmethod
+    def create(cls, sweep: SweepConfig, base: Config, out: Path | None = None) -> Sweep:
+        if out is None:
+            stamp = dt.datetime.now().strftime(TIMESTAMP)
+            out = Path(sweep.output_dir) / stamp
+            n = 1
+            while out.exists():  # two sweeps started in the same second
+                n += 1
+                out = Path(sweep.output_dir) / f"{stamp}_{n}"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            out / "sweep.json",
+            {"sweep": dataclasses.asdict(sweep), "base": base.to_dict()},
+        )
+        return cls(out, sweep, base)
+
+    @classmethod
+    def open(cls, out: Path) -> Sweep:
+        meta = Path(out) / "sweep.json"
+        if not meta.is_file():
+            raise SweepError(f"--resume {out}: no sweep.json (not a sweep results folder)")
+        data = json.loads(meta.read_text())
+        try:
+            sweep = _build(SweepConfig, data["sweep"])
+            base = validate(_build(Config, data["base"]))
+        except (ConfigError, KeyError) as e:
+            raise SweepError(f"{meta}: {e}") from None
+        return cls(Path(out), sweep, base)
+
+    # ------------------------------------------------------------ steps
+    def base_for(self, exp: Experiment) -> Config:
+        cfg = _build(Config, self.base.to_dict())
+        cfg.model.source = exp.model
+        cfg.prune.method = exp.method
+        cfg.prune.sparsity = exp.sparsity
+        cfg.bench.enabled = False
+        return validate(cfg)
+
+    def artifact_dir(self, exp: Experiment) -> Path:
+        cfg = self.base_for(exp)
+        # The patterns and every other artifact-shaping setting go into the name's hash,
+        # so experiments share a directory exactly when they share an artifact.
+        recipe = {"prune": dataclasses.asdict(cfg.prune), "pack": dataclasses.asdict(cfg.pack)}
+        recipe["model"] = dataclasses.asdict(cfg.model)
+        name = f"{_slug(exp.model)}-{exp.method}-{exp.sparsity:g}-{_digest(recipe)}"
+        return self.out / "artifacts" / name
+
+    def dense_eval_path(self, model: str) -> Path:
+        cfg = self.base
+        key = _digest(
+            {"model": model, "dtype": cfg.model.dtype, "eval": dataclasses.asdict(cfg.eval)}
+        )
+        return self.out / "baseline" / f"dense-eval-{_slug(model)}-{key}.json"
+
+    def dense_eval(self, model: str) -> dict:
+        """The dense model's evaluation (once per model, shared by all its artifacts)."""
+        path = self.dense_eval_path(model)
+        if path.is_file():
+            return json.loads(path.read_text())
+        import eval as sx_eval
+
+        from .models import load_model
+
+        m, tok = load_model(model, dtype=self.base.model.dtype, revision=self.base.model.revision)
+        e = self.base.eval
+        res = sx_eval.evaluate(m, tok, e.tasks, limit=e.limit, batch_size=e.batch_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sx_eval.write_json(path, res)
+        return res
+
+    def artifact(self, exp: Experiment) -> dict:
+        """Prune, evaluate, pack (and verify) through the pipeline's stages in the
+        artifact's own run directory; finished stages are skipped on a rerun."""
+        run_dir = self.artifact_dir(exp)
+        dense = self.dense_eval(exp.model)
+        pipe = SweepPipeline(self.base_for(exp), run_dir, dense)
+        stages = ["load", "calibrate", "prune", "eval", "pack"]
+        if self.sweep.verify:
+            stages.append("verify")
+        for stage in stages:
+            pipe.run(only=stage)
+        layers = json.loads((run_dir / "prune" / "layers.json").read_text())["layers"]
+        total = sum(s["shape"][0] * s["shape"][1] for s in layers)
+        nnz = sum(s["nnz"] for s in layers)
+        return {
+            "path": run_dir / "pack" / "artifact",
+            "pruned": json.loads((run_dir / "eval" / "pruned.json").read_text()),
+            "actual_sparsity": 1 - nnz / total if total else 0.0,
+        }
+
+    def time_sparse(self, exp: Experiment, artifact: Path) -> dict:
+        from .bench import bench_subprocess
+
+        return bench_subprocess(
+            "sparse",
+            str(Path(artifact).resolve()),
+            exp.threads,
+            [],
+            exp.new_tokens,
+            self.sweep.bench.repeats,
+            self.base.model.dtype,
+            "lean",
+            context=exp.context,
+            kernel=exp.kernel,
+            profile_kernels=False,
+        )
+
+    def time_stock(self, exp: Experiment) -> dict | None:
+        """Stock transformers bf16 (dense, ``model.generate``), once per (model, threads,
+        context, new tokens)."""
+        if not self.sweep.bench.stock:
+            return None
+        key = f"{_slug(exp.model)}-t{exp.threads}-c{exp.context}-n{exp.new_tokens}"
+        path = self.out / "baseline" / f"stock-{key}-{_digest(exp.model)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        from .bench import bench_subprocess
+
+        rec = bench_subprocess(
+            "stock",
+            exp.model,
+            exp.threads,
+            [],
+            exp.new_tokens,
+            self.sweep.bench.repeats,
+            self.base.model.dtype,
+            context=exp.context,
+        )
+        atomic_write_json(path, rec)
+        return rec
+
+    # ------------------------------------------------------------ rows
+    def run_one(self, exp: Experiment) -> dict:
+        start = time.perf_counter()
+        row = exp.as_row()
+        why = kernel_unavailable(exp.kernel)
+        if why:
+            log.warning("%s: skipped: %s", exp.id, why)
+            row["status"] = f"skipped: {why}"
+            return row
+        dense = self.dense_eval(exp.model)
+        art = self.artifact(exp)
+        sparse = self.time_sparse(exp, art["path"])
+        load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        stock = self.time_stock(exp)
+        row.update(_metric_values(art["pruned"], self.metric_columns))
+        row.update(_metric_values(dense, self.metric_columns, prefix="dense:"))
+        row.update(
+            status="ok",
+            kernel_used=sparse.get("kernel", exp.kernel) if exp.kernel != "auto" else _auto(),
+            actual_sparsity=f"{art['actual_sparsity']:.4f}",
+            tokens_per_s=f"{sparse['tokens_per_s']:.3f}",
+            ms_per_token=f"{sparse['ms_per_token']:.3f}",
+            ttft_ms=f"{sparse['ttft_ms']:.1f}",
+            compile_s=f"{sparse.get('compile_s', 0.0):.1f}",
+            peak_rss_mb=f"{sparse['peak_rss_mb']:.0f}",
+            model_bytes=sparse["model_bytes"],
+            prompt_tokens=sparse.get("prompt_tokens", ""),
+            artifact=str(Path(art["path"]).relative_to(self.out)),
+            load_avg="" if load_avg is None else f"{load_avg:.2f}",
+        )
+        if stock:
+            row["stock_tokens_per_s"] = f"{stock['tokens_per_s']:.3f}"
+            row["speedup"] = f"{sparse['tokens_per_s'] / stock['tokens_per_s']:.3f}"
+        row["seconds"] = f"{time.perf_counter() - start:.1f}"
+        return row
+
+    def run(self, experiments: list[Experiment], progress: bool = True) -> list[dict]:
+        """Run the experiments not yet in results.csv; returns all ok rows."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        done_rows = self.results.load()
+        done = {_row_key(r) for r in done_rows}
+        pending = [e for e in experiments if e.key() not in done]
+        log.info(
+            "%d experiments: %d finished earlier, %d to run (results in %s)",
+            len(experiments),
+            len(experiments) - len(pending),
+            len(pending),
+            self.out,
+        )
+        if self.results.header is None:
+            first = next((e for e in experiments if not kernel_unavailable(e.kernel)), None)
+            dense = self.dense_eval(first.model) if first else {}
+            self.metric_columns = _metric_columns(dense)
+            self.results.header = [
+                *PLAN_COLUMNS,
+                *self.metric_columns,
+                *(f"dense:{c}" for c in self.metric_columns),
+                *RESULT_COLUMNS,
+            ]
+        else:
+            self.metric_columns = [
+                c for c in self.results.header if ":" in c and not c.startswith("dense:")
+            ]
+        rows = list(done_rows)
+        with logging_redirect_tqdm():
+            bar = tqdm(pending, desc="sweep", unit="exp", disable=not progress, dynamic_ncols=True)
+            for exp in bar:
+                bar.set_postfix_str(
+                    f"{exp.id} {exp.method} {exp.sparsity:g} t{exp.threads} {exp.kernel}"
+                )
+                try:
+                    row = self.run_one(exp)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one failed row must not end the sweep
+                    log.error("%s failed:\n%s", exp.id, traceback.format_exc())
+                    row = exp.as_row()
+                    row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                row["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+                self.results.append(row)
+                if row["status"] == "ok":
+                    rows.append({k: str(v) for k, v in row.items()})
+                    log.info(
+                        "%s: %s tok/s (x%s vs stock)",
+                        exp.id,
+                        row["tokens_per_s"],
+                        row.get("speedup", "?"),
+                    )
+        return rows
+
+
+def _auto() -> str:
+    from .ops import kernel_info
+
+    return kernel_info()["decode"]
+
+
+def _row_key(row: dict) -> str:
+    try:
+        values = {a: check_value(a, row[a], f"results.csv {a}") for a in AXES}
+        exp = Experiment(id=row["id"], **values)
+    except (KeyError, SweepError):
+        return ""
+    return exp.key()
+
+
+class SweepPipeline(Pipeline):
+    """The pipeline's stages for one artifact of a sweep; the dense evaluation, the same
+    for every artifact of a model, is computed once by the sweep and copied in."""
+
+    def __init__(self, cfg: Config, run_dir: Path, dense_eval: dict):
+        super().__init__(cfg, run_dir)
+        self.dense_eval = dense_eval
+
+    def stage_eval(self) -> StageResult:
+        import eval as sx_eval
+
+        sx_eval.write_json(self.path("eval", "dense.json"), self.dense_eval)
+        pruned = self._evaluate(*self.pruned_model(), self.path("eval", "pruned.json"), "pruned")
+        return StageResult(
+            ["eval/dense.json", "eval/pruned.json"],
+            f"dense {_metric_line(self.dense_eval)} | pruned {_metric_line(pruned)}",
+        )
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def setup_logging(out: Path | None) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if out is not None:
+        fileh = logging.FileHandler(out / "sweep.log")
+        fileh.setFormatter(fmt)
+        root.addHandler(fileh)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m sparamx.sweep",
+        description="expand a grid of experiments, run them, append results row by row",
+    )
+    ap.add_argument("sweep", nargs="?", help="sweep file (configs/sweeps/*.yaml)")
+    ap.add_argument("--plan", action="store_true", help="only write the expanded plan")
+    ap.add_argument(
+        "--csv", default="experiments.csv", help="where --plan writes (default experiments.csv)"
+    )
+    ap.add_argument("--from-csv", default=None, help="run this (edited) plan, not the grid")
+    ap.add_argument("--resume", default=None, metavar="DIR", help="continue a results folder")
+    ap.add_argument("--report", default=None, metavar="DIR", help="redo plots + summary.md")
+    ap.add_argument("--out", default=None, help="results folder (default: a new timestamped one)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep field, e.g. grid.threads=1,2 or set=[eval.limit=5]",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    given = [bool(args.sweep), bool(args.resume), bool(args.report)]
+    if sum(given) != 1:
+        ap.error("give a sweep file, or --resume DIR, or --report DIR (exactly one)")
+    if (args.resume or args.report) and (args.plan or args.from_csv):
+        ap.error("--plan / --from-csv go with a sweep file, not with --resume / --report")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .sweep_report import write_sweep_report
+
+    try:
+        if args.report:
+            out = Path(args.report)
+            setup_logging(None)
+            files = write_sweep_report(out)
+            print("\n".join(str(f) for f in files))
+            return 0
+        if args.resume:
+            out = Path(args.resume)
+            sw = Sweep.open(out)
+            setup_logging(out)
+            experiments = read_plan(out / "experiments.csv")
+        else:
+            sweep, base = load_sweep(args.sweep, args.overrides)
+            experiments = read_plan(Path(args.from_csv)) if args.from_csv else expand_grid(sweep)
+            if args.plan:
+                setup_logging(None)
+                write_plan(Path(args.csv), experiments)
+                for kernel in sorted({e.kernel for e in experiments}):
+                    if why := kernel_unavailable(kernel):
+                        log.warning("%s: its experiments will be skipped on this CPU", why)
+                print(f"{len(experiments)} experiments written to {args.csv}")
+                return 0
+            sw = Sweep.create(sweep, base, Path(args.out) if args.out else None)
+            setup_logging(sw.out)
+            # The plan as run (an edited CSV normalized): what --resume reads back.
+            write_plan(sw.out / "experiments.csv", experiments)
+    except SweepError as e:
+        print(f"sweep error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = sw.run(experiments, progress=not args.no_progress)
+    files = write_sweep_report(sw.out)
+    log.info(
+        "%d/%d experiments ok in %.1f min; results: %s; report: %s",
+        len(rows),
+        len(experiments),
+        (time.perf_counter() - t0) / 60,
+        sw.results.path,
+        ", ".join(str(f.name) for f in files),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
