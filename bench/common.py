@@ -37,18 +37,10 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
 
 
 def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:
-    """Measured DRAM read bandwidth: ``sparamx::read_probe`` streams a buffer far larger
-    than the caches once per repeat (plain 64-byte-line reads, several accumulators per
-    thread; a float reduction like ``torch.sum`` reads slower than the limit)."""
-    import sparamx.ops  # noqa: F401  (registers the ops)
+    """Measured DRAM read bandwidth (GB/s): ``sparamx.bench.dram_read_gbps``."""
+    from sparamx.bench import dram_read_gbps
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    buf = torch.ones(mbytes * (1 << 20), dtype=torch.uint8)
-    torch.ops.sparamx.read_probe(buf)
-    t = median_time_us(lambda: torch.ops.sparamx.read_probe(buf), repeats)
-    torch.set_num_threads(old)
-    return buf.numel() / t / 1e3
+    return dram_read_gbps(threads, mbytes, repeats)
 
 
 def environment() -> dict:

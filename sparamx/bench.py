@@ -139,19 +139,27 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def dram_read_gbps(threads: int, mbytes: int = 512, repeats: int = 5) -> float:
-    """Measured DRAM read bandwidth: a float32 sum over a buffer far larger than the
-    caches (a streaming read; the adds are cheap). The reference for the fraction of
-    bandwidth a decode step reaches."""
+def dram_read_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:
+    """Measured DRAM read bandwidth with ``threads`` threads: ``sparamx::read_probe``
+    reads a buffer far larger than the caches once per call (plain cache-line reads,
+    several accumulators per thread; a float reduction such as ``torch.sum`` reads
+    slower than the limit). Median of ``repeats``; the thread count is restored. The
+    reference for the fraction of bandwidth a kernel or decode step reaches."""
+    from . import ops  # noqa: F401  (registers torch.ops.sparamx)
+
+    old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    buf = torch.ones(mbytes * (1 << 20) // 4)
-    buf.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / statistics.median(times) / 1e9
+    try:
+        buf = torch.ones(mbytes << 20, dtype=torch.uint8)
+        torch.ops.sparamx.read_probe(buf)  # first touch, page faults
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.ops.sparamx.read_probe(buf)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return buf.numel() / statistics.median(times) / 1e9
 
 
 def kernel_share(model, tokenizer, prompt: str, new_tokens: int, timed=None) -> float | None:
