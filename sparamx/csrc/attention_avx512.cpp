@@ -8,10 +8,10 @@
 //           vdpbf16ps; the 16 tokens' accumulators are reduced together by a transpose
 //           tree (about 3 instructions per score instead of ~8 for a lone reduction);
 //   softmax online, per sub-block: one max, one rescale of the accumulators;
-//   values  per 32-dimension chunk, each token's chunk is loaded/expanded once and its
-//           even and odd bf16 lanes are widened to fp32 with one shift / one mask (so the
-//           accumulators hold even and odd dimensions apart; they are put back in order
-//           when the call ends), then one FMA per query head and half-chunk.
+//   values  per 32-dimension chunk, tokens in pairs: both chunks loaded/expanded once,
+//           interleaved, and multiplied by the pair's bf16 softmax weights with one
+//           vdpbf16ps per query head and half-chunk (the accumulators hold dimensions in
+//           the interleaved order and are put back in order when the call ends).
 // So each compressed K/V byte is read once per KV head for all query heads of its group.
 //
 // Headers come before the target pragma (see kernel_avx512.cpp for why).
@@ -74,6 +74,11 @@ inline __m512 reduce16(const float* v) {
   return _mm512_permutexvar_ps(idx, d);
 }
 
+template <bool B>
+struct Bool {
+  static constexpr bool value = B;
+};
+
 inline __mmask32 dense_mask(int64_t d, int w) {
   const int64_t left = d - 32 * w;
   return left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
@@ -82,7 +87,7 @@ inline __mmask32 dense_mask(int64_t d, int w) {
 // Chunk w (32 dimensions) of a token's row; `off` is the sparse row's running value
 // offset (the popcount of words < w).
 template <bool kSparse>
-inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, int64_t d, int& off) {
+inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, __mmask32 dm, int& off) {
   if constexpr (kSparse) {
     const uint32_t bits = r.bits[t * words + w];
     const int cnt = _mm_popcnt_u32(bits);
@@ -91,13 +96,18 @@ inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, int64_t d,
     off += cnt;
     return _mm512_maskz_expand_epi16(bits, packed);
   } else {
-    return _mm512_maskz_loadu_epi16(dense_mask(d, w), r.vals + t * r.stride + 32 * w);
+    return _mm512_maskz_loadu_epi16(dm, r.vals + t * r.stride + 32 * w);
   }
 }
 
-template <int G, bool KS, bool VS>
-void segment(const Rows& kr, const Rows& vr, int64_t n, int words, int64_t d, float scale,
-             const __m512i* q, float* m, float* l, float* acc /* [G][words][32] even|odd */) {
+// W > 0: the number of 32-dimension chunks as a constant (fully unrolled loops, the
+// common head_dims 64 and 128); W == 0: `words_rt` at run time.
+template <int G, int W, bool KS, bool VS>
+void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d, float scale,
+             const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
+  const int words = W > 0 ? W : words_rt;
+  __mmask32 dm[8];
+  for (int w = 0; w < words; ++w) dm[w] = dense_mask(d, w);
   alignas(64) float sbuf[G][kSub][16];
   alignas(64) float p[G][kSub];
   for (int64_t i0 = 0; i0 < n; i0 += kSub) {
@@ -106,8 +116,8 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words, int64_t d, fl
       __m512 s[G];
       for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
       int off = 0;
-      for (int w = 0; w < words; ++w) {
-        const __m512i kc = load_chunk<KS>(kr, i0 + i, w, words, d, off);
+      _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
+        const __m512i kc = load_chunk<KS>(kr, i0 + i, w, words, dm[w], off);
         for (int g = 0; g < G; ++g)
           s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kc, (__m512bh)q[g * words + w]);
       }
@@ -132,61 +142,94 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words, int64_t d, fl
                           _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
         m[g] = m_new;
       }
-      l[g] += _mm512_reduce_add_ps(pv);
     }
-    const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    for (int w = 0; w < words; ++w) {
-      __m512 ae[G], ao[G];
-      for (int g = 0; g < G; ++g) {
-        ae[g] = _mm512_load_ps(acc + (g * words + w) * 32);
-        ao[g] = _mm512_load_ps(acc + (g * words + w) * 32 + 16);
-      }
+    // V: tokens in pairs. Each pair's chunks are interleaved (vpunpck{l,h}wd) so one
+    // vdpbf16ps adds p_t v_t + p_u v_u for 16 dimensions; p goes to bf16 for that, as
+    // FlashAttention does for its P·V product (l sums the same rounded p).
+    int voff[kSub][8];  // sparse V: value offset of chunk w within token i's row
+    if constexpr (VS) {
       for (int i = 0; i < nb; ++i) {
-        int off = 0;
-        if constexpr (VS) {
-          const uint32_t* bw = vr.bits + (i0 + i) * words;
-          for (int u = 0; u < w; ++u) off += _mm_popcnt_u32(bw[u]);
+        const uint32_t* bw = vr.bits + (i0 + i) * words;
+        int o = 0;
+        for (int w = 0; w < words; ++w) {
+          voff[i][w] = o;
+          o += _mm_popcnt_u32(bw[w]);
         }
-        const __m512i vc = load_chunk<VS>(vr, i0 + i, w, words, d, off);
-        const __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(vc, 16));
-        const __m512 vo = _mm512_castsi512_ps(_mm512_and_si512(vc, odd_mask));
+      }
+    }
+    alignas(64) uint32_t pp[G][kSub / 2];
+    for (int g = 0; g < G; ++g) {
+      const __m256bh pb = _mm512_cvtneps_pbh(_mm512_load_ps(p[g]));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
+      // l must sum the rounded weights the numerator uses
+      const __m512 back = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16));
+      l[g] += _mm512_reduce_add_ps(back);
+    }
+    for (int w = 0; w < words; ++w) {
+      __m512 alo[G], ahi[G];
+      for (int g = 0; g < G; ++g) {
+        alo[g] = _mm512_load_ps(acc + (g * words + w) * 32);
+        ahi[g] = _mm512_load_ps(acc + (g * words + w) * 32 + 16);
+      }
+      for (int i = 0; i < nb; i += 2) {
+        int o0 = 0, o1 = 0;
+        if constexpr (VS) {
+          o0 = voff[i][w];
+          o1 = i + 1 < nb ? voff[i + 1][w] : 0;
+        }
+        const __m512i v0 = load_chunk<VS>(vr, i0 + i, w, words, dm[w], o0);
+        const __m512i v1 =
+            i + 1 < nb ? load_chunk<VS>(vr, i0 + i + 1, w, words, dm[w], o1) : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
         for (int g = 0; g < G; ++g) {
-          const __m512 pg = _mm512_set1_ps(p[g][i]);
-          ae[g] = _mm512_fmadd_ps(pg, ve, ae[g]);
-          ao[g] = _mm512_fmadd_ps(pg, vo, ao[g]);
+          const __m512bh pg = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g][i / 2]));
+          alo[g] = _mm512_dpbf16_ps(alo[g], lo, pg);
+          ahi[g] = _mm512_dpbf16_ps(ahi[g], hi, pg);
         }
       }
       for (int g = 0; g < G; ++g) {
-        _mm512_store_ps(acc + (g * words + w) * 32, ae[g]);
-        _mm512_store_ps(acc + (g * words + w) * 32 + 16, ao[g]);
+        _mm512_store_ps(acc + (g * words + w) * 32, alo[g]);
+        _mm512_store_ps(acc + (g * words + w) * 32 + 16, ahi[g]);
       }
     }
   }
 }
+
+// The accumulators of chunk w hold [lo 16 | hi 16] fp32 lanes from vpunpck{l,h}wd: lane
+// j of lo is dimension 8 (j / 4) + j % 4, of hi the same + 4.
+inline int lane_dim(int j) { return j < 16 ? 8 * (j / 4) + j % 4 : 8 * ((j - 16) / 4) + 4 + j % 4; }
 
 template <int G>
 void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int64_t t1,
             float* m, float* l, float* acc_out) {
   const int words = static_cast<int>(a.words);
   const int64_t dp = a.words * 32, group = a.hq / a.hkv;
-  __m512i q[G * 32];  // bf16 query chunks; words <= 32 (D <= 1024)
+  __m512i q[G * 8];  // bf16 query chunks; words <= 8 (D <= 256, checked by the glue)
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
       q[g * words + w] = _mm512_loadu_si512(a.q + (b * a.hq + h * group + g0 + g) * dp + 32 * w);
   // Accumulators in the kernel's even|odd order (see the file comment).
-  alignas(64) float acc[G * 1024];
+  alignas(64) float acc[G * 256];
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
-      for (int j = 0; j < 16; ++j) {
-        acc[(g * words + w) * 32 + j] = acc_out[g * dp + 32 * w + 2 * j];
-        acc[(g * words + w) * 32 + 16 + j] = acc_out[g * dp + 32 * w + 2 * j + 1];
-      }
+      for (int j = 0; j < 32; ++j) acc[(g * words + w) * 32 + j] = acc_out[g * dp + 32 * w + lane_dim(j)];
   const int64_t bh = b * a.hkv + h;
   auto comp_rows = [&](const KVSide& s) {
     return Rows{s.vals + bh * s.cap * s.keep, s.keep,
                 s.bits ? s.bits + bh * s.cap * a.words : nullptr};
   };
   const int64_t c0 = t0 < a.n_comp ? t0 : a.n_comp, c1 = t1 < a.n_comp ? t1 : a.n_comp;
+  auto run = [&](auto ks, auto vs, const Rows& kr, const Rows& vr, int64_t n) {
+    constexpr bool KS = decltype(ks)::value, VS = decltype(vs)::value;
+    if (words == 4)
+      segment<G, 4, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+    else if (words == 2)
+      segment<G, 2, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+    else
+      segment<G, 0, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+  };
   if (c1 > c0) {
     Rows kr = comp_rows(a.k), vr = comp_rows(a.v);
     kr.vals += c0 * kr.stride;
@@ -195,13 +238,13 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
     if (vr.bits) vr.bits += c0 * a.words;
     const int64_t n = c1 - c0;
     if (kr.bits && vr.bits)
-      segment<G, true, true>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+      run(Bool<true>{}, Bool<true>{}, kr, vr, n);
     else if (kr.bits)
-      segment<G, true, false>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+      run(Bool<true>{}, Bool<false>{}, kr, vr, n);
     else if (vr.bits)
-      segment<G, false, true>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+      run(Bool<false>{}, Bool<true>{}, kr, vr, n);
     else
-      segment<G, false, false>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+      run(Bool<false>{}, Bool<false>{}, kr, vr, n);
   }
   const int64_t w0 = (t0 > a.n_comp ? t0 : a.n_comp) - a.n_comp, w1 = t1 - a.n_comp;
   if (w1 > w0) {
@@ -209,14 +252,11 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
                   nullptr};
     const Rows vr{a.v.win + b * a.v.win_sb + h * a.v.win_sh + w0 * a.v.win_st, a.v.win_st,
                   nullptr};
-    segment<G, false, false>(kr, vr, w1 - w0, words, a.d, a.scale_log2e, q, m, l, acc);
+    run(Bool<false>{}, Bool<false>{}, kr, vr, w1 - w0);
   }
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
-      for (int j = 0; j < 16; ++j) {
-        acc_out[g * dp + 32 * w + 2 * j] = acc[(g * words + w) * 32 + j];
-        acc_out[g * dp + 32 * w + 2 * j + 1] = acc[(g * words + w) * 32 + 16 + j];
-      }
+      for (int j = 0; j < 32; ++j) acc_out[g * dp + 32 * w + lane_dim(j)] = acc[(g * words + w) * 32 + j];
 }
 
 }  // namespace

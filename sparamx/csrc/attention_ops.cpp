@@ -29,7 +29,7 @@ namespace {
 using AttnFn = void (*)(const AttnArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                         float*, float*, float*);
 
-constexpr int64_t kMaxHeadDim = 1024;
+constexpr int64_t kMaxHeadDim = 256;  // kernels keep per-token tables of <= 8 words
 // Smallest token range per work item: below this the per-item set-up (loading q,
 // reordering accumulators, the merge) stops being small next to the streaming.
 constexpr int64_t kMinChunkTokens = 256;

@@ -40,8 +40,8 @@ void attention_portable(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int
                         int64_t t0, int64_t t1, float* m, float* l, float* acc) {
   const int64_t D = a.d, Dp = a.words * 32;
   const int64_t group = a.hq / a.hkv;
-  float kt[1024], vt[1024];  // D <= 1024 is checked by the glue
-  float q[kAttnMaxGroup][1024];
+  float kt[256], vt[256];  // D <= 256 is checked by the glue
+  float q[kAttnMaxGroup][256];
   for (int64_t g = 0; g < ng; ++g) {
     const uint16_t* qg = a.q + (b * a.hq + h * group + g0 + g) * Dp;
     for (int64_t j = 0; j < D; ++j) q[g][j] = bf16_to_float(qg[j]);
