@@ -444,11 +444,25 @@ def enable_sparse_kv(model, settings: KVSettings | dict):
 
         @functools.wraps(model._sparamx_generate)
         def generate(*args, **kwargs):
-            if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = SparseKVCache(model._sparamx_kv, model.config)
+            # transformers 5 renamed past_key_values to cache; honour either
+            if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                kwargs["cache"] = SparseKVCache(model._sparamx_kv, model.config)
             return model._sparamx_generate(*args, **kwargs)
 
         model.generate = generate
+    return model
+
+
+def disable_sparse_kv(model, attn_implementation: str = "sdpa"):
+    """Undo ``enable_sparse_kv``: back to ``attn_implementation`` and stock generate."""
+    model.config._attn_implementation = attn_implementation
+    text = getattr(model.config, "text_config", None)
+    if text is not None:
+        text._attn_implementation = attn_implementation
+    if hasattr(model, "_sparamx_generate"):
+        model.generate = model._sparamx_generate
+        del model._sparamx_generate
+    model.__dict__.pop("_sparamx_kv", None)
     return model
 
 
@@ -478,7 +492,7 @@ def decode_perplexity(model, input_ids: torch.Tensor, cache: Cache | None = None
     for t in range(n - 1):
         out = model(
             input_ids[:, t : t + 1],
-            past_key_values=cache,
+            cache=cache,
             position_ids=torch.tensor([[t]]),
             use_cache=True,
         )
