@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import KV_ATTN_ABS
 
-from sparamx import kv, kernel_info
+from sparamx import kernel_info, kv
 
 KERNELS = ["portable"] + (["avx512"] if "avx512" in kernel_info()["compiled"] else [])
 if "avx512" in KERNELS and not kernel_info()["cpu"]["avx512_bf16"]:
@@ -122,7 +122,9 @@ def test_kernel_long_context_split_across_threads(kernel):
     kernel=st.sampled_from(KERNELS),
     seed=st.integers(0, 1000),
 )
-def test_kernel_matches_reference_random_shapes(b, h, group, d, n_comp, n_win, ks, vs, kernel, seed):
+def test_kernel_matches_reference_random_shapes(
+    b, h, group, d, n_comp, n_win, ks, vs, kernel, seed
+):
     if n_comp + n_win == 0:
         n_win = 1
     _check_against_reference(b, h * group, h, d, n_comp, n_win, ks, vs, kernel, seed)
@@ -232,7 +234,8 @@ def test_generation_with_the_cache_at_sparsity_zero_equals_our_dense_cache():
     kv.enable_sparse_kv(model, kv.KVSettings("none", 0.0, 0.0, recent_window=4, block_tokens=8))
     with torch.inference_mode():
         dense = model.generate(ids, max_new_tokens=40, do_sample=False)
-    kv.enable_sparse_kv(model, kv.KVSettings("magnitude", 0.0, 0.0, recent_window=4, block_tokens=8))
+    s0 = kv.KVSettings("magnitude", 0.0, 0.0, recent_window=4, block_tokens=8)
+    kv.enable_sparse_kv(model, s0)
     with torch.inference_mode():
         sparse0 = model.generate(ids, max_new_tokens=40, do_sample=False)
     assert sparse0.tolist() == dense.tolist()
@@ -281,7 +284,8 @@ def test_decode_perplexity_at_sparsity_zero_matches_a_full_forward():
     with torch.inference_mode():
         logits = model(ids).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-    kv.enable_sparse_kv(model, kv.KVSettings("magnitude", 0.0, 0.0, recent_window=4, block_tokens=8))
+    s0 = kv.KVSettings("magnitude", 0.0, 0.0, recent_window=4, block_tokens=8)
+    kv.enable_sparse_kv(model, s0)
     res = kv.decode_perplexity(model, ids)
     assert res["tokens"] == 39
     assert math.isclose(res["ppl"], math.exp(float(nll) / 39), rel_tol=0.01)
