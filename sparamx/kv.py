@@ -475,27 +475,36 @@ def new_cache(model) -> SparseKVCache:
 
 
 @torch.inference_mode()
-def decode_perplexity(model, input_ids: torch.Tensor, cache: Cache | None = None) -> dict:
-    """Perplexity of ``input_ids[1, n]`` fed one token at a time through ``cache`` (each
-    step is a decode step, so a sparse cache is exercised as in generation; lm-eval's
-    loglikelihood tasks only ever run prefill). Returns ``{"ppl", "nll", "tokens"}``."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+def decode_perplexity(
+    model, input_ids: torch.Tensor, cache: Cache | None = None, prefill: int = 0
+) -> dict:
+    """Perplexity of ``input_ids[1, n]`` on the decode path: ``prefill`` tokens go in as
+    one prefill (dense attention; Wanda-style scores gather their query norms there),
+    the rest one token at a time through ``cache``, so the sparse cache is read as in
+    generation (lm-eval's loglikelihood tasks only ever run prefill). Scores the
+    predictions of tokens ``max(prefill, 1) .. n-1``. Returns ``{"ppl", "nll", "tokens"}``."""
+    n = input_ids.shape[-1]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or n < 2:
         raise ValueError(f"input_ids must be [1, n] with n >= 2, got {tuple(input_ids.shape)}")
+    if not 0 <= prefill < n:
+        raise ValueError(f"prefill must be in 0..{n - 1} for {n} tokens, got {prefill}")
     if cache is None:
         cache = new_cache(model) if hasattr(model, "_sparamx_kv") else None
     if cache is None:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
-    nll = 0.0
-    n = input_ids.shape[1]
-    for t in range(n - 1):
+    nll, scored = 0.0, 0
+    start = max(prefill, 1)
+    if prefill:
+        out = model(input_ids[:, :prefill], cache=cache, use_cache=True)
+        nll -= float(out.logits[0, -1].float().log_softmax(-1)[input_ids[0, prefill]])
+        scored += 1
+        start = prefill + 1
+    for t in range(start - 1, n - 1):
         out = model(
-            input_ids[:, t : t + 1],
-            cache=cache,
-            position_ids=torch.tensor([[t]]),
-            use_cache=True,
+            input_ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([[t]]), use_cache=True
         )
-        logp = out.logits[0, -1].float().log_softmax(-1)
-        nll -= float(logp[input_ids[0, t + 1]])
-    return {"ppl": math.exp(nll / (n - 1)), "nll": nll, "tokens": n - 1}
+        nll -= float(out.logits[0, -1].float().log_softmax(-1)[input_ids[0, t + 1]])
+        scored += 1
+    return {"ppl": math.exp(nll / scored), "nll": nll, "tokens": scored}
