@@ -156,7 +156,12 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
   const int64_t items = base_items * tchunks;
   const int64_t state = gsize * (dp + 2);  // per item: m[gsize], l[gsize], acc[gsize][dp]
   std::vector<float> part(static_cast<size_t>(items * state));
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+  // At least ~128 KiB of cache bytes per task: small calls (short contexts, small
+  // models) run on the calling thread instead of waking (and waiting for) the pool.
+  const int64_t item_bytes =
+      std::max<int64_t>(1, chunk * (a.k.keep + a.v.keep) * 2);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{128} << 10) / item_bytes);
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t tc = it % tchunks, rest = it / tchunks;
       const int64_t gc = rest % gchunks, bh = rest / gchunks;
