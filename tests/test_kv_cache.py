@@ -345,3 +345,22 @@ def test_artifact_with_kv_settings_loads_with_the_sparse_cache(tmp_path):
     (tmp_path / "a" / "sparamx.json").write_text(json.dumps(man))
     with pytest.raises(ArtifactError, match="kv.k_sparsity"):
         sparamx.load(tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_smollm2_decode_perplexity_at_half_kv_sparsity_stays_within_5_percent(smollm2):
+    """Token-by-token perplexity (news text, 64 prefill + 256 decoded tokens, window 64)
+    with 50% K and V sparsity, magnitude and Wanda-style, vs our dense cache."""
+    from eval.decode_ppl import run
+
+    model, tok = smollm2
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # decode steps are small: a second thread mostly waits
+    try:
+        res = run(model, tok, ("magnitude", "wanda"), 0.5, 0.5, 64, tokens=320, prefill=64)
+    finally:
+        torch.set_num_threads(old)
+    for method in ("magnitude", "wanda"):
+        r = res["results"][method]
+        assert r["ppl_ratio_vs_dense"] <= 1.05, (method, r["ppl"], res["results"]["none"]["ppl"])
+        assert r["memory_ratio"] < 0.9
