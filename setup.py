@@ -11,9 +11,17 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 CSRC = "sparamx/csrc/"
-sources = ["ops.cpp", "probe.cpp", "cpu_features.cpp", "kernel_portable.cpp", "kernel_amx_emu.cpp"]
+sources = [
+    "ops.cpp",
+    "probe.cpp",
+    "cpu_features.cpp",
+    "kernel_portable.cpp",
+    "kernel_amx_emu.cpp",
+    "attention_ops.cpp",
+    "attention_portable.cpp",
+]
 if platform.machine().lower() in ("x86_64", "amd64"):
-    sources += ["kernel_avx512.cpp", "kernel_amx.cpp"]
+    sources += ["kernel_avx512.cpp", "kernel_amx.cpp", "attention_avx512.cpp"]
 else:  # the x86 kernels cannot be compiled here; ops.cpp refuses them at run time
     sources += ["kernel_x86_absent.cpp"]
 

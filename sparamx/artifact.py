@@ -359,18 +359,23 @@ def _replace(model: nn.Module, name: str, make, kind: type, shape: list[int], co
 def load(path: str | os.PathLike, *, kv: dict | None = None):
     """Load a packed artifact: returns ``(model, tokenizer)``; ``model.generate`` works.
 
-    ``kv`` overrides the manifest's sparse-KV-cache settings (not implemented yet: a
-    non-empty setting is refused rather than silently ignored)."""
+    ``kv`` overrides the manifest's sparse-KV-cache settings (``{}``: none); with
+    ``method`` other than ``none`` the model gets the sparse KV cache
+    (``sparamx.kv.enable_sparse_kv``), which ``model.generate`` then uses."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     path = Path(path)
     manifest = read_manifest(path)
     kv = manifest.get("kv") if kv is None else kv
-    if kv:
-        raise NotImplementedError(
-            f"sparse KV cache is not implemented yet (artifact asks for kv={kv!r})"
-        )
+    kv_settings = None
+    if kv and kv.get("method", "none") != "none":
+        from .kv import KVSettings
+
+        try:
+            kv_settings = KVSettings.from_dict(kv)
+        except ValueError as e:
+            raise ArtifactError(f"{path}: invalid KV cache settings: {e}") from None
     tensors = _open_tensors(path, manifest)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -447,6 +452,10 @@ def load(path: str | os.PathLike, *, kv: dict | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.sparamx_manifest = manifest
+    if kv_settings is not None:
+        from .kv import enable_sparse_kv
+
+        enable_sparse_kv(model, kv_settings)
     return model, tokenizer
 
 

@@ -76,10 +76,11 @@ class PruneConfig:
 
 @dataclass
 class KVConfig:
-    method: str = "none"  # sparse KV cache: not implemented yet, only "none" runs
-    k_sparsity: float = 0.0
-    v_sparsity: float = 0.0
-    recent_window: int = 64
+    # sparse KV cache (sparamx.kv): none | magnitude | wanda (|k_j|·‖q_j‖ from prefill)
+    method: str = "none"
+    k_sparsity: float = 0.0  # share of head_dim pruned per key token (after RoPE)
+    v_sparsity: float = 0.0  # per value token (magnitude for both methods)
+    recent_window: int = 64  # newest tokens kept dense
 
 
 @dataclass

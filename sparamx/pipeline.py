@@ -46,9 +46,9 @@ SECTIONS = {
     "calibrate": ("prune.method", "prune.calibration"),
     "prune": ("prune",),
     "eval": ("eval", "model.dtype"),
-    "pack": ("pack",),
+    "pack": ("pack", "kv"),
     "verify": (),
-    "eval-packed": ("eval",),
+    "eval-packed": ("eval", "kv"),
     "bench": ("bench", "model"),
     "report": (),
 }
@@ -353,7 +353,7 @@ class Pipeline:
             art,
             source=src,
             recipe=asdict(p),
-            kv=None,
+            kv=asdict(self.cfg.kv) if self.cfg.kv.method != "none" else None,
             eval_summary=evals,
             max_shard_bytes=int(pk.max_shard_gb * (1 << 30)),
         )
@@ -481,10 +481,26 @@ class Pipeline:
         if not self.cfg.eval.tasks:
             return self._skip("eval-packed", "no eval.tasks")
 
-        res = self._evaluate(
-            *load(self.path("pack", "artifact")), self.path("eval-packed", "packed.json"), "packed"
-        )
-        return StageResult(["eval-packed/packed.json"], f"packed {_metric_line(res)}")
+        model, tok = load(self.path("pack", "artifact"))
+        res = self._evaluate(model, tok, self.path("eval-packed", "packed.json"), "packed")
+        outputs, summary = ["eval-packed/packed.json"], f"packed {_metric_line(res)}"
+        kvc = self.cfg.kv
+        if kvc.method != "none":
+            # lm-eval's loglikelihood tasks run prefill only (dense): the sparse KV cache is
+            # measured on the decode path, text fed token by token through it.
+            from eval.decode_ppl import run as decode_ppl
+
+            ppl = decode_ppl(
+                model, tok, (kvc.method,), kvc.k_sparsity, kvc.v_sparsity, kvc.recent_window
+            )
+            atomic_write_json(self.path("eval-packed", "kv_decode_ppl.json"), ppl)
+            outputs.append("eval-packed/kv_decode_ppl.json")
+            r = ppl["results"]
+            summary += (
+                f"; decode-path ppl {kvc.method} KV {r[kvc.method]['ppl']:.3f} vs dense cache "
+                f"{r['none']['ppl']:.3f}"
+            )
+        return StageResult(outputs, summary)
 
     def stage_bench(self) -> StageResult:
         from .bench import bench_subprocess
@@ -492,9 +508,15 @@ class Pipeline:
         b = self.cfg.bench
         art = self.path("pack", "artifact").resolve()
         records = []
+        engine = b.engine
+        if self.cfg.kv.method != "none" and engine == "lean":
+            # The lean loop decodes with a static dense cache: the sparse KV cache the
+            # artifact asks for only runs under model.generate.
+            log.warning("bench: kv.method is set, so the packed model runs model.generate")
+            engine = "hf"
         for threads in b.threads:
             stock = str(self.source_dir())
-            runs = (("stock", stock, "hf"), ("sparse", str(art), b.engine))
+            runs = (("stock", stock, "hf"), ("sparse", str(art), engine))
             for kind, src, engine in runs:
                 log.info("bench: %s model (%s loop), %d thread(s)", kind, engine, threads)
                 records.append(

@@ -136,7 +136,7 @@ def test_grid_expands_every_combination_artifact_axes_outermost(tmp_path):
         ),
         ({"sparsity": [0.5, 1.0]}, r"grid.sparsity\[1\]: 1.0 is out of range"),
         ({"sparsity": ["half"]}, r"grid.sparsity\[0\]: expected a number"),
-        ({"kv_sparsity": [0, 0.5]}, r"grid.kv_sparsity\[1\].*sparse KV cache is not available"),
+        ({"kv_sparsity": [0, 0.5]}, r"grid.kv_sparsity\[1\].*do not drive the sparse KV cache"),
         (
             {"kernel": ["avx2"]},
             r"grid.kernel\[0\]: 'avx2' is not one of auto, amx, avx512, portable",

@@ -1,0 +1,216 @@
+"""Decode-attention benchmark: one query token against a KV cache of `context` tokens.
+
+For each head shape, context, KV sparsity and thread count, times in the same run:
+  sdpa      transformers' SDPA attention function (as the modeling code calls it) on a
+            dense bf16 cache [1, Hkv, n, D];
+  dense     our kernel on the same dense cache (no bitmaps): the honest baseline and
+            the path taken when KV sparsity is off;
+  sparamx   our kernel on the pruned, packed cache (magnitude pruning; every token
+            compressed, no dense window).
+The caches are DRAM-resident: each timed call goes to the next of several layers'
+caches, cycling through more bytes than the last-level cache holds. Reports µs per
+layer (the best of the repeats, each a full cycle through the layers: on a shared
+machine the best is the least disturbed), speedups, cache memory vs dense, and GB/s of
+cache bytes read.
+
+    python bench/attention.py                               # the default table
+    python bench/attention.py --heads llama --contexts 8192 --sparsity 0.5 --threads 1
+    python bench/attention.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    environment,
+    last_level_cache_bytes,
+    print_table,
+    read_bandwidth_gbps,
+    write_json,
+)
+
+from sparamx import kv  # noqa: E402
+
+HEADS = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}  # query heads, KV heads, head_dim
+DRAM_BYTES = max(160 << 20, 3 * last_level_cache_bytes())
+
+
+class _Module:
+    """What transformers' SDPA function reads from the attention module."""
+
+    def __init__(self, group: int):
+        self.num_key_value_groups = group
+        self.is_causal = True
+        self.training = False
+
+
+def make_layers(hkv: int, d: int, n: int, sparsity: float, copies: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    keep = max(1, round((1 - sparsity) * d))
+    layers = []
+    for _ in range(copies):
+        k = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)
+        v = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)
+        kb, kvals = kv.prune_tokens(k, keep)
+        vb, vvals = kv.prune_tokens(v, keep)
+        layers.append({"k": k, "v": v, "kb": kb, "kv": kvals, "vb": vb, "vv": vvals})
+    return layers
+
+
+def best_time_us(fn, repeats: int, inner: int) -> float:
+    """Best over ``repeats`` of the mean time of ``inner`` back-to-back calls (µs)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter_ns() - t0) / inner / 1e3)
+    return best
+
+
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def cycle(layers, fn):
+    """A callable that runs fn on the next layer each call."""
+    state = {"i": 0}
+
+    def run():
+        lay = layers[state["i"] % len(layers)]
+        state["i"] += 1
+        fn(lay)
+
+    return run
+
+
+def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    hq, hkv, d = heads
+    dense_bytes = 2 * hkv * n * d * 2
+    copies = max(2, -(-DRAM_BYTES // dense_bytes))
+    torch.set_num_threads(threads)
+    q = torch.randn(1, hq, d).to(torch.bfloat16)
+    q4 = q.unsqueeze(2)  # [1, Hq, 1, D] as transformers passes it
+    empty = torch.empty(1, hkv, 0, d, dtype=torch.bfloat16)
+    scale = d**-0.5
+    module = _Module(hq // hkv)
+    rows = []
+    dense_layers = None
+    sdpa_us = dense_us = None
+    for s in sparsities:
+        layers = make_layers(hkv, d, n, s, max(2, copies))
+        if dense_layers is None:
+            dense_layers = layers
+            rounds = max(1, repeats)
+            if with_sdpa:
+                f = cycle(
+                    layers,
+                    lambda lay: sdpa_attention_forward(
+                        module, q4, lay["k"], lay["v"], None, scaling=scale
+                    ),
+                )
+                f()
+                sdpa_us = best_time_us(f, rounds, inner=len(layers))
+            f = cycle(
+                layers,
+                lambda lay: kv.decode_attention(
+                    q, lay["k"], None, lay["v"], None, n, empty, empty, scale
+                ),
+            )
+            f()
+            dense_us = best_time_us(f, rounds * 3, inner=len(layers))
+        f = cycle(
+            layers,
+            lambda lay: kv.decode_attention(
+                q, lay["kv"], lay["kb"], lay["vv"], lay["vb"], n, empty, empty, scale
+            ),
+        )
+        f()
+        ours_us = best_time_us(f, repeats * 3, inner=len(layers))
+        lay = layers[0]
+        sparse_bytes = nbytes(lay["kv"], lay["kb"], lay["vv"], lay["vb"])
+        rows.append(
+            {
+                "model": name,
+                "context": n,
+                "k_sparsity": s,
+                "v_sparsity": s,
+                "threads": threads,
+                "heads": [hq, hkv, d],
+                "sdpa_us": sdpa_us,
+                "dense_us": dense_us,
+                "sparamx_us": ours_us,
+                "speedup_vs_dense": dense_us / ours_us,
+                "speedup_vs_sdpa": sdpa_us / ours_us if sdpa_us else None,
+                "memory_ratio": sparse_bytes / dense_bytes,
+                "gbps": sparse_bytes / ours_us / 1e3,
+                "dense_gbps": dense_bytes / dense_us / 1e3,
+                "sdpa_gbps": dense_bytes / sdpa_us / 1e3 if sdpa_us else None,
+                "layers_cycled": len(layers),
+            }
+        )
+        del layers
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    p.add_argument("--contexts", nargs="+", type=int, default=[512, 2048, 8192, 16384])
+    p.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.5, 0.8])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-sdpa", action="store_true", help="skip torch SDPA (slow at long context)")
+    p.add_argument("--json", help="write the records here")
+    args = p.parse_args(argv)
+    for s in args.sparsity:
+        if not 0 <= s < 1:
+            p.error(f"--sparsity {s}: allowed 0 <= sparsity < 1")
+    sparsities = sorted(set(args.sparsity))
+    rows = []
+    bw = {t: read_bandwidth_gbps(t) for t in args.threads}
+    for name in args.heads:
+        for n in args.contexts:
+            for t in args.threads:
+                sdpa = not args.no_sdpa
+                new = bench_case(name, HEADS[name], n, sparsities, t, args.repeats, sdpa)
+                rows += new
+                for r in new:  # progress; the table follows at the end
+                    print(
+                        f"{name} ctx={n} s={r['k_sparsity']} thr={t}: "
+                        f"{r['sparamx_us']:.0f} us (dense {r['dense_us']:.0f})",
+                        file=sys.stderr,
+                    )
+    print_table(rows, COLUMNS)
+    read = ", ".join(f"{v:.1f} GB/s ({t} thr)" for t, v in bw.items())
+    print(f"\nmeasured DRAM read bandwidth: {read}")
+    if args.json:
+        write_json(args.json, {"environment": environment(), "read_gbps": bw, "records": rows})
+
+
+COLUMNS = [
+    ("model", "heads", "s"),
+    ("context", "ctx", "d"),
+    ("k_sparsity", "kv_s", ".2f"),
+    ("threads", "thr", "d"),
+    ("sdpa_us", "sdpa_us", ".0f"),
+    ("dense_us", "dense_us", ".0f"),
+    ("sparamx_us", "sparse_us", ".0f"),
+    ("speedup_vs_dense", "x_dense", ".2f"),
+    ("speedup_vs_sdpa", "x_sdpa", ".1f"),
+    ("memory_ratio", "mem", ".3f"),
+    ("dense_gbps", "dense_GB/s", ".1f"),
+    ("gbps", "sparse_GB/s", ".1f"),
+]
+
+if __name__ == "__main__":
+    main()

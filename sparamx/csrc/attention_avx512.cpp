@@ -1,0 +1,280 @@
+// AVX-512-BF16 decode attention over the sparse KV cache (Zen 4, Cooper Lake, SPR+).
+//
+// One call handles one KV head, up to 8 of its query heads and a token range. Tokens go
+// in sub-blocks of 16:
+//   scores  per token, each 32-dimension chunk of K is loaded once (sparse: a masked
+//           load of the chunk's kept values, expanded in registers with the bitmap word;
+//           vpexpandw) and multiplied into one fp32 accumulator per query head with
+//           vdpbf16ps; the 16 tokens' accumulators are reduced together by a transpose
+//           tree (about 3 instructions per score instead of ~8 for a lone reduction);
+//   softmax online, per sub-block: one max, one rescale of the accumulators;
+//   values  per 32-dimension chunk, tokens in pairs: both chunks loaded/expanded once,
+//           interleaved, and multiplied by the pair's bf16 softmax weights with one
+//           vdpbf16ps per query head and half-chunk (the accumulators hold dimensions in
+//           the interleaved order and are put back in order when the call ends).
+// So each compressed K/V byte is read once per KV head for all query heads of its group.
+//
+// Headers come before the target pragma (see kernel_avx512.cpp for why).
+#include <math.h>
+
+#include <cstdint>
+
+#include "attention.h"
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,popcnt,bmi2")
+#include <immintrin.h>
+
+namespace sparamx {
+namespace {
+
+constexpr int kSub = 16;  // tokens per sub-block
+
+struct Rows {             // where token rows of one side live, for one (b, h)
+  const uint16_t* vals;   // token t's row starts at vals + t * stride
+  int64_t stride;
+  const uint32_t* bits;   // sparse: t's bitmap words at bits + t * words; else nullptr
+};
+
+// 2^x for x <= 0 (and -inf -> 0): x = n + f with |f| <= 1/2, 2^f by a degree-6
+// polynomial (relative error ~2e-7), then scaled by 2^n.
+inline __m512 exp2_ps(__m512 x) {
+  const __mmask16 dead = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~dead), _mm512_scalef_ps(p, n));
+}
+
+// v[i] (16 vectors of 16 floats) -> out lane i = sum of v[i]'s lanes.
+inline __m512 reduce16(const float* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // 256-bit halves: lanes 0-7 from v[2i], 8-15 from v[2i+1]
+    const __m512 x = _mm512_load_ps(v + 32 * i), y = _mm512_load_ps(v + 32 * i + 16);
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)  // 128-bit lane j: 4 partial sums of v[4i + j]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]),
+                         _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  // lane 4L + j now holds the sum of v[4j + L]
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44),
+                                 _mm512_shuffle_ps(c[0], c[1], 0xEE));
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(idx, d);
+}
+
+template <bool B>
+struct Bool {
+  static constexpr bool value = B;
+};
+
+inline __mmask32 dense_mask(int64_t d, int w) {
+  const int64_t left = d - 32 * w;
+  return left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
+}
+
+// Chunk w (32 dimensions) of a token's row; `off` is the sparse row's running value
+// offset (the popcount of words < w).
+template <bool kSparse>
+inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, __mmask32 dm, int& off) {
+  if constexpr (kSparse) {
+    const uint32_t bits = r.bits[t * words + w];
+    const int cnt = _mm_popcnt_u32(bits);
+    const __m512i packed =
+        _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), r.vals + t * r.stride + off);
+    off += cnt;
+    return _mm512_maskz_expand_epi16(bits, packed);
+  } else {
+    return _mm512_maskz_loadu_epi16(dm, r.vals + t * r.stride + 32 * w);
+  }
+}
+
+// W > 0: the number of 32-dimension chunks as a constant (fully unrolled loops, the
+// common head_dims 64 and 128); W == 0: `words_rt` at run time.
+template <int G, int W, bool KS, bool VS>
+void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d, float scale,
+             const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
+  const int words = W > 0 ? W : words_rt;
+  __mmask32 dm[8];
+  for (int w = 0; w < words; ++w) dm[w] = dense_mask(d, w);
+  alignas(64) float sbuf[G][kSub][16];
+  alignas(64) float p[G][kSub];
+  for (int64_t i0 = 0; i0 < n; i0 += kSub) {
+    const int nb = static_cast<int>(n - i0 < kSub ? n - i0 : kSub);
+    for (int i = 0; i < nb; ++i) {
+      __m512 s[G];
+      for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
+      int off = 0;
+      _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
+        const __m512i kc = load_chunk<KS>(kr, i0 + i, w, words, dm[w], off);
+        for (int g = 0; g < G; ++g)
+          s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kc, (__m512bh)q[g * words + w]);
+      }
+      for (int g = 0; g < G; ++g) _mm512_store_ps(sbuf[g][i], s[g]);
+    }
+    for (int i = nb; i < kSub; ++i)
+      for (int g = 0; g < G; ++g) _mm512_store_ps(sbuf[g][i], _mm512_setzero_ps());
+    const __mmask16 live = static_cast<__mmask16>((1u << nb) - 1u);
+    for (int g = 0; g < G; ++g) {
+      __m512 sv = _mm512_mul_ps(reduce16(&sbuf[g][0][0]), _mm512_set1_ps(scale));
+      sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv);
+      const float bmax = _mm512_reduce_max_ps(sv);
+      const float m_new = bmax > m[g] ? bmax : m[g];
+      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));
+      _mm512_store_ps(p[g], pv);
+      if (m_new != m[g]) {  // rescale what was summed under the old max
+        const float corr = exp2f(m[g] - m_new);  // C function: no std:: inline built here
+        const __m512 cv = _mm512_set1_ps(corr);
+        l[g] *= corr;
+        for (int j = 0; j < words * 32; j += 16)
+          _mm512_store_ps(acc + g * words * 32 + j,
+                          _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
+        m[g] = m_new;
+      }
+    }
+    // V: tokens in pairs. Each pair's chunks are interleaved (vpunpck{l,h}wd) so one
+    // vdpbf16ps adds p_t v_t + p_u v_u for 16 dimensions; p goes to bf16 for that, as
+    // FlashAttention does for its P·V product (l sums the same rounded p).
+    int voff[kSub][8];  // sparse V: value offset of chunk w within token i's row
+    if constexpr (VS) {
+      for (int i = 0; i < nb; ++i) {
+        const uint32_t* bw = vr.bits + (i0 + i) * words;
+        int o = 0;
+        for (int w = 0; w < words; ++w) {
+          voff[i][w] = o;
+          o += _mm_popcnt_u32(bw[w]);
+        }
+      }
+    }
+    alignas(64) uint32_t pp[G][kSub / 2];
+    for (int g = 0; g < G; ++g) {
+      const __m256bh pb = _mm512_cvtneps_pbh(_mm512_load_ps(p[g]));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
+      // l must sum the rounded weights the numerator uses
+      const __m512 back = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16));
+      l[g] += _mm512_reduce_add_ps(back);
+    }
+    for (int w = 0; w < words; ++w) {
+      __m512 alo[G], ahi[G];
+      for (int g = 0; g < G; ++g) {
+        alo[g] = _mm512_load_ps(acc + (g * words + w) * 32);
+        ahi[g] = _mm512_load_ps(acc + (g * words + w) * 32 + 16);
+      }
+      for (int i = 0; i < nb; i += 2) {
+        int o0 = 0, o1 = 0;
+        if constexpr (VS) {
+          o0 = voff[i][w];
+          o1 = i + 1 < nb ? voff[i + 1][w] : 0;
+        }
+        const __m512i v0 = load_chunk<VS>(vr, i0 + i, w, words, dm[w], o0);
+        const __m512i v1 =
+            i + 1 < nb ? load_chunk<VS>(vr, i0 + i + 1, w, words, dm[w], o1) : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+        for (int g = 0; g < G; ++g) {
+          const __m512bh pg = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g][i / 2]));
+          alo[g] = _mm512_dpbf16_ps(alo[g], lo, pg);
+          ahi[g] = _mm512_dpbf16_ps(ahi[g], hi, pg);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        _mm512_store_ps(acc + (g * words + w) * 32, alo[g]);
+        _mm512_store_ps(acc + (g * words + w) * 32 + 16, ahi[g]);
+      }
+    }
+  }
+}
+
+// The accumulators of chunk w hold [lo 16 | hi 16] fp32 lanes from vpunpck{l,h}wd: lane
+// j of lo is dimension 8 (j / 4) + j % 4, of hi the same + 4.
+inline int lane_dim(int j) { return j < 16 ? 8 * (j / 4) + j % 4 : 8 * ((j - 16) / 4) + 4 + j % 4; }
+
+template <int G>
+void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int64_t t1,
+            float* m, float* l, float* acc_out) {
+  const int words = static_cast<int>(a.words);
+  const int64_t dp = a.words * 32, group = a.hq / a.hkv;
+  __m512i q[G * 8];  // bf16 query chunks; words <= 8 (D <= 256, checked by the glue)
+  for (int g = 0; g < G; ++g)
+    for (int w = 0; w < words; ++w)
+      q[g * words + w] = _mm512_loadu_si512(a.q + (b * a.hq + h * group + g0 + g) * dp + 32 * w);
+  // Accumulators in the kernel's even|odd order (see the file comment).
+  alignas(64) float acc[G * 256];
+  for (int g = 0; g < G; ++g)
+    for (int w = 0; w < words; ++w)
+      for (int j = 0; j < 32; ++j) acc[(g * words + w) * 32 + j] = acc_out[g * dp + 32 * w + lane_dim(j)];
+  const int64_t bh = b * a.hkv + h;
+  auto comp_rows = [&](const KVSide& s) {
+    return Rows{s.vals + bh * s.cap * s.keep, s.keep,
+                s.bits ? s.bits + bh * s.cap * a.words : nullptr};
+  };
+  const int64_t c0 = t0 < a.n_comp ? t0 : a.n_comp, c1 = t1 < a.n_comp ? t1 : a.n_comp;
+  auto run = [&](auto ks, auto vs, const Rows& kr, const Rows& vr, int64_t n) {
+    constexpr bool KS = decltype(ks)::value, VS = decltype(vs)::value;
+    if (words == 4)
+      segment<G, 4, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+    else if (words == 2)
+      segment<G, 2, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+    else
+      segment<G, 0, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+  };
+  if (c1 > c0) {
+    Rows kr = comp_rows(a.k), vr = comp_rows(a.v);
+    kr.vals += c0 * kr.stride;
+    vr.vals += c0 * vr.stride;
+    if (kr.bits) kr.bits += c0 * a.words;
+    if (vr.bits) vr.bits += c0 * a.words;
+    const int64_t n = c1 - c0;
+    if (kr.bits && vr.bits)
+      run(Bool<true>{}, Bool<true>{}, kr, vr, n);
+    else if (kr.bits)
+      run(Bool<true>{}, Bool<false>{}, kr, vr, n);
+    else if (vr.bits)
+      run(Bool<false>{}, Bool<true>{}, kr, vr, n);
+    else
+      run(Bool<false>{}, Bool<false>{}, kr, vr, n);
+  }
+  const int64_t w0 = (t0 > a.n_comp ? t0 : a.n_comp) - a.n_comp, w1 = t1 - a.n_comp;
+  if (w1 > w0) {
+    const Rows kr{a.k.win + b * a.k.win_sb + h * a.k.win_sh + w0 * a.k.win_st, a.k.win_st,
+                  nullptr};
+    const Rows vr{a.v.win + b * a.v.win_sb + h * a.v.win_sh + w0 * a.v.win_st, a.v.win_st,
+                  nullptr};
+    run(Bool<false>{}, Bool<false>{}, kr, vr, w1 - w0);
+  }
+  for (int g = 0; g < G; ++g)
+    for (int w = 0; w < words; ++w)
+      for (int j = 0; j < 32; ++j) acc_out[g * dp + 32 * w + lane_dim(j)] = acc[(g * words + w) * 32 + j];
+}
+
+}  // namespace
+
+void attention_avx512(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t ng,
+                      int64_t t0, int64_t t1, float* m, float* l, float* acc) {
+  switch (ng) {
+    case 1: return attend<1>(a, b, h, g0, t0, t1, m, l, acc);
+    case 2: return attend<2>(a, b, h, g0, t0, t1, m, l, acc);
+    case 3: return attend<3>(a, b, h, g0, t0, t1, m, l, acc);
+    case 4: return attend<4>(a, b, h, g0, t0, t1, m, l, acc);
+    case 5: return attend<5>(a, b, h, g0, t0, t1, m, l, acc);
+    case 6: return attend<6>(a, b, h, g0, t0, t1, m, l, acc);
+    case 7: return attend<7>(a, b, h, g0, t0, t1, m, l, acc);
+    default: return attend<8>(a, b, h, g0, t0, t1, m, l, acc);
+  }
+}
+
+}  // namespace sparamx
+
+#pragma GCC pop_options

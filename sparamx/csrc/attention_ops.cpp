@@ -1,0 +1,214 @@
+// torch glue for decode attention over the sparse KV cache: argument checks, kernel
+// choice, flash-decoding split of (batch, KV head, query-head group, token range) across
+// threads, and the merge of the partial softmax states.
+//
+// Op (its fake kernel is registered from sparamx/kv.py):
+//   sparamx::kv_decode_attention(q, k_vals, k_bits?, v_vals, v_bits?, n_comp, k_win, v_win,
+//                                scale, kernel?) -> Tensor
+//   q [B, Hq, D] bf16 or fp32 (one query token per sequence; result in q's dtype);
+//   k_vals / v_vals [B, Hkv, cap, keep] bf16 with cap >= n_comp (keep = D when dense);
+//   k_bits / v_bits [B, Hkv, cap, ceil(D/32)] int32 or None (dense compressed tokens);
+//   k_win / v_win [B, Hkv, n_win, D] bf16, unit stride along D (the dense recent window).
+// Hq must be a multiple of Hkv (GQA); each K/V byte is read once per KV head.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "cpu_features.h"
+
+namespace sparamx {
+namespace {
+
+using AttnFn = void (*)(const AttnArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        float*, float*, float*);
+
+constexpr int64_t kMaxHeadDim = 256;  // kernels keep per-token tables of <= 8 words
+// Smallest token range per work item: below this the per-item set-up (loading q,
+// reordering accumulators, the merge) stops being small next to the streaming.
+constexpr int64_t kMinChunkTokens = 256;
+
+AttnFn attention_kernel(const c10::optional<c10::string_view>& name) {
+  std::string want;
+  if (name.has_value()) {
+    want = std::string(*name);
+  } else if (const char* env = std::getenv("SPARAMX_KERNEL"); env && *env) {
+    want = env;
+  }
+  const auto& f = cpu_features();
+  // The attention kernel has no AMX version: decode attention is a matrix-vector product
+  // per KV head, bound by memory, with too few query rows (G <= 8) to fill a tile.
+  if (want.empty() || want == "auto" || want == "amx")
+    return f.can_avx512() ? attention_avx512 : attention_portable;
+  if (want == "portable" || want == "amx_emulated") return attention_portable;
+  if (want == "avx512") {
+    TORCH_CHECK(f.can_avx512(),
+                "sparamx: kernel 'avx512' needs AVX-512 F/BW/VL/DQ/BF16/VBMI2, which this CPU "
+                "(or OS) does not provide; use kernel 'portable'");
+    return attention_avx512;
+  }
+  TORCH_CHECK(false, "sparamx: unknown attention kernel '", want, "'; allowed: avx512, portable");
+}
+
+void check_side(const char* name, const at::Tensor& vals, const c10::optional<at::Tensor>& bits,
+                const at::Tensor& win, int64_t B, int64_t H, int64_t D, int64_t n_comp) {
+  TORCH_CHECK(vals.device().is_cpu() && vals.scalar_type() == at::kBFloat16 &&
+                  vals.dim() == 4 && vals.is_contiguous(),
+              "sparamx: ", name, "_vals must be a contiguous 4-D bfloat16 CPU tensor [B, Hkv, "
+              "cap, keep], got ", vals.scalar_type(), " ", vals.sizes());
+  TORCH_CHECK(vals.size(0) == B && vals.size(1) == H && vals.size(2) >= n_comp,
+              "sparamx: ", name, "_vals has shape ", vals.sizes(), "; expected [", B, ", ", H,
+              ", >= n_comp=", n_comp, ", keep]");
+  const int64_t words = (D + 31) / 32;
+  if (bits.has_value()) {
+    TORCH_CHECK(bits->scalar_type() == at::kInt && bits->is_contiguous() && bits->dim() == 4 &&
+                    bits->size(0) == B && bits->size(1) == H &&
+                    bits->size(2) == vals.size(2) && bits->size(3) == words,
+                "sparamx: ", name, "_bits must be a contiguous int32 tensor [", B, ", ", H, ", ",
+                vals.size(2), ", ", words, "], got ", bits->scalar_type(), " ", bits->sizes());
+    TORCH_CHECK(vals.size(3) >= 1 && vals.size(3) <= D, "sparamx: ", name,
+                "_vals keeps ", vals.size(3), " values per token; allowed 1..", D);
+  } else {
+    TORCH_CHECK(vals.size(3) == D, "sparamx: ", name, "_vals without a bitmap must be dense (",
+                D, " values per token), got ", vals.size(3));
+  }
+  TORCH_CHECK(win.device().is_cpu() && win.scalar_type() == at::kBFloat16 && win.dim() == 4 &&
+                  win.size(0) == B && win.size(1) == H && win.size(3) == D &&
+                  (win.stride(3) == 1 || D == 1),
+              "sparamx: ", name, "_win must be a bfloat16 CPU tensor [", B, ", ", H,
+              ", n_win, ", D, "] with unit stride along head_dim, got ", win.scalar_type(), " ",
+              win.sizes(), " strides ", win.strides());
+}
+
+at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
+                               const c10::optional<at::Tensor>& k_bits, const at::Tensor& v_vals,
+                               const c10::optional<at::Tensor>& v_bits, int64_t n_comp,
+                               const at::Tensor& k_win, const at::Tensor& v_win, double scale,
+                               c10::optional<c10::string_view> kernel) {
+  TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kBFloat16 ||
+                                      q.scalar_type() == at::kFloat) && q.dim() == 3,
+              "sparamx: q must be a bfloat16 or float32 CPU tensor [B, Hq, D], got ",
+              q.scalar_type(), " ", q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "sparamx: head_dim ", D, " not in 1..", kMaxHeadDim);
+  TORCH_CHECK(k_vals.dim() == 4, "sparamx: k_vals must be 4-D [B, Hkv, cap, keep], got ",
+              k_vals.sizes());
+  const int64_t H = k_vals.size(1);
+  TORCH_CHECK(H >= 1 && Hq % H == 0, "sparamx: query heads (", Hq,
+              ") must be a multiple of KV heads (", H, ")");
+  TORCH_CHECK(n_comp >= 0, "sparamx: n_comp must be >= 0, got ", n_comp);
+  check_side("k", k_vals, k_bits, k_win, B, H, D, n_comp);
+  check_side("v", v_vals, v_bits, v_win, B, H, D, n_comp);
+  TORCH_CHECK(k_win.size(2) == v_win.size(2), "sparamx: k_win has ", k_win.size(2),
+              " tokens but v_win has ", v_win.size(2));
+  const int64_t n_win = k_win.size(2), n = n_comp + n_win;
+  TORCH_CHECK(n >= 1, "sparamx: attention over an empty cache (n_comp + n_win = 0)");
+  const AttnFn fn = attention_kernel(kernel);
+
+  const int64_t words = (D + 31) / 32, dp = 32 * words;
+  at::Tensor qb = at::zeros({B, Hq, dp}, q.options().dtype(at::kBFloat16));
+  qb.narrow(2, 0, D).copy_(q);
+  AttnArgs a;
+  a.q = reinterpret_cast<const uint16_t*>(qb.data_ptr<at::BFloat16>());
+  a.batch = B;
+  a.hq = Hq;
+  a.hkv = H;
+  a.d = D;
+  a.words = words;
+  a.scale_log2e = static_cast<float>(scale * 1.4426950408889634);
+  a.n_comp = n_comp;
+  a.n_win = n_win;
+  auto side = [&](const at::Tensor& vals, const c10::optional<at::Tensor>& bits,
+                  const at::Tensor& win) {
+    KVSide s;
+    s.vals = reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>());
+    s.bits = bits.has_value() ? reinterpret_cast<const uint32_t*>(bits->data_ptr<int32_t>())
+                              : nullptr;
+    s.keep = vals.size(3);
+    s.cap = vals.size(2);
+    s.win = reinterpret_cast<const uint16_t*>(win.data_ptr<at::BFloat16>());
+    s.win_sb = win.stride(0);
+    s.win_sh = win.stride(1);
+    s.win_st = win.stride(2);
+    return s;
+  };
+  a.k = side(k_vals, k_bits, k_win);
+  a.v = side(v_vals, v_bits, v_win);
+
+  // Work items: (b, h, query-head chunk, token chunk). Token chunks let a single
+  // sequence use every thread (flash decoding); they are merged below in token order.
+  const int64_t group = Hq / H;
+  const int64_t gchunks = (group + kAttnMaxGroup - 1) / kAttnMaxGroup;
+  const int64_t gsize = (group + gchunks - 1) / gchunks;
+  const int64_t base_items = B * H * gchunks;
+  const int64_t want = 4 * at::get_num_threads();
+  int64_t tchunks = std::max<int64_t>(1, (want + base_items - 1) / base_items);
+  tchunks = std::min<int64_t>(tchunks, std::max<int64_t>(1, n / kMinChunkTokens));
+  int64_t chunk = (n + tchunks - 1) / tchunks;
+  chunk = (chunk + 15) / 16 * 16;  // whole sub-blocks of 16 tokens
+  tchunks = (n + chunk - 1) / chunk;
+  const int64_t items = base_items * tchunks;
+  const int64_t state = gsize * (dp + 2);  // per item: m[gsize], l[gsize], acc[gsize][dp]
+  std::vector<float> part(static_cast<size_t>(items * state));
+  // At least ~128 KiB of cache bytes per task: small calls (short contexts, small
+  // models) run on the calling thread instead of waking (and waiting for) the pool.
+  const int64_t item_bytes =
+      std::max<int64_t>(1, chunk * (a.k.keep + a.v.keep) * 2);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{128} << 10) / item_bytes);
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t tc = it % tchunks, rest = it / tchunks;
+      const int64_t gc = rest % gchunks, bh = rest / gchunks;
+      const int64_t g0 = gc * gsize, ng = std::min(gsize, group - g0);
+      float* m = part.data() + it * state;
+      float* l = m + gsize;
+      float* acc = l + gsize;
+      std::fill(m, m + gsize, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + gsize + gsize * dp, 0.f);
+      if (ng > 0)
+        fn(a, bh / H, bh % H, g0, ng, tc * chunk, std::min(n, (tc + 1) * chunk), m, l, acc);
+    }
+  });
+  // Merge token chunks: out = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c.
+  at::Tensor out = at::empty({B, Hq, D}, q.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t gc = 0; gc < gchunks; ++gc)
+      for (int64_t g = 0; g < std::min(gsize, group - gc * gsize); ++g) {
+        const int64_t first = (bh * gchunks + gc) * tchunks;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t tc = 0; tc < tchunks; ++tc) mx = std::max(mx, part[(first + tc) * state + g]);
+        float* dst = o + ((bh / H) * Hq + (bh % H) * group + gc * gsize + g) * D;
+        std::fill(dst, dst + D, 0.f);
+        float lsum = 0.f;
+        for (int64_t tc = 0; tc < tchunks; ++tc) {
+          const float* m = part.data() + (first + tc) * state;
+          if (m[g] == -std::numeric_limits<float>::infinity()) continue;
+          const float w = std::exp2(m[g] - mx);
+          lsum += w * m[gsize + g];
+          const float* acc = m + 2 * gsize + g * dp;
+          for (int64_t j = 0; j < D; ++j) dst[j] += w * acc[j];
+        }
+        const float inv = 1.f / lsum;
+        for (int64_t j = 0; j < D; ++j) dst[j] *= inv;
+      }
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparamx, m) {
+  m.def("kv_decode_attention(Tensor q, Tensor k_vals, Tensor? k_bits, Tensor v_vals, "
+        "Tensor? v_bits, int n_comp, Tensor k_win, Tensor v_win, float scale, "
+        "str? kernel=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("kv_decode_attention", &kv_decode_attention); }
+
+}  // namespace sparamx

@@ -1,0 +1,75 @@
+// Portable decode attention over the sparse KV cache (any CPU): the fallback where
+// AVX-512-BF16 is missing, and a second implementation the AVX-512 kernel is tested
+// against. Same math: bf16 q and K/V, fp32 products and sums, online softmax in the
+// log2 domain.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "attention.h"
+#include "kernels.h"
+
+namespace sparamx {
+namespace {
+
+// Token t of one side expanded to D floats (dense positions; pruned entries are 0).
+void load_token(const AttnArgs& a, const KVSide& s, int64_t b, int64_t h, int64_t t,
+                float* out) {
+  const int64_t D = a.d;
+  if (t < a.n_comp) {
+    const int64_t row = (b * a.hkv + h) * s.cap + t;
+    const uint16_t* v = s.vals + row * s.keep;
+    if (!s.bits) {
+      for (int64_t j = 0; j < D; ++j) out[j] = bf16_to_float(v[j]);
+      return;
+    }
+    const uint32_t* bits = s.bits + row * a.words;
+    int64_t k = 0;
+    for (int64_t j = 0; j < D; ++j)
+      out[j] = (bits[j >> 5] >> (j & 31) & 1u) ? bf16_to_float(v[k++]) : 0.f;
+    return;
+  }
+  const uint16_t* w = s.win + b * s.win_sb + h * s.win_sh + (t - a.n_comp) * s.win_st;
+  for (int64_t j = 0; j < D; ++j) out[j] = bf16_to_float(w[j]);
+}
+
+}  // namespace
+
+void attention_portable(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t ng,
+                        int64_t t0, int64_t t1, float* m, float* l, float* acc) {
+  const int64_t D = a.d, Dp = a.words * 32;
+  const int64_t group = a.hq / a.hkv;
+  float kt[256], vt[256];  // D <= 256 is checked by the glue
+  float q[kAttnMaxGroup][256];
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint16_t* qg = a.q + (b * a.hq + h * group + g0 + g) * Dp;
+    for (int64_t j = 0; j < D; ++j) q[g][j] = bf16_to_float(qg[j]);
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    load_token(a, a.k, b, h, t, kt);
+    load_token(a, a.v, b, h, t, vt);
+    for (int64_t g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int64_t j = 0; j < D; ++j) s += q[g][j] * kt[j];
+      s *= a.scale_log2e;
+      const float m_new = s > m[g] ? s : m[g];
+      const float corr = std::exp2(m[g] - m_new);  // 0 when m was -inf
+      const float p = std::exp2(s - m_new);
+      l[g] = l[g] * corr + p;
+      m[g] = m_new;
+      float* ag = acc + g * Dp;
+      for (int64_t j = 0; j < D; ++j) ag[j] = ag[j] * corr + p * vt[j];
+    }
+  }
+}
+
+#if !(defined(__x86_64__) || defined(_M_X64))
+// Non-x86 builds: the AVX-512 kernel is not compiled; the glue never selects it there.
+void attention_avx512(const AttnArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                      float*, float*, float*) {
+  std::abort();
+}
+#endif
+
+}  // namespace sparamx

@@ -1,0 +1,510 @@
+"""Sparse KV cache: run-time pruning of keys (after RoPE) and values, a compressed cache
+that stock transformers modeling code can use, and the decode attention that reads it.
+
+Pieces, from the bottom up:
+
+- ``prune_tokens`` / ``unpack_tokens``: per token and KV head, keep ``keep`` entries of
+  head_dim (magnitude, or a caller-given score such as Wanda's |k_j|·‖q_j‖) and pack them
+  as bitmap words (uint32 per 32 dims) plus the kept bf16 values in dimension order.
+  Every token keeps the same count, so token t's values start at ``t * keep``: no
+  offsets table, and no address in the kernel depends on another token's popcount.
+- ``SparseKVLayer`` (a transformers ``CacheLayerMixin``): a dense recent window and,
+  behind it, the compressed tokens. Whole blocks of ``block_tokens`` tokens leave the
+  window once it holds more than ``recent_window`` tokens; they are pruned and packed
+  then. ``nbytes`` counts every byte kept.
+- ``SparseKVCache`` (a transformers ``Cache``): one layer per decoder layer.
+- ``sparse_kv_attention``: registered in transformers' attention-function registry as
+  ``"sparamx_kv"``. The cache's ``update`` returns the dense window with a reference to its
+  layer; for a one-token query this function hands the compressed tokens and the window
+  to ``torch.ops.sparamx.kv_decode_attention`` (``sparamx/csrc/attention_*.cpp``), which
+  reads each compressed block once per KV head for all query heads of its GQA group.
+  Prefill stays dense (SDPA over the decompressed cache when it has compressed tokens).
+- ``enable_sparse_kv(model, settings)``: switch a model to the sparse cache, so that
+  ``model.generate`` uses it without further arguments.
+
+With both sparsities 0 the compressed tokens are stored dense (no bitmap) and the same
+kernel runs as our dense-cache decode attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import ops  # noqa: F401  (loads sparamx._C, which registers the op)
+
+ATTENTION_NAME = "sparamx_kv"
+KV_METHODS = ("none", "magnitude", "wanda")
+BLOCK_TOKENS = 32  # tokens per compressed block (the unit of pruning)
+
+
+# ------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """Sparse KV cache settings (the config's ``kv`` section)."""
+
+    method: str = "magnitude"  # magnitude | wanda; "none" = our dense cache (no pruning)
+    k_sparsity: float = 0.5  # share of head_dim dropped per key (0 <= s < 1)
+    v_sparsity: float = 0.5
+    recent_window: int = 64  # newest tokens kept dense
+    block_tokens: int = BLOCK_TOKENS
+
+    def __post_init__(self):
+        if self.method not in KV_METHODS:
+            raise ValueError(f"kv.method: {self.method!r} is not one of {', '.join(KV_METHODS)}")
+        for name in ("k_sparsity", "v_sparsity"):
+            s = getattr(self, name)
+            if not isinstance(s, int | float) or not 0.0 <= s < 1.0:
+                raise ValueError(f"kv.{name}: {s!r} is invalid; allowed: 0 <= sparsity < 1")
+        if not isinstance(self.recent_window, int) or self.recent_window < 0:
+            raise ValueError(f"kv.recent_window: {self.recent_window!r} is invalid; must be >= 0")
+        if not isinstance(self.block_tokens, int) or self.block_tokens < 1:
+            raise ValueError(f"kv.block_tokens: {self.block_tokens!r} is invalid; must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KVSettings:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"kv: unknown field(s) {unknown}; allowed: {list(known) or ''}")
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def keep(self, head_dim: int, sparsity: float) -> int:
+        """Entries kept per token: round((1 - s) * head_dim), at least one."""
+        if self.method == "none":
+            return head_dim
+        return max(1, min(head_dim, round((1.0 - sparsity) * head_dim)))
+
+
+# ------------------------------------------------------------------------ packing
+
+
+def words_for(head_dim: int) -> int:
+    return (head_dim + 31) // 32
+
+
+def prune_tokens(
+    x: torch.Tensor, keep: int, score: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Keep the ``keep`` highest-scoring entries of each row of ``x[..., D]`` (score
+    default |x|). Returns ``(bits[..., W] int32, values[..., keep] bf16)``; ``bits`` is
+    None when every entry is kept (the dense layout)."""
+    d = x.shape[-1]
+    if keep >= d:
+        return None, x.to(torch.bfloat16).contiguous()
+    s = x.float().abs() if score is None else score.float()
+    idx = s.topk(keep, dim=-1).indices.sort(dim=-1).values  # [..., keep], dimension order
+    values = x.gather(-1, idx).to(torch.bfloat16)
+    w = words_for(d)
+    mask = torch.zeros(*x.shape[:-1], w * 32, dtype=torch.bool, device=x.device)
+    mask.scatter_(-1, idx, True)
+    shifts = torch.arange(32, device=x.device, dtype=torch.int64)
+    bits = (mask.view(*x.shape[:-1], w, 32).long() << shifts).sum(-1)  # [0, 2^32)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # as int32 bits
+    return bits.contiguous(), values.contiguous()
+
+
+def token_mask(bits: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Bitmap words ``[..., W]`` -> kept-entry mask ``[..., head_dim]`` (bool)."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int64)
+    m = ((bits.long() & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & 1
+    return m.bool().flatten(-2)[..., :head_dim]
+
+
+def unpack_tokens(bits: torch.Tensor | None, values: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inverse of ``prune_tokens``: dense bf16 ``[..., head_dim]`` with zeros where pruned."""
+    if bits is None:
+        return values
+    mask = token_mask(bits, head_dim)
+    out = torch.zeros(*mask.shape, dtype=values.dtype, device=values.device)
+    out[mask] = values.flatten()  # row-major order = each row's dims in order
+    return out
+
+
+# ------------------------------------------------------------------------ kernels
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_vals: torch.Tensor,
+    k_bits: torch.Tensor | None,
+    v_vals: torch.Tensor,
+    v_bits: torch.Tensor | None,
+    n_comp: int,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    scale: float,
+    kernel: str | None = None,
+) -> torch.Tensor:
+    """softmax(q·Kᵀ·scale)·V for one query token per sequence: ``q[B, Hq, D]`` over the
+    first ``n_comp`` compressed tokens (``*_vals[B, Hkv, cap, keep]``, ``*_bits`` or None
+    for dense) followed by the window ``*_win[B, Hkv, n_win, D]``. Returns ``[B, Hq, D]``."""
+    return torch.ops.sparamx.kv_decode_attention(
+        q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, float(scale), kernel
+    )
+
+
+@torch.library.register_fake("sparamx::kv_decode_attention")
+def _(q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, scale, kernel=None):
+    torch._check(q.dim() == 3)
+    return q.new_empty(q.shape)
+
+
+def reference_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Pure-PyTorch reference: ``q[B, Hq, D]`` (rounded to bf16, as the kernels do) over
+    dense ``k, v[B, Hkv, n, D]`` in fp32; GQA by repeating KV heads. Returns fp32."""
+    group = q.shape[1] // k.shape[1]
+    qf = q.to(torch.bfloat16).float()
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhd,bhnd->bhn", qf, kf) * scale
+    return torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), vf)
+
+
+# ------------------------------------------------------------------------ cache
+
+
+class SparseKVLayer(CacheLayerMixin):
+    """One decoder layer's cache: compressed tokens ``[0, n_comp)`` and a dense window
+    ``self.keys/self.values[B, Hkv, n_win, D]`` (the model's dtype) behind them."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, settings: KVSettings):
+        super().__init__()
+        self.settings = settings
+        self.cumulative_length = 0
+        self.n_comp = 0
+        self.k_vals = self.k_bits = self.v_vals = self.v_bits = None
+        self.q_sq = None  # Wanda: sum over prefill tokens of q² per KV head group [Hkv, D]
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        b, h, _, d = key_states.shape
+        self.shape = (b, h, d)
+        self.keep_k = self.settings.keep(d, self.settings.k_sparsity)
+        self.keep_v = self.settings.keep(d, self.settings.v_sparsity)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        # The window goes back with a reference to this layer: sparse_kv_attention reads
+        # the compressed tokens through it (and prunes after attending). While nothing is
+        # compressed the window is the whole cache, so any attention function is right.
+        keys = self.keys.view_as(self.keys)
+        keys._sparamx_kv_layer = self
+        return keys, self.values
+
+    # Shapes transformers' mask code asks for.
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.settings)
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("sparamx sparse KV cache: beam search is not supported")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("sparamx sparse KV cache: cropping is not supported")
+
+    # --- pruning and compaction
+
+    def observe_queries(self, query: torch.Tensor) -> None:
+        """Wanda-style scores need ‖q_j‖ per KV head: sum q² over the prefill tokens and
+        the query heads of each group. ``query[B, Hq, q_len, D]``."""
+        b, hq, _, d = query.shape
+        h = self.shape[1]
+        sq = query.float().pow(2).view(b, h, hq // h, -1, d).sum(dim=(0, 2, 3))  # [Hkv, D]
+        self.q_sq = sq if self.q_sq is None else self.q_sq + sq
+
+    def compact(self) -> None:
+        """Move whole blocks past ``recent_window`` out of the window: prune and pack."""
+        bt = self.settings.block_tokens
+        n_win = self.keys.shape[-2]
+        blocks = (n_win - self.settings.recent_window) // bt
+        if blocks <= 0:
+            return
+        n = blocks * bt
+        k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        k_score = None
+        if self.settings.method == "wanda" and self.q_sq is not None:
+            # |k_j| · ‖q_j‖ (per KV head, channel j); V has no query: magnitude
+            k_score = k.float().abs() * self.q_sq.sqrt()[None, :, None, :]
+        kb, kv_ = prune_tokens(k, self.keep_k, k_score)
+        vb, vv = prune_tokens(v, self.keep_v)
+        self._append(kb, kv_, vb, vv, n)
+        self.keys = self.keys[:, :, n:].clone()
+        self.values = self.values[:, :, n:].clone()
+
+    def _append(self, kb, kv_, vb, vv, n):
+        b, h, d = self.shape
+        need = self.n_comp + n
+        cap = 0 if self.k_vals is None else self.k_vals.shape[2]
+        if need > cap:  # grow by doubling: amortised O(1) copies per token
+            new_cap = max(need, 2 * cap, 256)
+
+            def grow(t, last, dtype):
+                out = torch.zeros(b, h, new_cap, last, dtype=dtype, device=self.device)
+                if t is not None:
+                    out[:, :, : self.n_comp] = t[:, :, : self.n_comp]
+                return out
+
+            w = words_for(d)
+            self.k_vals = grow(self.k_vals, self.keep_k, torch.bfloat16)
+            self.v_vals = grow(self.v_vals, self.keep_v, torch.bfloat16)
+            if kb is not None:
+                self.k_bits = grow(self.k_bits, w, torch.int32)
+            if vb is not None:
+                self.v_bits = grow(self.v_bits, w, torch.int32)
+        sl = slice(self.n_comp, need)
+        self.k_vals[:, :, sl] = kv_
+        self.v_vals[:, :, sl] = vv
+        if kb is not None:
+            self.k_bits[:, :, sl] = kb
+        if vb is not None:
+            self.v_bits[:, :, sl] = vb
+        self.n_comp = need
+
+    # --- reading
+
+    def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All cached tokens as dense ``[B, Hkv, n, D]`` in the window's dtype (pruned
+        entries zero): what the kernel attends over; for prefill after compaction."""
+        if not self.n_comp:
+            return self.keys, self.values
+        d = self.shape[2]
+        sl = slice(0, self.n_comp)
+        kb = None if self.k_bits is None else self.k_bits[:, :, sl]
+        vb = None if self.v_bits is None else self.v_bits[:, :, sl]
+        k = unpack_tokens(kb, self.k_vals[:, :, sl], d).to(self.dtype)
+        v = unpack_tokens(vb, self.v_vals[:, :, sl], d).to(self.dtype)
+        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+    def attend(self, q: torch.Tensor, scale: float, kernel: str | None = None) -> torch.Tensor:
+        """Decode attention of ``q[B, Hq, D]`` over this layer's cache."""
+        b, h, d = self.shape
+        k_win, v_win = self.keys, self.values
+        if k_win.dtype != torch.bfloat16:  # fp32 models: the kernel reads bf16
+            k_win, v_win = k_win.to(torch.bfloat16), v_win.to(torch.bfloat16)
+        if self.n_comp:
+            kv, kb, vv, vb = self.k_vals, self.k_bits, self.v_vals, self.v_bits
+        else:
+            kv = vv = k_win[:, :, :0].new_empty(b, h, 0, d)
+            kb = vb = None
+        return decode_attention(q, kv, kb, vv, vb, self.n_comp, k_win, v_win, scale, kernel)
+
+    def nbytes(self) -> int:
+        """Bytes of cached data: compressed values and bitmaps of the ``n_comp`` tokens
+        plus the dense window (allocated spare capacity not counted)."""
+        if not self.is_initialized:
+            return 0
+        b, h, d = self.shape
+        per_token = 2 * (self.keep_k + self.keep_v)
+        per_token += 4 * words_for(d) * ((self.k_bits is not None) + (self.v_bits is not None))
+        window = self.keys.numel() * self.keys.element_size() * 2
+        return b * h * self.n_comp * per_token + window
+
+    def dense_nbytes(self) -> int:
+        """Bytes the same tokens take in a dense bf16 cache."""
+        if not self.is_initialized:
+            return 0
+        b, h, d = self.shape
+        return b * h * self.cumulative_length * d * 2 * 2
+
+
+class SparseKVCache(Cache):
+    """A transformers ``Cache`` of ``SparseKVLayer``s; use with attention
+    ``"sparamx_kv"`` (``enable_sparse_kv`` sets both up)."""
+
+    def __init__(self, settings: KVSettings | dict | None = None, config=None):
+        if isinstance(settings, dict):
+            settings = KVSettings.from_dict(settings)
+        self.settings = settings or KVSettings()
+        if config is not None:
+            impl = getattr(config, "_attn_implementation", None)
+            if impl != ATTENTION_NAME:
+                raise ValueError(
+                    f"SparseKVCache needs attn_implementation={ATTENTION_NAME!r} (the cache "
+                    f"hands compressed tokens to that attention function), the model uses "
+                    f"{impl!r}; call sparamx.kv.enable_sparse_kv(model, settings)"
+                )
+        super().__init__(layer_class_to_replicate=functools.partial(SparseKVLayer, self.settings))
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def dense_nbytes(self) -> int:
+        return sum(layer.dense_nbytes() for layer in self.layers)
+
+
+# ------------------------------------------------------------------------ attention
+
+
+def _mask_allows_all(mask: torch.Tensor | None) -> bool:
+    if mask is None:
+        return True
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == 0).all())
+
+
+def sparse_kv_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw
+):
+    """transformers attention function (``attn_implementation="sparamx_kv"``). Shapes:
+    query ``[B, Hq, q_len, D]``, key/value ``[B, Hkv, n, D]``; returns ``([B, q_len, Hq,
+    D], None)`` as transformers' SDPA function does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = getattr(key, "_sparamx_kv_layer", None)  # None: another cache (plain SDPA)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    unsupported = (
+        kw.get("softcap") is not None
+        or kw.get("s_aux") is not None
+        or kw.get("position_bias") is not None
+        or (kw.get("sliding_window") or 0) > 0
+    )
+    decode_ok = (
+        layer is not None
+        and query.shape[2] == 1
+        and not unsupported
+        and dropout == 0.0
+        and _mask_allows_all(attention_mask)
+    )
+    if decode_ok:
+        out = layer.attend(query[:, :, 0], scale).unsqueeze(1)  # [B, 1, Hq, D]
+        layer.compact()
+        return out.to(query.dtype), None
+    if layer is not None:
+        if query.shape[2] > 1 and layer.settings.method == "wanda":
+            layer.observe_queries(query)
+        key, value = layer.dense_kv()
+    out = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout, scale, is_causal, **kw
+    )
+    if layer is not None:
+        layer.compact()
+    return out
+
+
+# ------------------------------------------------------------------------ wiring
+
+
+def register() -> None:
+    """Register ``"sparamx_kv"`` with transformers' attention and mask interfaces (the
+    mask is SDPA's; decode ignores it when it allows every position)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, sparse_kv_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def enable_sparse_kv(model, settings: KVSettings | dict):
+    """Switch ``model`` to the sparse KV cache: attention ``"sparamx_kv"`` and a fresh
+    ``SparseKVCache`` for every ``model.generate`` call that passes no cache. Returns
+    ``model``. ``settings.method == "none"`` gives our dense cache with our kernel."""
+    if isinstance(settings, dict):
+        settings = KVSettings.from_dict(settings)
+    register()
+    model.config._attn_implementation = ATTENTION_NAME
+    for cfg in (getattr(model.config, "text_config", None),):
+        if cfg is not None:
+            cfg._attn_implementation = ATTENTION_NAME
+    model._sparamx_kv = settings
+    if not hasattr(model, "_sparamx_generate"):
+        model._sparamx_generate = model.generate
+
+        @functools.wraps(model._sparamx_generate)
+        def generate(*args, **kwargs):
+            # transformers 5 renamed past_key_values to cache; honour either
+            if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                kwargs["cache"] = SparseKVCache(model._sparamx_kv, model.config)
+            return model._sparamx_generate(*args, **kwargs)
+
+        model.generate = generate
+    return model
+
+
+def disable_sparse_kv(model, attn_implementation: str = "sdpa"):
+    """Undo ``enable_sparse_kv``: back to ``attn_implementation`` and stock generate."""
+    model.config._attn_implementation = attn_implementation
+    text = getattr(model.config, "text_config", None)
+    if text is not None:
+        text._attn_implementation = attn_implementation
+    if hasattr(model, "_sparamx_generate"):
+        model.generate = model._sparamx_generate
+        del model._sparamx_generate
+    model.__dict__.pop("_sparamx_kv", None)
+    return model
+
+
+def new_cache(model) -> SparseKVCache:
+    """A fresh cache with the settings ``enable_sparse_kv`` gave ``model``."""
+    settings = getattr(model, "_sparamx_kv", None)
+    if settings is None:
+        raise ValueError("model has no sparse KV settings; call enable_sparse_kv(model, ...)")
+    return SparseKVCache(settings, model.config)
+
+
+@torch.inference_mode()
+def decode_perplexity(
+    model, input_ids: torch.Tensor, cache: Cache | None = None, prefill: int = 0
+) -> dict:
+    """Perplexity of ``input_ids[1, n]`` on the decode path: ``prefill`` tokens go in as
+    one prefill (dense attention; Wanda-style scores gather their query norms there),
+    the rest one token at a time through ``cache``, so the sparse cache is read as in
+    generation (lm-eval's loglikelihood tasks only ever run prefill). Scores the
+    predictions of tokens ``max(prefill, 1) .. n-1``. Returns ``{"ppl", "nll", "tokens"}``."""
+    n = input_ids.shape[-1]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or n < 2:
+        raise ValueError(f"input_ids must be [1, n] with n >= 2, got {tuple(input_ids.shape)}")
+    if not 0 <= prefill < n:
+        raise ValueError(f"prefill must be in 0..{n - 1} for {n} tokens, got {prefill}")
+    if cache is None:
+        cache = new_cache(model) if hasattr(model, "_sparamx_kv") else None
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    nll, scored = 0.0, 0
+    start = max(prefill, 1)
+    if prefill:
+        out = model(input_ids[:, :prefill], cache=cache, use_cache=True)
+        nll -= float(out.logits[0, -1].float().log_softmax(-1)[input_ids[0, prefill]])
+        scored += 1
+        start = prefill + 1
+    for t in range(start - 1, n - 1):
+        out = model(
+            input_ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([[t]]), use_cache=True
+        )
+        nll -= float(out.logits[0, -1].float().log_softmax(-1)[input_ids[0, t + 1]])
+        scored += 1
+    return {"ppl": math.exp(nll / scored), "nll": nll, "tokens": scored}
