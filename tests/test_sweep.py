@@ -158,7 +158,7 @@ def test_bad_base_and_kv_method(tmp_path):
         sw.load_sweep(write_sweep(tmp_path, base="nope.yaml"))
     with pytest.raises(sw.SweepError, match="prune.method"):
         sw.load_sweep(write_sweep(tmp_path, set=["prune.method=foo"]))
-    with pytest.raises(sw.SweepError, match="sparse KV cache is not available"):
+    with pytest.raises(sw.SweepError, match="do not drive the sparse KV cache"):
         sw.load_sweep(write_sweep(tmp_path, set=["kv.method=magnitude"]))
 
 
