@@ -21,12 +21,13 @@ at::Tensor read_probe(const at::Tensor& buf) {
   const auto* base = static_cast<const uint8_t*>(buf.data_ptr());
   const int64_t words = buf.nbytes() / 64;  // whole cache lines; a tail under 64 B is skipped
   std::vector<uint64_t> partial(std::max(1, at::get_num_threads()), 0);
+  const auto* words64 = reinterpret_cast<const uint64_t*>(base);  // data_ptr is aligned
   at::parallel_for(0, words, 1 << 14, [&](int64_t begin, int64_t end) {
+    // Eight independent accumulators over contiguous words: the compiler vectorises
+    // this into wide loads, and no add chain limits the read rate.
     uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = begin; i < end; ++i) {
-      uint64_t line[8];
-      std::memcpy(line, base + i * 64, 64);
-      for (int j = 0; j < 8; ++j) acc[j] ^= line[j];
+    for (int64_t i = begin * 8; i < end * 8; i += 8) {
+      for (int j = 0; j < 8; ++j) acc[j] ^= words64[i + j];
     }
     uint64_t x = 0;
     for (uint64_t a : acc) x ^= a;
