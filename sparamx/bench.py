@@ -114,6 +114,21 @@ def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
     return ids[:, :tokens]
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB. Linux: VmHWM, the high-water mark of
+    this program's own address space. ``ru_maxrss`` is not used there because a child
+    inherits its parent's peak at fork and keeps it across exec (a bench started from
+    the pipeline would report the pipeline's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def model_bytes(model) -> int:
     """Bytes of the model's parameters and buffers (tied tensors counted once)."""
     seen, total = set(), 0
@@ -220,7 +235,7 @@ def run_bench(
         "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
         "ms_per_token": ms_tok,
         "tokens_per_s": 1e3 / ms_tok,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "model_bytes": model_bytes(model),
         "load_s": load_s,
         "new_tokens": new_tokens,

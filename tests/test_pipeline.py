@@ -169,3 +169,18 @@ def test_changed_config_reruns_dependent_stages(tmp_path, tiny_model_dir):
     assert second["prune"] != first["prune"]
     layers = json.loads((run / "prune" / "layers.json").read_text())["layers"]
     assert all(abs(lay["sparsity"] - 0.6) < 0.02 for lay in layers)
+
+
+def test_bench_peak_rss_is_the_child_programs_own():
+    # A child inherits its parent's ru_maxrss across fork + exec; the bench subprocess
+    # must report its own peak, not the pipeline's (here: a 512 MiB parent buffer).
+    import subprocess
+    import sys
+
+    import torch
+
+    ballast = torch.ones(1 << 27)  # 512 MiB, touched
+    code = "from sparamx.bench import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 480, out.stdout
+    del ballast
