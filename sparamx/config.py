@@ -308,18 +308,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | Path, what: str, error: type[Exception]) -> dict:
+    """The YAML mapping in ``path``; ``error`` (naming ``what`` and the file) when the
+    file is missing, is not YAML, or is not a mapping at the top level."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {p}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p}: invalid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "config file", ConfigError) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return validate(_build(Config, data))

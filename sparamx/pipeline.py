@@ -562,7 +562,8 @@ def _metric_line(res: dict) -> str:
     return ", ".join(parts) or "no metrics"
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(log_file: Path | None) -> None:
+    """INFO to stderr and, when given, to ``log_file``; quiet the chatty libraries."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -570,10 +571,11 @@ def setup_logging(run_dir: Path) -> None:
         root.removeHandler(h)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
-    fileh = logging.FileHandler(run_dir / "pipeline.log")
-    fileh.setFormatter(fmt)
     root.addHandler(console)
-    root.addHandler(fileh)
+    if log_file is not None:
+        fileh = logging.FileHandler(log_file)
+        fileh.setFormatter(fmt)
+        root.addHandler(fileh)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter at WARNING
@@ -608,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     pipe = Pipeline(cfg, args.out)
-    setup_logging(pipe.run_dir)
+    setup_logging(pipe.run_dir / "pipeline.log")
     atomic_write_json(pipe.run_dir / "config.json", cfg.to_dict())
     pipe.run(only=args.only, force=tuple(args.force))
     log.info("run directory: %s", pipe.run_dir)

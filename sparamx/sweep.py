@@ -52,8 +52,6 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .artifact import atomic_write_json, atomic_write_text
 from .config import (
     METHODS,
@@ -62,9 +60,10 @@ from .config import (
     _build,
     apply_overrides,
     load_config,
+    read_yaml_mapping,
     validate,
 )
-from .pipeline import Pipeline, StageResult, _metric_line
+from .pipeline import Pipeline, StageResult, _metric_line, setup_logging
 
 log = logging.getLogger("sparamx.sweep")
 
@@ -208,14 +207,7 @@ def check_value(axis: str, raw, where: str):
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
     """Read a sweep file; return it and its resolved base pipeline config."""
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {p}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"sweep file {p}: expected a mapping at the top level")
+    data = read_yaml_mapping(p, "sweep file", SweepError)
     try:
         data = apply_overrides(data, overrides or [])
         sweep = _build(SweepConfig, data)
@@ -722,24 +714,6 @@ class SweepPipeline(Pipeline):
 # ------------------------------------------------------------------ CLI
 
 
-def setup_logging(out: Path | None) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    root.addHandler(console)
-    if out is not None:
-        fileh = logging.FileHandler(out / "sweep.log")
-        fileh.setFormatter(fmt)
-        root.addHandler(fileh)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m sparamx.sweep",
@@ -786,7 +760,7 @@ def main(argv=None) -> int:
         if args.resume:
             out = Path(args.resume)
             sw = Sweep.open(out)
-            setup_logging(out)
+            setup_logging(out / "sweep.log")
             experiments = read_plan(out / "experiments.csv")
         else:
             sweep, base = load_sweep(args.sweep, args.overrides)
@@ -800,7 +774,7 @@ def main(argv=None) -> int:
                 print(f"{len(experiments)} experiments written to {args.csv}")
                 return 0
             sw = Sweep.create(sweep, base, Path(args.out) if args.out else None)
-            setup_logging(sw.out)
+            setup_logging(sw.out / "sweep.log")
             # The plan as run (an edited CSV normalized): what --resume reads back.
             write_plan(sw.out / "experiments.csv", experiments)
     except SweepError as e:
