@@ -26,6 +26,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,popcnt,bmi2")
 #include <immintrin.h>
 
+#include "expand_avx512.h"
+
 namespace sparamx {
 namespace {
 
@@ -94,7 +96,7 @@ inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, __mmask32 
     const __m512i packed =
         _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), r.vals + t * r.stride + off);
     off += cnt;
-    return _mm512_maskz_expand_epi16(bits, packed);
+    return sparamx_expand_unit(bits, packed);
   } else {
     return _mm512_maskz_loadu_epi16(dm, r.vals + t * r.stride + 32 * w);
   }

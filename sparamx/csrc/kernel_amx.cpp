@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include "amx_tiles.h"
+#include "expand_avx512.h"
 
 namespace sparamx {
 namespace amx_hw {
@@ -25,7 +26,7 @@ namespace amx_hw {
 inline void decompress_b_tile(const uint32_t* bits, const uint16_t*& v, uint16_t* out) {
   for (int i = 0; i < 16; ++i) {  // out: [16 units][32 bf16], 64-byte aligned
     const __m512i kept = _mm512_loadu_si512(v);
-    _mm512_store_si512(out + i * kUnitVals, _mm512_maskz_expand_epi16(bits[i], kept));
+    _mm512_store_si512(out + i * kUnitVals, sparamx_expand_unit(bits[i], kept));
     v += __builtin_popcount(bits[i]);
   }
 }

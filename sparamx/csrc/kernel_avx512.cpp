@@ -1,7 +1,8 @@
 // AVX-512-BF16 kernel (Zen 4, Cooper Lake, Sapphire Rapids and later).
 //
 // Decode (M <= kDecodeMaxRows): the compressed bytes are streamed once. Per unit, a
-// plain 64-byte load is expanded in registers with the unit's bitmap (vpexpandw) and
+// plain 64-byte load is expanded in registers with the unit's bitmap (vpexpandw, in
+// the dependency-free form of expand_avx512.h) and
 // multiplied into one fp32 accumulator per row with vdpbf16ps. Four column groups are
 // interleaved so that four independent value-pointer chains keep loads in flight
 // (with one chain each address waits on the previous unit's popcount).
@@ -21,6 +22,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,popcnt")
 #include <immintrin.h>
+
+#include "expand_avx512.h"
 
 namespace sparamx {
 namespace {
@@ -77,7 +80,7 @@ void decode_block(const LinearArgs& a, int64_t g0, int64_t r0) {
       __m512i w;
       if constexpr (kSparse) {
         const uint32_t bits = bm[gi][p];
-        w = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v[gi]));
+        w = sparamx_expand_unit(bits, _mm512_loadu_si512(v[gi]));
         v[gi] += _mm_popcnt_u32(bits);
       } else {
         w = _mm512_loadu_si512(v[gi]);
@@ -119,7 +122,7 @@ inline void fill_panel(const LinearArgs& a, int64_t g, int64_t p0, int64_t np,
     for (int64_t p = 0; p < np; ++p) {
       const uint32_t bits = bm[p];
       _mm512_store_si512(panel + p * kUnitVals,
-                         _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v)));
+                         sparamx_expand_unit(bits, _mm512_loadu_si512(v)));
       v += _mm_popcnt_u32(bits);
     }
   } else {
