@@ -19,6 +19,7 @@ sources = [
     "kernel_amx_emu.cpp",
     "attention_ops.cpp",
     "attention_portable.cpp",
+    "norm_ops.cpp",
 ]
 if platform.machine().lower() in ("x86_64", "amd64"):
     sources += ["kernel_avx512.cpp", "kernel_amx.cpp", "attention_avx512.cpp"]

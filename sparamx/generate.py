@@ -171,14 +171,45 @@ def _is_norm(mod: nn.Module) -> bool:
     )
 
 
+def _native_norm(mod: nn.Module, dtype: torch.dtype) -> Callable | None:
+    """``torch.ops.sparamx.rms_norm`` bound to ``mod``'s weight and epsilon when it gives
+    bitwise the module's own output on sample inputs (Llama-style or Gemma-style);
+    None when neither form matches (the module then stays on its Python forward)."""
+    from . import ops  # noqa: F401  (registers torch.ops.sparamx.rms_norm's fake)
+
+    eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+    if not isinstance(eps, float) or isinstance(mod, nn.LayerNorm):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    width = mod.weight.shape[-1]
+    samples = [
+        torch.randn(n, width, generator=gen).mul(scale).to(dtype)
+        for n, scale in ((1, 1.0), (3, 30.0), (2, 1e-3))
+    ]
+    for offset in (False, True):
+        fn = functools.partial(
+            torch.ops.sparamx.rms_norm, weight=mod.weight, eps=eps, offset_weight=offset
+        )
+        try:
+            if all(torch.equal(fn(x), mod(x)) and fn(x).dtype == mod(x).dtype for x in samples):
+                return fn
+        except RuntimeError:
+            return None
+    return None
+
+
 def _norm_wrappers(model) -> list[tuple[nn.Module, Callable, Callable, torch.dtype]]:
-    """(module, its eager forward, the replacement forward, output dtype) per norm."""
+    """(module, its eager forward, the replacement forward, output dtype) per norm: the
+    native ``sparamx::rms_norm`` where it is bitwise the module's, else the opaque
+    ``eager_norm`` that calls the module back."""
     out = []
     dtype = next(model.parameters()).dtype
-    for key, mod in enumerate(m for m in model.modules() if _is_norm(m)):
-        with torch.inference_mode():
+    with torch.inference_mode():
+        for key, mod in enumerate(m for m in model.modules() if _is_norm(m)):
             out_dtype = mod(torch.zeros(1, mod.weight.shape[-1], dtype=dtype)).dtype
-        out.append((mod, mod.forward, functools.partial(eager_norm, key=key), out_dtype))
+            native = _native_norm(mod, dtype)
+            replacement = native or functools.partial(eager_norm, key=key)
+            out.append((mod, mod.forward, replacement, out_dtype))
     return out
 
 
@@ -321,11 +352,27 @@ def _backend(compile: bool | str) -> str | None:
     raise ValueError(f"compile must be True, False or one of {BACKENDS}, got {compile!r}")
 
 
+def _own_step() -> Callable:
+    """A copy of ``decode_one_token`` with its own code object: dynamo keeps compiled
+    graphs per code object, so each session's graphs stay apart (its guards need not
+    tell models apart; see ``_compiled_step``)."""
+    f = decode_one_token
+    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__)
+
+
 def _compiled_step(sess: DecodeSession, backend: str) -> Callable:
+    """The session's compiled decode step. Dynamo checks guards before every call; on a
+    packed model the guards on its modules cost ~2.7 ms per token (SmolLM2-135M), so
+    they are skipped: the step is the session's own (one model), and the modules it
+    traced do not change while the session lives (``release`` drops it). Guards on
+    tensors (the cache, its length) stay. Inductor emits a C++ wrapper (``cpp_wrapper``)
+    instead of a Python one that calls every kernel from Python."""
     if backend not in sess.steps:
-        options = INDUCTOR_OPTIONS if backend == "inductor" else None
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if backend == "inductor":
+            options.update(INDUCTOR_OPTIONS)
         sess.steps[backend] = torch.compile(
-            decode_one_token, fullgraph=True, backend=backend, options=options
+            _own_step(), fullgraph=True, backend=backend, options=options
         )
     return sess.steps[backend]
 

@@ -48,6 +48,12 @@ def _(x, bitmap, values, offsets, bias, n, k, kernel):
     return _out_shape(x, n)
 
 
+@torch.library.register_fake("sparamx::rms_norm")
+def _(x, weight, eps, offset_weight):
+    dtype = x.dtype if offset_weight else torch.promote_types(weight.dtype, x.dtype)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
 def packed_linear(
     x: torch.Tensor,
     packed: PackedWeight,
