@@ -7,6 +7,7 @@ Engines (``--engines``, default all):
 | `transformers`       | dense bf16 (``--dense``)            | ``model.generate``             |
 | `sparamx-hf`         | packed artifact (``--artifact``)    | ``model.generate``             |
 | `sparamx-lean`       | packed artifact                     | ``sparamx.generate``           |
+| `sparamx-lean-fast`  | packed artifact                     | the same, ``attention="fast"`` |
 | `sparamx-lean-eager` | packed artifact                     | the same, ``compile=False``    |
 | `dense-lean`         | dense bf16                          | ``sparamx.generate``           |
 | `llama.cpp-bf16`     | SmolLM2 GGUF, BF16 (same weights)   | llama-cpp-python's own loop    |
@@ -49,12 +50,14 @@ ENGINES = {  # name: (model, loop)
     "transformers": ("dense", "hf"),
     "sparamx-hf": ("packed", "hf"),
     "sparamx-lean": ("packed", "lean"),
+    "sparamx-lean-fast": ("packed", "lean-fast"),
     "sparamx-lean-eager": ("packed", "lean-eager"),
     "dense-lean": ("dense", "lean"),
     "llama.cpp-bf16": ("gguf-bf16", "llama.cpp"),
     "llama.cpp-q4_1": ("gguf-q4_1", "llama.cpp"),
 }
 SAME_AS = {"sparamx-lean": "sparamx-hf", "sparamx-lean-eager": "sparamx-hf"}
+SAME_AS["sparamx-lean-fast"] = "sparamx-hf"  # not bitwise: may differ after a near-tie
 SAME_AS["dense-lean"] = "transformers"
 DEFAULT_PROMPTS = [
     "The history of the printing press begins",
@@ -96,10 +99,10 @@ def _run_hf(model, tok, prompt: str, n: int) -> dict:
     return {"ttft_ms": r["ttft_ms"], "ms_per_token": r["ms_per_token"], "text": r["text"]}
 
 
-def _run_lean(model, tok, prompt: str, n: int, compile: bool) -> dict:
+def _run_lean(model, tok, prompt: str, n: int, compile: bool, attention: str) -> dict:
     from sparamx.generate import generate
 
-    g = generate(model, tok, prompt, n, compile=compile, stop_at_eos=False)
+    g = generate(model, tok, prompt, n, compile=compile, stop_at_eos=False, attention=attention)
     per_token = sum(g.token_times_s) / max(1, len(g.token_times_s))
     return {
         "ttft_ms": g.ttft_s * 1e3,
@@ -162,8 +165,9 @@ def run_worker(engine: str, args) -> dict:
         if loop == "hf":
             run = lambda p, n: _run_hf(model, tok, p, n)  # noqa: E731
         else:
-            compile = loop == "lean"
-            run = lambda p, n: _run_lean(model, tok, p, n, compile)  # noqa: E731
+            compile = loop != "lean-eager"
+            attention = "fast" if loop == "lean-fast" else "exact"
+            run = lambda p, n: _run_lean(model, tok, p, n, compile, attention)  # noqa: E731
     t0 = time.perf_counter()
     warm = run(args.prompts[0], args.new_tokens if loop.startswith("lean") else 8)
     rec["warmup_s"] = time.perf_counter() - t0

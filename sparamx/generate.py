@@ -48,11 +48,20 @@ log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this (one compiled graph per length)
 LEAN_ATTENTION = "sparamx_sdpa"
+FAST_ATTENTION = "sparamx_fast"
+# attention= of generate(): "exact" (transformers' SDPA call, bitwise model.generate) or
+# "fast" (our decode attention kernel over the static cache; not bitwise, see below).
+ATTENTION_MODES = {"exact": LEAN_ATTENTION, "fast": FAST_ATTENTION}
 BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends for the decode step
 DEFAULT_BACKEND = "inductor"
 # Inductor: keep eager's bf16 rounding between fused ops (with the norms run eagerly, the
 # logits are bitwise eager's).
-INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+INDUCTOR_OPTIONS = {
+    "emulate_precision_casts": True,
+    "size_asserts": False,
+    "alignment_asserts": False,
+    "scalar_asserts": False,
+}
 # generation_config fields that would make model.generate differ from plain argmax.
 _PROCESSOR_FIELDS = {
     "repetition_penalty": 1.0,
@@ -120,24 +129,63 @@ def lean_sdpa_attention(
     )
 
 
+def lean_fast_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw
+):
+    """``attention="fast"``: a one-token query over the first ``len(kv_positions)`` cache
+    positions runs ``sparamx::kv_decode_attention`` (our dense-cache decode kernel: each
+    K/V byte read once per KV head for its whole GQA group; torch's SDPA spent ~60 us
+    per layer per token on SmolLM2 heads). Its fp32 sums run in another order than
+    SDPA's, so logits differ in the last bits and a greedy near-tie can go the other
+    way. Anything else (prefill, soft-capping, sliding windows, ALiBi) goes to
+    ``lean_sdpa_attention``."""
+    kv_positions = kw.get("kv_positions")
+    plain = not any(kw.get(name) is not None for name in ("position_bias", "softcap"))
+    plain = plain and kw.get("sliding_window") is None
+    if query.shape[2] != 1 or kv_positions is None or not plain:
+        return lean_sdpa_attention(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw
+        )
+    from . import kv  # noqa: F401  (the op's fake kernel)
+
+    length = kv_positions.shape[0]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    empty = key[:, :, :0]
+    out = torch.ops.sparamx.kv_decode_attention(
+        query[:, :, 0],
+        empty,
+        None,
+        empty,
+        None,
+        0,
+        key[:, :, :length],
+        value[:, :, :length],
+        float(scale),
+    )
+    return out.unsqueeze(1), None  # [b, 1, heads, d], as transformers' attention returns
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(LEAN_ATTENTION, lean_sdpa_attention)
     AttentionMaskInterface.register(LEAN_ATTENTION, sdpa_mask)
+    AttentionInterface.register(FAST_ATTENTION, lean_fast_attention)
+    AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
 
 
 @contextmanager
-def _lean_attention(model):
-    """Run a model configured for ``sdpa`` on ``lean_sdpa_attention``; restore after.
-    Yields whether it did (other attention implementations keep the static mask)."""
+def _lean_attention(model, attention: str = "exact"):
+    """Run a model configured for ``sdpa`` on ``lean_sdpa_attention`` (or, ``"fast"``,
+    ``lean_fast_attention``); restore after. Yields whether it did (other attention
+    implementations keep the static mask)."""
     config = model.config
     old = getattr(config, "_attn_implementation", None)
     swap = old == "sdpa"
     if swap:
         _register_attention()
-        config._attn_implementation = LEAN_ATTENTION
+        config._attn_implementation = ATTENTION_MODES[attention]
     try:
         yield swap
     finally:
@@ -284,8 +332,9 @@ class DecodeSession:
     cache: object  # transformers.StaticCache
     cache_len: int
     exact_attention: bool = False  # lean_sdpa_attention active: pass kv_positions
-    steps: dict[str, Callable] = field(default_factory=dict)  # backend -> compiled step
-    warm: set[tuple[str, int]] = field(default_factory=set)  # (backend, cache_len) compiled
+    # (backend, attention) -> compiled step; (backend, attention, cache_len) compiled
+    steps: dict[tuple[str, str], Callable] = field(default_factory=dict)
+    warm: set[tuple[str, str, int]] = field(default_factory=set)
     norms: list | None = None  # _norm_wrappers(model), made on first compiled use
 
     def __post_init__(self):
@@ -360,21 +409,24 @@ def _own_step() -> Callable:
     return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__)
 
 
-def _compiled_step(sess: DecodeSession, backend: str) -> Callable:
+def _compiled_step(sess: DecodeSession, backend: str, attention: str) -> Callable:
     """The session's compiled decode step. Dynamo checks guards before every call; on a
     packed model the guards on its modules cost ~2.7 ms per token (SmolLM2-135M), so
     they are skipped: the step is the session's own (one model), and the modules it
     traced do not change while the session lives (``release`` drops it). Guards on
     tensors (the cache, its length) stay. Inductor emits a C++ wrapper (``cpp_wrapper``)
-    instead of a Python one that calls every kernel from Python."""
-    if backend not in sess.steps:
+    Each attention mode has its own step (the mode is a model-config setting, which the
+    skipped guards would not see change). Inductor's run-time size/alignment asserts on
+    every op output are off (~2% of decode time here; the fake kernels are tested)."""
+    key = (backend, attention)
+    if key not in sess.steps:
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if backend == "inductor":
             options.update(INDUCTOR_OPTIONS)
-        sess.steps[backend] = torch.compile(
+        sess.steps[key] = torch.compile(
             _own_step(), fullgraph=True, backend=backend, options=options
         )
-    return sess.steps[backend]
+    return sess.steps[key]
 
 
 def _step_context(model, sess: DecodeSession, backend: str | None):
@@ -386,15 +438,15 @@ def _step_context(model, sess: DecodeSession, backend: str | None):
     return _opaque_norms(sess.norms)
 
 
-def _warm_up(model, sess: DecodeSession, backend: str) -> float:
+def _warm_up(model, sess: DecodeSession, backend: str, attention: str) -> float:
     """Compile the decode step for the session's cache (one dummy prefill and step,
     then reset the cache); returns the seconds spent."""
-    step = _compiled_step(sess, backend)
+    step = _compiled_step(sess, backend, attention)
     t0 = time.perf_counter()
     token = prefill(model, torch.zeros((1, 1), dtype=torch.long), sess.cache)
     step(model, token, torch.tensor([[1]]), sess.cache, sess.kv_positions(2, dynamic=True))
     sess.cache.reset()
-    sess.warm.add((backend, sess.cache_len))
+    sess.warm.add((backend, attention, sess.cache_len))
     return time.perf_counter() - t0
 
 
@@ -510,6 +562,7 @@ def generate(
     compile: bool | str = True,
     max_cache_len: int | None = None,
     stop_at_eos: bool = True,
+    attention: str = "exact",
 ) -> Generation:
     """Greedy decoding of one prompt with a static KV cache and a compiled decode step.
 
@@ -520,7 +573,13 @@ def generate(
     to ``CACHE_BUCKET``, grown as later calls need, capped by the model's context).
     Stops at the model's end-of-sequence token, like ``model.generate``, unless
     ``stop_at_eos`` is False (benchmarks: always ``max_new_tokens`` tokens).
+    ``attention``: ``"exact"`` (default) decodes with transformers' own SDPA call, so
+    the tokens are ``model.generate``'s bitwise; ``"fast"`` uses our decode attention
+    kernel (faster; its sums run in another order, so a greedy near-tie can differ).
+    Both apply to models set up for ``sdpa`` attention; others keep their own.
     """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_MODES)}, got {attention!r}")
     _check_positive_int("max_new_tokens", max_new_tokens)
     if max_cache_len is not None:
         _check_positive_int("max_cache_len", max_cache_len)
@@ -534,14 +593,14 @@ def generate(
     texts = _TextStream(tokenizer, stream) if stream is not None else None
 
     backend = _backend(compile)
-    with torch.inference_mode(), _lean_attention(model) as swapped:
+    with torch.inference_mode(), _lean_attention(model, attention) as swapped:
         sess, reused = _session(model, prompt_len + max_new_tokens, max_cache_len)
         sess.exact_attention = swapped and not any(sess.cache.is_sliding)
         compile_s = 0.0
-        if backend and (backend, sess.cache_len) not in sess.warm:
+        if backend and (backend, attention, sess.cache_len) not in sess.warm:
             with _step_context(model, sess, backend):
-                compile_s = _warm_up(model, sess, backend)
-        step = _compiled_step(sess, backend) if backend else decode_one_token
+                compile_s = _warm_up(model, sess, backend, attention)
+        step = _compiled_step(sess, backend, attention) if backend else decode_one_token
 
         new: list[int] = []
         stamps: list[float] = []

@@ -154,7 +154,7 @@ def decode_attention(
 
 
 @torch.library.register_fake("sparamx::kv_decode_attention")
-def _(q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, scale, kernel=None):
+def _(q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, scale, impl=None):
     torch._check(q.dim() == 3)
     return q.new_empty(q.shape)
 

@@ -43,7 +43,7 @@ def _(x, values, bias, n, k):
 
 
 @torch.library.register_fake("sparamx::linear_with_kernel")
-def _(x, bitmap, values, offsets, bias, n, k, kernel):
+def _(x, bitmap, values, offsets, bias, n, k, impl):
     torch._check(x.dim() == 2 and x.shape[1] == k)
     return _out_shape(x, n)
 

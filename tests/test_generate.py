@@ -115,6 +115,50 @@ def test_decode_step_traces_as_one_graph_with_our_ops(tiny_packed):
     assert code.count("sparamx.sparse_linear") == 14  # 2 layers x 7 linears
 
 
+def test_fast_attention_is_our_kernel_in_the_graph(tiny_packed):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=tiny_packed.config, max_cache_len=64)
+    kv = torch.arange(10)
+    torch._dynamo.mark_dynamic(kv, 0, min=2, max=63)
+    with torch.inference_mode(), lean._lean_attention(tiny_packed, "fast"):
+        token = lean.prefill(tiny_packed, _prompt(), cache)
+        explained = torch._dynamo.explain(lean.decode_one_token)(
+            tiny_packed, token, torch.tensor([[9]]), cache, kv
+        )
+    assert explained.graph_break_count == 0
+    code = explained.graphs[0].code
+    assert code.count("sparamx.kv_decode_attention") == 2  # one per layer
+    assert "scaled_dot_product_attention" not in code
+
+
+@pytest.mark.parametrize("length", [1, 2, 17, 33, 100])
+def test_fast_attention_close_to_sdpa(length):
+    """Same attention as the exact path up to bf16 rounding of the output."""
+
+    class Module:  # what transformers' SDPA call reads from the attention module
+        num_key_value_groups, is_causal, training = 3, True, False
+
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(1, 9, 1, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 3, 128, 64, generator=gen).bfloat16() for _ in range(2))
+    pos = torch.arange(length)
+    exact, _ = lean.lean_sdpa_attention(Module(), q, k, v, None, scaling=0.125, kv_positions=pos)
+    fast, _ = lean.lean_fast_attention(Module(), q, k, v, None, scaling=0.125, kv_positions=pos)
+    assert fast.shape == exact.shape == (1, 1, 9, 64)
+    torch.testing.assert_close(fast.float(), exact.float(), atol=1 / 32, rtol=1 / 64)
+
+
+def test_fast_attention_generates_compiled(tiny_packed):
+    ids = _prompt()
+    res = generate(tiny_packed, None, ids, N_NEW, compile=True, attention="fast")
+    assert len(res.ids) == N_NEW and res.backend == "inductor"
+    sess = lean._SESSIONS[tiny_packed]
+    assert ("inductor", "fast") in sess.steps  # its own step, apart from the exact one
+    # the first token comes from the (shared, exact) prefill
+    assert res.ids[0] == _hf_new_tokens(tiny_packed, ids, 1)[0]
+
+
 def test_stops_at_eos_like_hf_generate(tiny_packed):
     ids = _prompt()
     free = _hf_new_tokens(tiny_packed, ids, N_NEW)
@@ -224,6 +268,11 @@ def test_prompt_longer_than_the_model_context(tiny_packed):
     # tiny_config: max_position_embeddings=256
     with pytest.raises(ValueError, match=r"300 tokens.*max_position_embeddings=256"):
         generate(tiny_packed, None, _prompt(300), 4)
+
+
+def test_bad_attention_mode(tiny_packed):
+    with pytest.raises(ValueError, match=r"attention must be one of \['exact', 'fast'\]"):
+        generate(tiny_packed, None, _prompt(), 4, attention="flash")
 
 
 def test_other_bad_inputs(tiny_packed):

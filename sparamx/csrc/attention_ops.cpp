@@ -4,7 +4,8 @@
 //
 // Op (its fake kernel is registered from sparamx/kv.py):
 //   sparamx::kv_decode_attention(q, k_vals, k_bits?, v_vals, v_bits?, n_comp, k_win, v_win,
-//                                scale, kernel?) -> Tensor
+//                                scale, impl?) -> Tensor   (impl: a kernel name; see ops.cpp
+//                                on why it is not called `kernel`)
 //   q [B, Hq, D] bf16 or fp32 (one query token per sequence; result in q's dtype);
 //   k_vals / v_vals [B, Hkv, cap, keep] bf16 with cap >= n_comp (keep = D when dense);
 //   k_bits / v_bits [B, Hkv, cap, ceil(D/32)] int32 or None (dense compressed tokens);
@@ -206,7 +207,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
 TORCH_LIBRARY_FRAGMENT(sparamx, m) {
   m.def("kv_decode_attention(Tensor q, Tensor k_vals, Tensor? k_bits, Tensor v_vals, "
         "Tensor? v_bits, int n_comp, Tensor k_win, Tensor v_win, float scale, "
-        "str? kernel=None) -> Tensor");
+        "str? impl=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("kv_decode_attention", &kv_decode_attention); }

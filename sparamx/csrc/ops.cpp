@@ -3,7 +3,7 @@
 // Ops (schemas below; fake kernels are registered from Python):
 //   sparamx::sparse_linear(x, bitmap, values, offsets, bias?, n, k)  bitmap-bf16 layout
 //   sparamx::dense_linear(x, values, bias?, n, k)                     dense-bf16 layout
-//   sparamx::linear_with_kernel(..., kernel)  same, with the kernel named (tests, benches)
+//   sparamx::linear_with_kernel(..., impl)  same, with the kernel named (tests, benches)
 // x is [M, k] bf16 or fp32; the result is [M, n] in x's dtype. Weights are bf16 and the
 // products are accumulated in fp32 (fp32 inputs are rounded to bf16 first, as in a bf16
 // F.linear). The raw ops check shapes and dtypes and the offsets' total; that bitmap
@@ -229,8 +229,10 @@ TORCH_LIBRARY(sparamx, m) {
   m.def("sparse_linear(Tensor x, Tensor bitmap, Tensor values, Tensor offsets, Tensor? bias, "
         "int n, int k) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor values, Tensor? bias, int n, int k) -> Tensor");
+  // The kernel-name argument is `impl`, not `kernel`: inductor lowers custom ops through
+  // FallbackKernel.create(kernel, ...), and an op argument named `kernel` collides with it.
   m.def("linear_with_kernel(Tensor x, Tensor? bitmap, Tensor values, Tensor? offsets, "
-        "Tensor? bias, int n, int k, str kernel) -> Tensor");
+        "Tensor? bias, int n, int k, str impl) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) {
