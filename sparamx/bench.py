@@ -16,6 +16,7 @@ alternately, in the same pipeline run, on the same prompts.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -78,13 +79,15 @@ def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
     }
 
 
-def time_generate_lean(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+def time_generate_lean(
+    model, tokenizer, prompt: str, new_tokens: int, attention: str = "exact"
+) -> dict:
     """The same measurement through ``sparamx.generate`` (static cache, compiled decode
-    step). Compilation happens in the untimed warm-up call; ``compile_s`` says how long
-    a call spent compiling (0 once warm)."""
+    step; ``attention`` as there). Compilation happens in the untimed warm-up call;
+    ``compile_s`` says how long a call spent compiling (0 once warm)."""
     from .generate import generate
 
-    g = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False)
+    g = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False, attention=attention)
     decode = sum(g.token_times_s) / max(1, len(g.token_times_s))
     return {
         "ttft_ms": g.ttft_s * 1e3,
@@ -96,7 +99,11 @@ def time_generate_lean(model, tokenizer, prompt: str, new_tokens: int) -> dict:
     }
 
 
-ENGINES = {"hf": time_generate, "lean": time_generate_lean}
+ENGINES = {
+    "hf": time_generate,
+    "lean": time_generate_lean,
+    "lean-fast": functools.partial(time_generate_lean, attention="fast"),
+}
 CONTEXT_TEXT = "pang_lee_polarity.cor"  # movie-review sentences (not an evaluation set)
 
 
@@ -203,7 +210,8 @@ def run_bench(
 ) -> dict:
     """Load a model (stock dense or packed artifact) and time generation on ``prompts``
     (or on one prompt of exactly ``context`` tokens) with ``engine``: "hf"
-    (``model.generate``) or "lean" (``sparamx.generate``)."""
+    (``model.generate``), "lean" (``sparamx.generate``) or "lean-fast" (the same with
+    ``attention="fast"``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
     timed = ENGINES[engine]
@@ -221,7 +229,8 @@ def run_bench(
     if context is not None:
         prompts = [context_prompt(tok, context)]
     # Warm-up, not timed (the lean engine compiles its decode step here).
-    warm = timed(model, tok, prompts[0], new_tokens if engine == "lean" else min(8, new_tokens))
+    lean = engine.startswith("lean")
+    warm = timed(model, tok, prompts[0], new_tokens if lean else min(8, new_tokens))
     runs = []
     for _ in range(repeats):
         for p in prompts:
@@ -242,7 +251,7 @@ def run_bench(
         "prompts": len(prompts),
         "repeats": repeats,
         "warmup": "one untimed generation before timing"
-        + (" (compiles the decode step)" if engine == "lean" else ""),
+        + (" (compiles the decode step)" if engine.startswith("lean") else ""),
         "compile_s": warm.get("compile_s", 0.0),
         "texts": [r["text"] for r in runs[: len(prompts)]],
         "prompt_tokens": runs[0]["prompt_tokens"],

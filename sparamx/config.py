@@ -146,7 +146,7 @@ CHOICES = {
     "prune.calibration.source": CALIB_SOURCES,
     "kv.method": KV_METHODS,
     "pack.storage": STORAGES,
-    "bench.engine": ("lean", "hf"),
+    "bench.engine": ("lean", "lean-fast", "hf"),
 }
 
 

@@ -509,7 +509,7 @@ class Pipeline:
         art = self.path("pack", "artifact").resolve()
         records = []
         engine = b.engine
-        if self.cfg.kv.method != "none" and engine == "lean":
+        if self.cfg.kv.method != "none" and engine.startswith("lean"):
             # The lean loop decodes with a static dense cache: the sparse KV cache the
             # artifact asks for only runs under model.generate.
             log.warning("bench: kv.method is set, so the packed model runs model.generate")

@@ -64,7 +64,7 @@ def finished(run_dir):
         (["model.dtype=int8"], "model.dtype: 'int8' is not one of bfloat16, float32"),
         (["nonsense"], "expected key=value"),
         (["name=a/b"], "name"),
-        (["bench.engine=fast"], "bench.engine: 'fast' is not one of lean, hf"),
+        (["bench.engine=fast"], "bench.engine: 'fast' is not one of lean, lean-fast, hf"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
