@@ -18,8 +18,13 @@ logits are bitwise the same (checked on SmolLM2, dense and packed):
   The length comes in as the size of ``kv_positions``, marked dynamic, so one
   compiled graph serves every length (the model's attention setting is restored after);
 - norms: inductor's fused RMSNorm reduces in another order than eager. Under inductor
-  the norm modules run as one opaque op, ``sparamx_lean::eager_norm``, that calls the
-  module eagerly; ``emulate_precision_casts`` keeps eager's bf16 roundings elsewhere.
+  each norm module runs as ``sparamx::rms_norm`` (C++: the same ATen calls as the
+  eager Llama- or Gemma-style forward, checked bitwise against the module first) or,
+  for other norms, as ``sparamx_lean::eager_norm``, an opaque op that calls the module
+  back in Python; ``emulate_precision_casts`` keeps eager's bf16 roundings elsewhere.
+
+``attention="fast"`` trades the first point for speed: our decode attention kernel
+(``sparamx::kv_decode_attention``) over the filled cache instead of SDPA.
 
 The cache and the compiled step live in a ``DecodeSession`` per model and are reused
 by later calls: the cache is reset, not reallocated, while prompt + new tokens fit
@@ -54,8 +59,9 @@ FAST_ATTENTION = "sparamx_fast"
 ATTENTION_MODES = {"exact": LEAN_ATTENTION, "fast": FAST_ATTENTION}
 BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends for the decode step
 DEFAULT_BACKEND = "inductor"
-# Inductor: keep eager's bf16 rounding between fused ops (with the norms run eagerly, the
-# logits are bitwise eager's).
+# Inductor: keep eager's bf16 rounding between fused ops (with the norms computed as eager
+# does, the logits are bitwise eager's); no run-time size/alignment asserts on every op
+# output (~2% of decode time on SmolLM2; the fake kernels are tested).
 INDUCTOR_OPTIONS = {
     "emulate_precision_casts": True,
     "size_asserts": False,
@@ -331,7 +337,7 @@ class DecodeSession:
 
     cache: object  # transformers.StaticCache
     cache_len: int
-    exact_attention: bool = False  # lean_sdpa_attention active: pass kv_positions
+    lean_attention: bool = False  # lean_*_attention active: pass kv_positions
     # (backend, attention) -> compiled step; (backend, attention, cache_len) compiled
     steps: dict[tuple[str, str], Callable] = field(default_factory=dict)
     warm: set[tuple[str, str, int]] = field(default_factory=set)
@@ -348,7 +354,7 @@ class DecodeSession:
     def kv_positions(self, length: int, dynamic: bool) -> torch.Tensor | None:
         """``positions[:length]``; under compile its length is a symbolic size (one
         graph for every length 2 .. cache_len - 1)."""
-        if not self.exact_attention:
+        if not self.lean_attention:
             return None
         view = self.positions[:length]
         if dynamic:
@@ -414,10 +420,10 @@ def _compiled_step(sess: DecodeSession, backend: str, attention: str) -> Callabl
     packed model the guards on its modules cost ~2.7 ms per token (SmolLM2-135M), so
     they are skipped: the step is the session's own (one model), and the modules it
     traced do not change while the session lives (``release`` drops it). Guards on
-    tensors (the cache, its length) stay. Inductor emits a C++ wrapper (``cpp_wrapper``)
-    Each attention mode has its own step (the mode is a model-config setting, which the
-    skipped guards would not see change). Inductor's run-time size/alignment asserts on
-    every op output are off (~2% of decode time here; the fake kernels are tested)."""
+    tensors (the cache, its length) stay. Each attention mode has its own step (the
+    mode is a model-config setting, which the skipped guards would not see change).
+    (Inductor's ``cpp_wrapper`` would cut the Python wrapper's per-kernel cost too, but
+    compiling SmolLM2's step with it took 326 s instead of 38 s here.)"""
     key = (backend, attention)
     if key not in sess.steps:
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -595,7 +601,7 @@ def generate(
     backend = _backend(compile)
     with torch.inference_mode(), _lean_attention(model, attention) as swapped:
         sess, reused = _session(model, prompt_len + max_new_tokens, max_cache_len)
-        sess.exact_attention = swapped and not any(sess.cache.is_sliding)
+        sess.lean_attention = swapped and not any(sess.cache.is_sliding)
         compile_s = 0.0
         if backend and (backend, attention, sess.cache_len) not in sess.warm:
             with _step_context(model, sess, backend):
