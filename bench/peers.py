@@ -100,16 +100,9 @@ def _run_hf(model, tok, prompt: str, n: int) -> dict:
 
 
 def _run_lean(model, tok, prompt: str, n: int, compile: bool, attention: str) -> dict:
-    from sparamx.generate import generate
+    from sparamx.bench import time_generate_lean
 
-    g = generate(model, tok, prompt, n, compile=compile, stop_at_eos=False, attention=attention)
-    per_token = sum(g.token_times_s) / max(1, len(g.token_times_s))
-    return {
-        "ttft_ms": g.ttft_s * 1e3,
-        "ms_per_token": per_token * 1e3,
-        "text": g.text,
-        "compile_s": g.compile_s,
-    }
+    return time_generate_lean(model, tok, prompt, n, attention=attention, compile=compile)
 
 
 def _llama_cpp_runner(threads: int, kind: str):

@@ -80,14 +80,28 @@ def time_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
 
 
 def time_generate_lean(
-    model, tokenizer, prompt: str, new_tokens: int, attention: str = "exact"
+    model,
+    tokenizer,
+    prompt: str,
+    new_tokens: int,
+    attention: str = "exact",
+    compile: bool = True,
 ) -> dict:
     """The same measurement through ``sparamx.generate`` (static cache, compiled decode
-    step; ``attention`` as there). Compilation happens in the untimed warm-up call;
-    ``compile_s`` says how long a call spent compiling (0 once warm)."""
+    step unless ``compile`` is False; ``attention`` as there). Compilation happens in
+    the untimed warm-up call; ``compile_s`` says how long a call spent compiling (0 once
+    warm)."""
     from .generate import generate
 
-    g = generate(model, tokenizer, prompt, new_tokens, stop_at_eos=False, attention=attention)
+    g = generate(
+        model,
+        tokenizer,
+        prompt,
+        new_tokens,
+        stop_at_eos=False,
+        attention=attention,
+        compile=compile,
+    )
     decode = sum(g.token_times_s) / max(1, len(g.token_times_s))
     return {
         "ttft_ms": g.ttft_s * 1e3,

@@ -245,10 +245,11 @@ def _native_norm(mod: nn.Module, dtype: torch.dtype) -> Callable | None:
             torch.ops.sparamx.rms_norm, weight=mod.weight, eps=eps, offset_weight=offset
         )
         try:
-            if all(torch.equal(fn(x), mod(x)) and fn(x).dtype == mod(x).dtype for x in samples):
-                return fn
+            pairs = [(fn(x), mod(x)) for x in samples]
         except RuntimeError:
             return None
+        if all(ours.dtype == theirs.dtype and torch.equal(ours, theirs) for ours, theirs in pairs):
+            return fn
     return None
 
 
