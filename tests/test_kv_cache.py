@@ -109,6 +109,13 @@ def test_kernel_long_context_split_across_threads(kernel):
     _check_against_reference(1, 4, 1, 64, 2100, 40, 0.5, 0.5, kernel, threads=2)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(("ks", "vs"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.6, 0.4)])
+def test_kernel_long_context_one_thread_several_softmax_chunks(kernel, ks, vs):
+    # one work item spans several 256-token chunks of the AVX-512 kernel and a tail
+    _check_against_reference(1, 8, 2, 128, 1000, 7, ks, vs, kernel, threads=1)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     b=st.integers(1, 2),

@@ -1,17 +1,19 @@
 // AVX-512-BF16 decode attention over the sparse KV cache (Zen 4, Cooper Lake, SPR+).
 //
 // One call handles one KV head, up to 8 of its query heads and a token range. Tokens go
-// in sub-blocks of 16:
+// in chunks of kChunk, each in three phases:
 //   scores  per token, each 32-dimension chunk of K is loaded once (sparse: a masked
 //           load of the chunk's kept values, expanded in registers with the bitmap word;
 //           vpexpandw) and multiplied into one fp32 accumulator per query head with
-//           vdpbf16ps; the 16 tokens' accumulators are reduced together by a transpose
-//           tree (about 3 instructions per score instead of ~8 for a lone reduction);
-//   softmax online, per sub-block: one max, one rescale of the accumulators;
-//   values  per 32-dimension chunk, tokens in pairs: both chunks loaded/expanded once,
-//           interleaved, and multiplied by the pair's bf16 softmax weights with one
-//           vdpbf16ps per query head and half-chunk (the accumulators hold dimensions in
-//           the interleaved order and are put back in order when the call ends).
+//           vdpbf16ps; 16 tokens' accumulators are reduced together by a transpose tree
+//           (about 3 instructions per score instead of ~8 for a lone reduction). The same
+//           token's V row is prefetched meanwhile (why: see `segment`);
+//   softmax online, per chunk: one max, one rescale of the accumulators;
+//   values  tokens in pairs, per 32-dimension chunk: both tokens' chunks loaded (and
+//           expanded) once, interleaved, and multiplied by the pair's bf16 softmax
+//           weights with one vdpbf16ps per query head and half-chunk (the accumulators
+//           hold dimensions in the interleaved order and are put back in order when the
+//           call ends).
 // So each compressed K/V byte is read once per KV head for all query heads of its group.
 //
 // Headers come before the target pragma (see kernel_avx512.cpp for why).
@@ -31,7 +33,8 @@
 namespace sparamx {
 namespace {
 
-constexpr int kSub = 16;  // tokens per sub-block
+constexpr int kSub = 16;     // tokens per score reduction
+constexpr int kChunk = 16;   // tokens per softmax update (a multiple of kSub)
 
 struct Rows {             // where token rows of one side live, for one (b, h)
   const uint16_t* vals;   // token t's row starts at vals + t * stride
@@ -56,11 +59,12 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~dead), _mm512_scalef_ps(p, n));
 }
 
-// v[i] (16 vectors of 16 floats) -> out lane i = sum of v[i]'s lanes.
-inline __m512 reduce16(const float* v) {
+// v[i * stride] (16 vectors of 16 floats) -> out lane i = sum of v[i]'s lanes.
+inline __m512 reduce16(const float* v, int stride) {
   __m512 a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i) {  // 256-bit halves: lanes 0-7 from v[2i], 8-15 from v[2i+1]
-    const __m512 x = _mm512_load_ps(v + 32 * i), y = _mm512_load_ps(v + 32 * i + 16);
+    const __m512 x = _mm512_load_ps(v + 2 * i * stride),
+                 y = _mm512_load_ps(v + (2 * i + 1) * stride);
     a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
   }
   for (int i = 0; i < 4; ++i)  // 128-bit lane j: 4 partial sums of v[4i + j]
@@ -74,6 +78,13 @@ inline __m512 reduce16(const float* v) {
                                  _mm512_shuffle_ps(c[0], c[1], 0xEE));
   const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(idx, d);
+}
+
+constexpr int largest_divisor_at_most(int n, int cap) {
+  int best = 1;
+  for (int k = 1; k <= cap && k <= n; ++k)
+    if (n % k == 0) best = k;
+  return best;
 }
 
 template <bool B>
@@ -104,37 +115,63 @@ inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, __mmask32 
 
 // W > 0: the number of 32-dimension chunks as a constant (fully unrolled loops, the
 // common head_dims 64 and 128); W == 0: `words_rt` at run time.
+//
+// Memory access, measured on Zen 4 with DRAM-resident caches (8k tokens): the V rows
+// are read whole per pass (see the V loop) and each is prefetched into L2 while the K
+// phase reads the same token's K row, so both streams stay in flight. Together these
+// took Llama-3 heads (32, 8, 128) from ~9 GB/s to ~20 GB/s with 1 thread (the probe
+// reads 21-23). kChunk (tokens per softmax step) was tried at 16 to 512: 16 or 32 is
+// best once V rows are read whole; before that, longer chunks helped.
 template <int G, int W, bool KS, bool VS>
 void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d, float scale,
              const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
   const int words = W > 0 ? W : words_rt;
   __mmask32 dm[8];
   for (int w = 0; w < words; ++w) dm[w] = dense_mask(d, w);
-  alignas(64) float sbuf[G][kSub][16];
-  alignas(64) float p[G][kSub];
-  for (int64_t i0 = 0; i0 < n; i0 += kSub) {
-    const int nb = static_cast<int>(n - i0 < kSub ? n - i0 : kSub);
-    for (int i = 0; i < nb; ++i) {
-      __m512 s[G];
-      for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
-      int off = 0;
-      _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
-        const __m512i kc = load_chunk<KS>(kr, i0 + i, w, words, dm[w], off);
-        for (int g = 0; g < G; ++g)
-          s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kc, (__m512bh)q[g * words + w]);
+  alignas(64) float sbuf[kSub][16 * G];   // one sub-block's per-lane partial scores
+  alignas(64) float sc[G][kChunk];        // the chunk's scores, then its weights
+  alignas(64) uint32_t pp[G][kChunk / 2];  // weights as bf16 pairs
+  int voff[VS ? kChunk : 1][8];           // sparse V: value offset of chunk w in row i
+  const int64_t vrow_bytes = vr.stride * 2;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int nc = static_cast<int>(n - c0 < kChunk ? n - c0 : kChunk);
+    // Scores, 16 tokens at a time (the transpose-tree reduction works on 16).
+    for (int i0 = 0; i0 < nc; i0 += kSub) {
+      const int nb = nc - i0 < kSub ? nc - i0 : kSub;
+      for (int i = 0; i < nb; ++i) {
+        // This token's V row (and bitmap) on its way while K is being read (see above).
+        const char* vp = reinterpret_cast<const char*>(vr.vals + (c0 + i0 + i) * vr.stride);
+        for (int64_t j = 0; j < vrow_bytes; j += 64) _mm_prefetch(vp + j, _MM_HINT_T1);
+        if constexpr (VS)
+          _mm_prefetch(reinterpret_cast<const char*>(vr.bits + (c0 + i0 + i) * words),
+                       _MM_HINT_T1);
+        __m512 s[G];
+        for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
+        int off = 0;
+        _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
+          const __m512i kc = load_chunk<KS>(kr, c0 + i0 + i, w, words, dm[w], off);
+          for (int g = 0; g < G; ++g)
+            s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kc, (__m512bh)q[g * words + w]);
+        }
+        for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], s[g]);
       }
-      for (int g = 0; g < G; ++g) _mm512_store_ps(sbuf[g][i], s[g]);
+      for (int i = nb; i < kSub; ++i)
+        for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], _mm512_setzero_ps());
+      const __mmask16 live = static_cast<__mmask16>((1u << nb) - 1u);
+      for (int g = 0; g < G; ++g) {
+        const __m512 sv = _mm512_mul_ps(reduce16(&sbuf[0][0] + 16 * g, 16 * G),
+                                        _mm512_set1_ps(scale));
+        _mm512_store_ps(&sc[g][i0], _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv));
+      }
     }
-    for (int i = nb; i < kSub; ++i)
-      for (int g = 0; g < G; ++g) _mm512_store_ps(sbuf[g][i], _mm512_setzero_ps());
-    const __mmask16 live = static_cast<__mmask16>((1u << nb) - 1u);
+    const int nv = (nc + 15) / 16;  // score vectors in this chunk (dead lanes: -inf)
+    // Online softmax, once per chunk. p goes to bf16 for the P·V product, as
+    // FlashAttention does (l sums the same rounded weights).
     for (int g = 0; g < G; ++g) {
-      __m512 sv = _mm512_mul_ps(reduce16(&sbuf[g][0][0]), _mm512_set1_ps(scale));
-      sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv);
-      const float bmax = _mm512_reduce_max_ps(sv);
+      __m512 mx = _mm512_load_ps(&sc[g][0]);
+      for (int v = 1; v < nv; ++v) mx = _mm512_max_ps(mx, _mm512_load_ps(&sc[g][16 * v]));
+      const float bmax = _mm512_reduce_max_ps(mx);
       const float m_new = bmax > m[g] ? bmax : m[g];
-      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));
-      _mm512_store_ps(p[g], pv);
       if (m_new != m[g]) {  // rescale what was summed under the old max
         const float corr = exp2f(m[g] - m_new);  // C function: no std:: inline built here
         const __m512 cv = _mm512_set1_ps(corr);
@@ -144,14 +181,22 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
                           _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
         m[g] = m_new;
       }
+      __m512 lsum = _mm512_setzero_ps();
+      for (int v = 0; v < nv; ++v) {
+        const __m512 pv = exp2_ps(_mm512_sub_ps(_mm512_load_ps(&sc[g][16 * v]),
+                                                _mm512_set1_ps(m_new)));
+        const __m256bh pb = _mm512_cvtneps_pbh(pv);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&pp[g][8 * v]), (__m256i)pb);
+        lsum = _mm512_add_ps(lsum, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                       _mm512_cvtepu16_epi32((__m256i)pb), 16)));
+      }
+      l[g] += _mm512_reduce_add_ps(lsum);
     }
     // V: tokens in pairs. Each pair's chunks are interleaved (vpunpck{l,h}wd) so one
-    // vdpbf16ps adds p_t v_t + p_u v_u for 16 dimensions; p goes to bf16 for that, as
-    // FlashAttention does for its P·V product (l sums the same rounded p).
-    int voff[kSub][8];  // sparse V: value offset of chunk w within token i's row
+    // vdpbf16ps adds p_t v_t + p_u v_u for 16 dimensions.
     if constexpr (VS) {
-      for (int i = 0; i < nb; ++i) {
-        const uint32_t* bw = vr.bits + (i0 + i) * words;
+      for (int i = 0; i < nc; ++i) {
+        const uint32_t* bw = vr.bits + (c0 + i) * words;
         int o = 0;
         for (int w = 0; w < words; ++w) {
           voff[i][w] = o;
@@ -159,43 +204,51 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
         }
       }
     }
-    alignas(64) uint32_t pp[G][kSub / 2];
-    for (int g = 0; g < G; ++g) {
-      const __m256bh pb = _mm512_cvtneps_pbh(_mm512_load_ps(p[g]));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
-      // l must sum the rounded weights the numerator uses
-      const __m512 back = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16));
-      l[g] += _mm512_reduce_add_ps(back);
-    }
-    for (int w = 0; w < words; ++w) {
-      __m512 alo[G], ahi[G];
-      for (int g = 0; g < G; ++g) {
-        alo[g] = _mm512_load_ps(acc + (g * words + w) * 32);
-        ahi[g] = _mm512_load_ps(acc + (g * words + w) * 32 + 16);
-      }
-      for (int i = 0; i < nb; i += 2) {
-        int o0 = 0, o1 = 0;
-        if constexpr (VS) {
-          o0 = voff[i][w];
-          o1 = i + 1 < nb ? voff[i + 1][w] : 0;
+    // V pass over the rows: WB chunks for GB query heads at a time, 2 * WB * GB <= 16
+    // accumulators. Dense rows: whole rows (W <= 4) per pass, which keeps the V stream
+    // sequential (a pass per 32-dimension chunk reads the rows in stripes: 1.2-1.5x
+    // slower from DRAM); a group too large for that re-reads the rows, now in L1, once
+    // per GB. Sparse rows: one chunk for every query head per pass, as a re-read would
+    // expand the chunk again (sparse V is bound by compute, not by the stream).
+    constexpr int WB = W > 0 && W <= 4 && !VS ? W : 1;
+    constexpr int GB = VS ? (G < 8 ? G : 8) : largest_divisor_at_most(G, 8 / WB);
+    for (int g0 = 0; g0 < G; g0 += GB)
+      for (int w0 = 0; w0 < words; w0 += WB) {
+        __m512 alo[WB][GB], ahi[WB][GB];
+        for (int b = 0; b < WB; ++b)
+          for (int g = 0; g < GB; ++g) {
+            alo[b][g] = _mm512_load_ps(acc + ((g0 + g) * words + w0 + b) * 32);
+            ahi[b][g] = _mm512_load_ps(acc + ((g0 + g) * words + w0 + b) * 32 + 16);
+          }
+        for (int i = 0; i < nc; i += 2) {
+          __m512bh pg[GB];
+          for (int g = 0; g < GB; ++g)
+            pg[g] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g0 + g][i / 2]));
+          for (int b = 0; b < WB; ++b) {
+            const int w = w0 + b;
+            int o0 = 0, o1 = 0;
+            if constexpr (VS) {
+              o0 = voff[i][w];
+              o1 = i + 1 < nc ? voff[i + 1][w] : 0;
+            }
+            const __m512i v0 = load_chunk<VS>(vr, c0 + i, w, words, dm[w], o0);
+            const __m512i v1 = i + 1 < nc
+                                   ? load_chunk<VS>(vr, c0 + i + 1, w, words, dm[w], o1)
+                                   : _mm512_setzero_si512();
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+            const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+            for (int g = 0; g < GB; ++g) {
+              alo[b][g] = _mm512_dpbf16_ps(alo[b][g], lo, pg[g]);
+              ahi[b][g] = _mm512_dpbf16_ps(ahi[b][g], hi, pg[g]);
+            }
+          }
         }
-        const __m512i v0 = load_chunk<VS>(vr, i0 + i, w, words, dm[w], o0);
-        const __m512i v1 =
-            i + 1 < nb ? load_chunk<VS>(vr, i0 + i + 1, w, words, dm[w], o1) : _mm512_setzero_si512();
-        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
-        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
-        for (int g = 0; g < G; ++g) {
-          const __m512bh pg = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g][i / 2]));
-          alo[g] = _mm512_dpbf16_ps(alo[g], lo, pg);
-          ahi[g] = _mm512_dpbf16_ps(ahi[g], hi, pg);
-        }
+        for (int b = 0; b < WB; ++b)
+          for (int g = 0; g < GB; ++g) {
+            _mm512_store_ps(acc + ((g0 + g) * words + w0 + b) * 32, alo[b][g]);
+            _mm512_store_ps(acc + ((g0 + g) * words + w0 + b) * 32 + 16, ahi[b][g]);
+          }
       }
-      for (int g = 0; g < G; ++g) {
-        _mm512_store_ps(acc + (g * words + w) * 32, alo[g]);
-        _mm512_store_ps(acc + (g * words + w) * 32 + 16, ahi[g]);
-      }
-    }
   }
 }
 
