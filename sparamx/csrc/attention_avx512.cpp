@@ -253,8 +253,15 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
 }
 
 // The accumulators of chunk w hold [lo 16 | hi 16] fp32 lanes from vpunpck{l,h}wd: lane
-// j of lo is dimension 8 (j / 4) + j % 4, of hi the same + 4.
-inline int lane_dim(int j) { return j < 16 ? 8 * (j / 4) + j % 4 : 8 * ((j - 16) / 4) + 4 + j % 4; }
+// j of lo is dimension 8 (j / 4) + j % 4, of hi the same + 4. Two two-source permutes
+// per chunk convert between that order and dimension order (idx < 16: the first
+// source's lane, else the second's lane idx - 16).
+inline void permute_chunk(const float* src, float* dst, const __m512i& i_lo,
+                          const __m512i& i_hi) {
+  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+  _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, i_lo, b));
+  _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, i_hi, b));
+}
 
 template <int G>
 void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int64_t t1,
@@ -265,11 +272,20 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
       q[g * words + w] = _mm512_loadu_si512(a.q + (b * a.hq + h * group + g0 + g) * dp + 32 * w);
-  // Accumulators in the kernel's even|odd order (see the file comment).
+  // Accumulators in the kernel's lane order (see permute_chunk).
+  const __m512i to_lanes_lo =
+      _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i to_lanes_hi =
+      _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i to_dims_lo =
+      _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i to_dims_hi =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   alignas(64) float acc[G * 256];
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
-      for (int j = 0; j < 32; ++j) acc[(g * words + w) * 32 + j] = acc_out[g * dp + 32 * w + lane_dim(j)];
+      permute_chunk(acc_out + g * dp + 32 * w, acc + (g * words + w) * 32, to_lanes_lo,
+                    to_lanes_hi);
   const int64_t bh = b * a.hkv + h;
   auto comp_rows = [&](const KVSide& s) {
     return Rows{s.vals + bh * s.cap * s.keep, s.keep,
@@ -311,7 +327,8 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
   }
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
-      for (int j = 0; j < 32; ++j) acc_out[g * dp + 32 * w + lane_dim(j)] = acc[(g * words + w) * 32 + j];
+      permute_chunk(acc + (g * words + w) * 32, acc_out + g * dp + 32 * w, to_dims_lo,
+                    to_dims_hi);
 }
 
 }  // namespace
