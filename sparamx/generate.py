@@ -23,8 +23,9 @@ logits are bitwise the same (checked on SmolLM2, dense and packed):
   for other norms, as ``sparamx_lean::eager_norm``, an opaque op that calls the module
   back in Python; ``emulate_precision_casts`` keeps eager's bf16 roundings elsewhere.
 
-``attention="fast"`` trades the first point for speed: our decode attention kernel
-(``sparamx::kv_decode_attention``) over the filled cache instead of SDPA.
+``attention="fast"`` trades both points for speed: our decode attention kernel
+(``sparamx::kv_decode_attention``) over the filled cache instead of SDPA, and norms
+that inductor fuses with their neighbours (no op call per norm).
 
 The cache and the compiled step live in a ``DecodeSession`` per model and are reused
 by later calls: the cache is reset, not reallocated, while prompt + new tokens fit
@@ -436,9 +437,11 @@ def _compiled_step(sess: DecodeSession, backend: str, attention: str) -> Callabl
     return sess.steps[key]
 
 
-def _step_context(model, sess: DecodeSession, backend: str | None):
-    """What the decode steps run under: inductor gets the norms as opaque eager ops."""
-    if backend != "inductor":
+def _step_context(model, sess: DecodeSession, backend: str | None, attention: str):
+    """What the decode steps run under: for exact attention, inductor gets the norms as
+    opaque ops with the eager floats. ``"fast"`` lets inductor fuse the norms with their
+    neighbours (not bitwise, like the fast attention; one op call fewer per norm)."""
+    if backend != "inductor" or attention != "exact":
         return nullcontext()
     if sess.norms is None:
         sess.norms = _norm_wrappers(model)
@@ -605,7 +608,7 @@ def generate(
         sess.lean_attention = swapped and not any(sess.cache.is_sliding)
         compile_s = 0.0
         if backend and (backend, attention, sess.cache_len) not in sess.warm:
-            with _step_context(model, sess, backend):
+            with _step_context(model, sess, backend, attention):
                 compile_s = _warm_up(model, sess, backend, attention)
         step = _compiled_step(sess, backend, attention) if backend else decode_one_token
 
@@ -623,7 +626,7 @@ def generate(
         on_token(int(token))
         stop = "eos" if new[0] in eos else "length"
         if stop == "length" and max_new_tokens > 1:
-            with _step_context(model, sess, backend):
+            with _step_context(model, sess, backend, attention):
                 stop = decode_n_tokens(
                     step, model, token, prompt_len, max_new_tokens - 1, sess, eos, on_token
                 )

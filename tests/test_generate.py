@@ -159,6 +159,17 @@ def test_fast_attention_generates_compiled(tiny_packed):
     assert res.ids[0] == _hf_new_tokens(tiny_packed, ids, 1)[0]
 
 
+def test_only_exact_attention_makes_the_norms_opaque(tiny_packed):
+    generate(tiny_packed, None, _prompt(), 2, compile=True, attention="fast")
+    sess = lean._SESSIONS[tiny_packed]
+    patched = lambda: [m for m in tiny_packed.modules() if "forward" in vars(m)]  # noqa: E731
+    with lean._step_context(tiny_packed, sess, "inductor", "fast"):
+        assert not patched()  # fast: inductor fuses the norms
+    with lean._step_context(tiny_packed, sess, "inductor", "exact"):
+        assert patched()  # exact: eager floats through sparamx::rms_norm / eager_norm
+    assert not patched()
+
+
 def test_stops_at_eos_like_hf_generate(tiny_packed):
     ids = _prompt()
     free = _hf_new_tokens(tiny_packed, ids, N_NEW)
