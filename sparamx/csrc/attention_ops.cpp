@@ -113,8 +113,14 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
   const AttnFn fn = attention_kernel(kernel);
 
   const int64_t words = (D + 31) / 32, dp = 32 * words;
-  at::Tensor qb = at::zeros({B, Hq, dp}, q.options().dtype(at::kBFloat16));
-  qb.narrow(2, 0, D).copy_(q);
+  // The kernels read q as bf16 rows of Dp; copy only when q is not that already.
+  at::Tensor qb;
+  if (q.scalar_type() == at::kBFloat16 && D == dp && q.is_contiguous()) {
+    qb = q;
+  } else {
+    qb = at::zeros({B, Hq, dp}, q.options().dtype(at::kBFloat16));
+    qb.narrow(2, 0, D).copy_(q);
+  }
   AttnArgs a;
   a.q = reinterpret_cast<const uint16_t*>(qb.data_ptr<at::BFloat16>());
   a.batch = B;
@@ -177,15 +183,17 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
     }
   });
   // Merge token chunks: out = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c.
-  at::Tensor out = at::empty({B, Hq, D}, q.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
+  // Merged in fp32 rows, written in q's dtype.
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  const bool bf16_out = q.scalar_type() == at::kBFloat16;
+  std::vector<float> row(static_cast<size_t>(D));
   for (int64_t bh = 0; bh < B * H; ++bh)
     for (int64_t gc = 0; gc < gchunks; ++gc)
       for (int64_t g = 0; g < std::min(gsize, group - gc * gsize); ++g) {
         const int64_t first = (bh * gchunks + gc) * tchunks;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t tc = 0; tc < tchunks; ++tc) mx = std::max(mx, part[(first + tc) * state + g]);
-        float* dst = o + ((bh / H) * Hq + (bh % H) * group + gc * gsize + g) * D;
+        float* dst = row.data();
         std::fill(dst, dst + D, 0.f);
         float lsum = 0.f;
         for (int64_t tc = 0; tc < tchunks; ++tc) {
@@ -197,9 +205,16 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
           for (int64_t j = 0; j < D; ++j) dst[j] += w * acc[j];
         }
         const float inv = 1.f / lsum;
-        for (int64_t j = 0; j < D; ++j) dst[j] *= inv;
+        const int64_t o = ((bh / H) * Hq + (bh % H) * group + gc * gsize + g) * D;
+        if (bf16_out) {
+          at::BFloat16* ob = out.data_ptr<at::BFloat16>() + o;
+          for (int64_t j = 0; j < D; ++j) ob[j] = static_cast<at::BFloat16>(dst[j] * inv);
+        } else {
+          float* of = out.data_ptr<float>() + o;
+          for (int64_t j = 0; j < D; ++j) of[j] = dst[j] * inv;
+        }
       }
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  return out;
 }
 
 }  // namespace
