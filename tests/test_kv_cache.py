@@ -86,10 +86,12 @@ def test_prune_tokens_with_a_score_keeps_the_highest_scores():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("group", [1, 3, 4, 5, 7, 8])
 def test_kernel_matches_reference_for_gqa_ratios(kernel, group):
-    # 2 KV heads, context crossing 16/32-token block boundaries, window after it
+    # 2 KV heads, context crossing 16/32-token block boundaries, window after it; dense
+    # and sparse, head_dim 64 and 128 (the dense V passes split groups differently)
     _check_against_reference(1, 2 * group, 2, 64, 97, 13, 0.5, 0.5, kernel)
+    _check_against_reference(1, 2 * group, 2, 128, 97, 13, 0.0, 0.0, kernel)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -80,13 +80,6 @@ inline __m512 reduce16(const float* v, int stride) {
   return _mm512_permutexvar_ps(idx, d);
 }
 
-constexpr int largest_divisor_at_most(int n, int cap) {
-  int best = 1;
-  for (int k = 1; k <= cap && k <= n; ++k)
-    if (n % k == 0) best = k;
-  return best;
-}
-
 template <bool B>
 struct Bool {
   static constexpr bool value = B;
@@ -110,6 +103,48 @@ inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, __mmask32 
     return sparamx_expand_unit(bits, packed);
   } else {
     return _mm512_maskz_loadu_epi16(dm, r.vals + t * r.stride + 32 * w);
+  }
+}
+
+// One V pass: adds the chunk's weighted values for query heads g0 .. g0+GB-1 into their
+// accumulators (see the V loop in `segment`), WB 32-dimension chunks at a time.
+template <int GB, int WB, bool VS>
+inline void v_pass(const Rows& vr, int64_t c0, int nc, int words, const __mmask32* dm,
+                   const int (*voff)[8], const uint32_t (*pp)[kChunk / 2], float* acc, int g0) {
+  for (int w0 = 0; w0 < words; w0 += WB) {
+    __m512 alo[WB][GB], ahi[WB][GB];
+    for (int b = 0; b < WB; ++b)
+      for (int g = 0; g < GB; ++g) {
+        alo[b][g] = _mm512_load_ps(acc + ((g0 + g) * words + w0 + b) * 32);
+        ahi[b][g] = _mm512_load_ps(acc + ((g0 + g) * words + w0 + b) * 32 + 16);
+      }
+    for (int i = 0; i < nc; i += 2) {
+      __m512bh pg[GB];
+      for (int g = 0; g < GB; ++g)
+        pg[g] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g0 + g][i / 2]));
+      for (int b = 0; b < WB; ++b) {
+        const int w = w0 + b;
+        int o0 = 0, o1 = 0;
+        if constexpr (VS) {
+          o0 = voff[i][w];
+          o1 = i + 1 < nc ? voff[i + 1][w] : 0;
+        }
+        const __m512i v0 = load_chunk<VS>(vr, c0 + i, w, words, dm[w], o0);
+        const __m512i v1 = i + 1 < nc ? load_chunk<VS>(vr, c0 + i + 1, w, words, dm[w], o1)
+                                      : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+        for (int g = 0; g < GB; ++g) {
+          alo[b][g] = _mm512_dpbf16_ps(alo[b][g], lo, pg[g]);
+          ahi[b][g] = _mm512_dpbf16_ps(ahi[b][g], hi, pg[g]);
+        }
+      }
+    }
+    for (int b = 0; b < WB; ++b)
+      for (int g = 0; g < GB; ++g) {
+        _mm512_store_ps(acc + ((g0 + g) * words + w0 + b) * 32, alo[b][g]);
+        _mm512_store_ps(acc + ((g0 + g) * words + w0 + b) * 32 + 16, ahi[b][g]);
+      }
   }
 }
 
@@ -208,47 +243,15 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
     // accumulators. Dense rows: whole rows (W <= 4) per pass, which keeps the V stream
     // sequential (a pass per 32-dimension chunk reads the rows in stripes: 1.2-1.5x
     // slower from DRAM); a group too large for that re-reads the rows, now in L1, once
-    // per GB. Sparse rows: one chunk for every query head per pass, as a re-read would
-    // expand the chunk again (sparse V is bound by compute, not by the stream).
+    // per GB heads (the last pass takes the remainder). Sparse rows: one chunk for every
+    // query head per pass, as a re-read would expand the chunk again (sparse V is bound
+    // by compute, not by the stream).
     constexpr int WB = W > 0 && W <= 4 && !VS ? W : 1;
-    constexpr int GB = VS ? (G < 8 ? G : 8) : largest_divisor_at_most(G, 8 / WB);
-    for (int g0 = 0; g0 < G; g0 += GB)
-      for (int w0 = 0; w0 < words; w0 += WB) {
-        __m512 alo[WB][GB], ahi[WB][GB];
-        for (int b = 0; b < WB; ++b)
-          for (int g = 0; g < GB; ++g) {
-            alo[b][g] = _mm512_load_ps(acc + ((g0 + g) * words + w0 + b) * 32);
-            ahi[b][g] = _mm512_load_ps(acc + ((g0 + g) * words + w0 + b) * 32 + 16);
-          }
-        for (int i = 0; i < nc; i += 2) {
-          __m512bh pg[GB];
-          for (int g = 0; g < GB; ++g)
-            pg[g] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g0 + g][i / 2]));
-          for (int b = 0; b < WB; ++b) {
-            const int w = w0 + b;
-            int o0 = 0, o1 = 0;
-            if constexpr (VS) {
-              o0 = voff[i][w];
-              o1 = i + 1 < nc ? voff[i + 1][w] : 0;
-            }
-            const __m512i v0 = load_chunk<VS>(vr, c0 + i, w, words, dm[w], o0);
-            const __m512i v1 = i + 1 < nc
-                                   ? load_chunk<VS>(vr, c0 + i + 1, w, words, dm[w], o1)
-                                   : _mm512_setzero_si512();
-            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
-            const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
-            for (int g = 0; g < GB; ++g) {
-              alo[b][g] = _mm512_dpbf16_ps(alo[b][g], lo, pg[g]);
-              ahi[b][g] = _mm512_dpbf16_ps(ahi[b][g], hi, pg[g]);
-            }
-          }
-        }
-        for (int b = 0; b < WB; ++b)
-          for (int g = 0; g < GB; ++g) {
-            _mm512_store_ps(acc + ((g0 + g) * words + w0 + b) * 32, alo[b][g]);
-            _mm512_store_ps(acc + ((g0 + g) * words + w0 + b) * 32 + 16, ahi[b][g]);
-          }
-      }
+    constexpr int GB = VS ? (G < 8 ? G : 8) : (G < 8 / WB ? G : 8 / WB);
+    constexpr int kRest = G % GB;
+    int g0 = 0;
+    for (; g0 + GB <= G; g0 += GB) v_pass<GB, WB, VS>(vr, c0, nc, words, dm, voff, pp, acc, g0);
+    if constexpr (kRest > 0) v_pass<kRest, WB, VS>(vr, c0, nc, words, dm, voff, pp, acc, g0);
   }
 }
 
