@@ -18,8 +18,8 @@ logits are bitwise the same (checked on SmolLM2, dense and packed):
   The length comes in as the size of ``kv_positions``, marked dynamic, so one
   compiled graph serves every length (the model's attention setting is restored after);
 - norms: inductor's fused RMSNorm reduces in another order than eager. Under inductor
-  each norm module runs as ``sparamx::rms_norm`` (C++: the same ATen calls as the
-  eager Llama- or Gemma-style forward, checked bitwise against the module first) or,
+  each norm module runs as ``sparamx::rms_norm`` (C++: the eager Llama- or Gemma-style
+  arithmetic around ATen's own mean, checked bitwise against the module first) or,
   for other norms, as ``sparamx_lean::eager_norm``, an opaque op that calls the module
   back in Python; ``emulate_precision_casts`` keeps eager's bf16 roundings elsewhere.
 
