@@ -114,7 +114,7 @@ def test_kernel_long_context_split_across_threads(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(("ks", "vs"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.6, 0.4)])
 def test_kernel_long_context_one_thread_several_softmax_chunks(kernel, ks, vs):
-    # one work item spans several 256-token chunks of the AVX-512 kernel and a tail
+    # one work item of ~330 tokens: many softmax steps, a tail, V prefetch and passes
     _check_against_reference(1, 8, 2, 128, 1000, 7, ks, vs, kernel, threads=1)
 
 

@@ -9,9 +9,9 @@
 //           (about 3 instructions per score instead of ~8 for a lone reduction). The same
 //           token's V row is prefetched meanwhile (why: see `segment`);
 //   softmax online, per chunk: one max, one rescale of the accumulators;
-//   values  tokens in pairs, per 32-dimension chunk: both tokens' chunks loaded (and
-//           expanded) once, interleaved, and multiplied by the pair's bf16 softmax
-//           weights with one vdpbf16ps per query head and half-chunk (the accumulators
+//   values  tokens in pairs (`v_pass`), per 32-dimension chunk: both tokens' chunks
+//           loaded (and expanded) once, interleaved, and multiplied by the pair's softmax
+//           weights (bf16) with one vdpbf16ps per query head and half-chunk (accumulators
 //           hold dimensions in the interleaved order and are put back in order when the
 //           call ends).
 // So each compressed K/V byte is read once per KV head for all query heads of its group.
@@ -154,8 +154,8 @@ inline void v_pass(const Rows& vr, int64_t c0, int nc, int words, const __mmask3
 // Memory access, measured on Zen 4 with DRAM-resident caches (8k tokens): the V rows
 // are read whole per pass (see the V loop) and each is prefetched into L2 while the K
 // phase reads the same token's K row, so both streams stay in flight. Together these
-// took Llama-3 heads (32, 8, 128) from ~9 GB/s to ~20 GB/s with 1 thread (the probe
-// reads 21-23). kChunk (tokens per softmax step) was tried at 16 to 512: 16 or 32 is
+// took Llama-3 heads (32, 8, 128) from ~9 GB/s to 20-24 GB/s with 1 thread (the probe
+// reads 21-24). kChunk (tokens per softmax step) was tried at 16 to 512: 16 or 32 is
 // best once V rows are read whole; before that, longer chunks helped.
 template <int G, int W, bool KS, bool VS>
 void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d, float scale,
