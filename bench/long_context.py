@@ -21,14 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, print_table, write_json  # noqa: E402
 
 import sparamx  # noqa: E402
-from sparamx.generate import generate  # noqa: E402
+from sparamx.bench import time_generate_lean  # noqa: E402
 
 MODES = ("exact", "fast")
 
 
 def ms_per_token(model, ids: torch.Tensor, new_tokens: int, attention: str) -> float:
-    g = generate(model, None, ids, new_tokens, stop_at_eos=False, attention=attention)
-    return sum(g.token_times_s) / len(g.token_times_s) * 1e3
+    return time_generate_lean(model, None, ids, new_tokens, attention=attention)["ms_per_token"]
 
 
 def main(argv=None) -> None:

@@ -265,7 +265,7 @@ def run_bench(
         "prompts": len(prompts),
         "repeats": repeats,
         "warmup": "one untimed generation before timing"
-        + (" (compiles the decode step)" if engine.startswith("lean") else ""),
+        + (" (compiles the decode step)" if lean else ""),
         "compile_s": warm.get("compile_s", 0.0),
         "texts": [r["text"] for r in runs[: len(prompts)]],
         "prompt_tokens": runs[0]["prompt_tokens"],

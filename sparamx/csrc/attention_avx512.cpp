@@ -1,14 +1,14 @@
 // AVX-512-BF16 decode attention over the sparse KV cache (Zen 4, Cooper Lake, SPR+).
 //
 // One call handles one KV head, up to 8 of its query heads and a token range. Tokens go
-// in chunks of kChunk, each in three phases:
+// in blocks of kBlock = 16, each in three phases:
 //   scores  per token, each 32-dimension chunk of K is loaded once (sparse: a masked
 //           load of the chunk's kept values, expanded in registers with the bitmap word;
 //           vpexpandw) and multiplied into one fp32 accumulator per query head with
 //           vdpbf16ps; 16 tokens' accumulators are reduced together by a transpose tree
 //           (about 3 instructions per score instead of ~8 for a lone reduction). The same
 //           token's V row is prefetched meanwhile (why: see `segment`);
-//   softmax online, per chunk: one max, one rescale of the accumulators;
+//   softmax online, per block: one max, one rescale of the accumulators;
 //   values  tokens in pairs (`v_pass`), per 32-dimension chunk: both tokens' chunks
 //           loaded (and expanded) once, interleaved, and multiplied by the pair's softmax
 //           weights (bf16) with one vdpbf16ps per query head and half-chunk (accumulators
@@ -33,8 +33,7 @@
 namespace sparamx {
 namespace {
 
-constexpr int kSub = 16;     // tokens per score reduction
-constexpr int kChunk = 16;   // tokens per softmax update (a multiple of kSub)
+constexpr int kBlock = 16;  // tokens per score reduction and softmax step
 
 struct Rows {             // where token rows of one side live, for one (b, h)
   const uint16_t* vals;   // token t's row starts at vals + t * stride
@@ -110,7 +109,7 @@ inline __m512i load_chunk(const Rows& r, int64_t t, int w, int words, __mmask32 
 // accumulators (see the V loop in `segment`), WB 32-dimension chunks at a time.
 template <int GB, int WB, bool VS>
 inline void v_pass(const Rows& vr, int64_t c0, int nc, int words, const __mmask32* dm,
-                   const int (*voff)[8], const uint32_t (*pp)[kChunk / 2], float* acc, int g0) {
+                   const int (*voff)[8], const uint32_t (*pp)[kBlock / 2], float* acc, int g0) {
   for (int w0 = 0; w0 < words; w0 += WB) {
     __m512 alo[WB][GB], ahi[WB][GB];
     for (int b = 0; b < WB; ++b)
@@ -155,57 +154,47 @@ inline void v_pass(const Rows& vr, int64_t c0, int nc, int words, const __mmask3
 // are read whole per pass (see the V loop) and each is prefetched into L2 while the K
 // phase reads the same token's K row, so both streams stay in flight. Together these
 // took Llama-3 heads (32, 8, 128) from ~9 GB/s to 20-24 GB/s with 1 thread (the probe
-// reads 21-24). kChunk (tokens per softmax step) was tried at 16 to 512: 16 or 32 is
-// best once V rows are read whole; before that, longer chunks helped.
+// reads 21-24). Longer softmax steps (32 to 512 tokens, with the scores of several
+// blocks kept) were tried: none beat 16 once V rows are read whole.
 template <int G, int W, bool KS, bool VS>
 void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d, float scale,
              const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
   const int words = W > 0 ? W : words_rt;
   __mmask32 dm[8];
   for (int w = 0; w < words; ++w) dm[w] = dense_mask(d, w);
-  alignas(64) float sbuf[kSub][16 * G];   // one sub-block's per-lane partial scores
-  alignas(64) float sc[G][kChunk];        // the chunk's scores, then its weights
-  alignas(64) uint32_t pp[G][kChunk / 2];  // weights as bf16 pairs
-  int voff[VS ? kChunk : 1][8];           // sparse V: value offset of chunk w in row i
+  alignas(64) float sbuf[kBlock][16 * G];   // per-lane partial scores of the block
+  alignas(64) uint32_t pp[G][kBlock / 2];    // softmax weights as bf16 pairs
+  int voff[VS ? kBlock : 1][8];              // sparse V: value offset of chunk w in row i
   const int64_t vrow_bytes = vr.stride * 2;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int nc = static_cast<int>(n - c0 < kChunk ? n - c0 : kChunk);
-    // Scores, 16 tokens at a time (the transpose-tree reduction works on 16).
-    for (int i0 = 0; i0 < nc; i0 += kSub) {
-      const int nb = nc - i0 < kSub ? nc - i0 : kSub;
-      for (int i = 0; i < nb; ++i) {
-        // This token's V row (and bitmap) on its way while K is being read (see above).
-        const char* vp = reinterpret_cast<const char*>(vr.vals + (c0 + i0 + i) * vr.stride);
-        for (int64_t j = 0; j < vrow_bytes; j += 64) _mm_prefetch(vp + j, _MM_HINT_T1);
-        if constexpr (VS)
-          _mm_prefetch(reinterpret_cast<const char*>(vr.bits + (c0 + i0 + i) * words),
-                       _MM_HINT_T1);
-        __m512 s[G];
-        for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
-        int off = 0;
-        _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
-          const __m512i kc = load_chunk<KS>(kr, c0 + i0 + i, w, words, dm[w], off);
-          for (int g = 0; g < G; ++g)
-            s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kc, (__m512bh)q[g * words + w]);
-        }
-        for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], s[g]);
+  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+    const int nc = static_cast<int>(n - c0 < kBlock ? n - c0 : kBlock);
+    // Scores (the transpose-tree reduction works on 16 tokens).
+    for (int i = 0; i < nc; ++i) {
+      // This token's V row (and bitmap) on its way while K is being read (see above).
+      const char* vp = reinterpret_cast<const char*>(vr.vals + (c0 + i) * vr.stride);
+      for (int64_t j = 0; j < vrow_bytes; j += 64) _mm_prefetch(vp + j, _MM_HINT_T1);
+      if constexpr (VS)
+        _mm_prefetch(reinterpret_cast<const char*>(vr.bits + (c0 + i) * words), _MM_HINT_T1);
+      __m512 s[G];
+      for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
+      int off = 0;
+      _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
+        const __m512i kc = load_chunk<KS>(kr, c0 + i, w, words, dm[w], off);
+        for (int g = 0; g < G; ++g)
+          s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kc, (__m512bh)q[g * words + w]);
       }
-      for (int i = nb; i < kSub; ++i)
-        for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], _mm512_setzero_ps());
-      const __mmask16 live = static_cast<__mmask16>((1u << nb) - 1u);
-      for (int g = 0; g < G; ++g) {
-        const __m512 sv = _mm512_mul_ps(reduce16(&sbuf[0][0] + 16 * g, 16 * G),
-                                        _mm512_set1_ps(scale));
-        _mm512_store_ps(&sc[g][i0], _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv));
-      }
+      for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], s[g]);
     }
-    const int nv = (nc + 15) / 16;  // score vectors in this chunk (dead lanes: -inf)
-    // Online softmax, once per chunk. p goes to bf16 for the P·V product, as
+    for (int i = nc; i < kBlock; ++i)
+      for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], _mm512_setzero_ps());
+    const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1u);
+    // Online softmax, once per block. p goes to bf16 for the P·V product, as
     // FlashAttention does (l sums the same rounded weights).
     for (int g = 0; g < G; ++g) {
-      __m512 mx = _mm512_load_ps(&sc[g][0]);
-      for (int v = 1; v < nv; ++v) mx = _mm512_max_ps(mx, _mm512_load_ps(&sc[g][16 * v]));
-      const float bmax = _mm512_reduce_max_ps(mx);
+      const __m512 sv = _mm512_mask_mov_ps(
+          _mm512_set1_ps(-INFINITY), live,
+          _mm512_mul_ps(reduce16(&sbuf[0][0] + 16 * g, 16 * G), _mm512_set1_ps(scale)));
+      const float bmax = _mm512_reduce_max_ps(sv);
       const float m_new = bmax > m[g] ? bmax : m[g];
       if (m_new != m[g]) {  // rescale what was summed under the old max
         const float corr = exp2f(m[g] - m_new);  // C function: no std:: inline built here
@@ -216,16 +205,11 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
                           _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
         m[g] = m_new;
       }
-      __m512 lsum = _mm512_setzero_ps();
-      for (int v = 0; v < nv; ++v) {
-        const __m512 pv = exp2_ps(_mm512_sub_ps(_mm512_load_ps(&sc[g][16 * v]),
-                                                _mm512_set1_ps(m_new)));
-        const __m256bh pb = _mm512_cvtneps_pbh(pv);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(&pp[g][8 * v]), (__m256i)pb);
-        lsum = _mm512_add_ps(lsum, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                       _mm512_cvtepu16_epi32((__m256i)pb), 16)));
-      }
-      l[g] += _mm512_reduce_add_ps(lsum);
+      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));
+      const __m256bh pb = _mm512_cvtneps_pbh(pv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
+      l[g] += _mm512_reduce_add_ps(
+          _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
     }
     // V: tokens in pairs. Each pair's chunks are interleaved (vpunpck{l,h}wd) so one
     // vdpbf16ps adds p_t v_t + p_u v_u for 16 dimensions.
