@@ -5,8 +5,8 @@ For each head shape, context, KV sparsity and thread count, times in the same ru
             dense bf16 cache [1, Hkv, n, D];
   dense     our kernel on the same dense cache (no bitmaps): the honest baseline and
             the path taken when KV sparsity is off;
-  sparamx   our kernel on the pruned, packed cache (magnitude pruning; every token
-            compressed, no dense window).
+  sparamx   our kernel on the pruned, packed cache (magnitude pruning, one mask per
+            `--mask-tokens` tokens; every token compressed, no dense window).
 The caches are DRAM-resident: each timed call goes to the next of several layers'
 caches, cycling through more bytes than the last-level cache holds. Reports µs per
 layer (the best of the repeats, each a full cycle through the layers: on a shared
@@ -51,15 +51,17 @@ class _Module:
         self.training = False
 
 
-def make_layers(hkv: int, d: int, n: int, sparsity: float, copies: int, seed: int = 0):
+def make_layers(
+    hkv: int, d: int, n: int, sparsity: float, copies: int, mask_tokens: int, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     keep = max(1, round((1 - sparsity) * d))
     layers = []
     for _ in range(copies):
         k = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)
         v = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)
-        kb, kvals = kv.prune_tokens(k, keep)
-        vb, vvals = kv.prune_tokens(v, keep)
+        kb, kvals = kv.prune_tokens(k, keep, None, mask_tokens)
+        vb, vvals = kv.prune_tokens(v, keep, None, mask_tokens)
         layers.append({"k": k, "v": v, "kb": kb, "kv": kvals, "vb": vb, "vv": vvals})
     return layers
 
@@ -91,7 +93,7 @@ def cycle(layers, fn):
     return run
 
 
-def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa):
+def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, mask_tokens=16):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     hq, hkv, d = heads
@@ -107,7 +109,7 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa):
     dense_layers = None
     sdpa_us = dense_us = None
     for s in sparsities:
-        layers = make_layers(hkv, d, n, s, max(2, copies))
+        layers = make_layers(hkv, d, n, s, max(2, copies), mask_tokens)
         if dense_layers is None:
             dense_layers = layers
             rounds = max(1, repeats)
@@ -131,7 +133,17 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa):
         f = cycle(
             layers,
             lambda lay: kv.decode_attention(
-                q, lay["kv"], lay["kb"], lay["vv"], lay["vb"], n, empty, empty, scale
+                q,
+                lay["kv"],
+                lay["kb"],
+                lay["vv"],
+                lay["vb"],
+                n,
+                empty,
+                empty,
+                scale,
+                None,
+                mask_tokens,
             ),
         )
         f()
@@ -146,6 +158,7 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa):
                 "v_sparsity": s,
                 "threads": threads,
                 "heads": [hq, hkv, d],
+                "mask_tokens": mask_tokens,
                 "sdpa_us": sdpa_us,
                 "dense_us": dense_us,
                 "sparamx_us": ours_us,
@@ -169,6 +182,13 @@ def main(argv=None):
     p.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.5, 0.8])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--mask-tokens",
+        type=int,
+        default=16,
+        choices=kv.MASK_TOKENS,
+        help="tokens sharing one pruning mask (kv.mask_tokens)",
+    )
     p.add_argument("--no-sdpa", action="store_true", help="skip torch SDPA (slow at long context)")
     p.add_argument("--json", help="write the records here")
     args = p.parse_args(argv)
@@ -182,7 +202,9 @@ def main(argv=None):
         for n in args.contexts:
             for t in args.threads:
                 sdpa = not args.no_sdpa
-                new = bench_case(name, HEADS[name], n, sparsities, t, args.repeats, sdpa)
+                new = bench_case(
+                    name, HEADS[name], n, sparsities, t, args.repeats, sdpa, args.mask_tokens
+                )
                 rows += new
                 for r in new:  # progress; the table follows at the end
                     print(

@@ -48,8 +48,10 @@ def run(
     recent_window: int = 64,
     tokens: int = 768,
     prefill: int = 64,
+    **settings,
 ) -> dict:
-    """Perplexity with our dense cache (``method none``) and each sparse method."""
+    """Perplexity with our dense cache (``method none``) and each sparse method; further
+    ``settings`` (``sink_tokens``, ``mask_tokens``, ...) go to ``kv.KVSettings``."""
     from sparamx import kv
 
     ids = news_tokens(tokenizer, tokens)
@@ -62,6 +64,7 @@ def run(
                 0.0 if method == "none" else k_sparsity,
                 0.0 if method == "none" else v_sparsity,
                 recent_window,
+                **settings,
             )
             kv.enable_sparse_kv(model, s)
             cache = kv.new_cache(model)
@@ -89,6 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--k-sparsity", type=float, default=0.5)
     ap.add_argument("--v-sparsity", type=float, default=0.5)
     ap.add_argument("--window", type=int, default=64, help="recent_window (tokens kept dense)")
+    ap.add_argument("--sinks", type=int, default=32, help="sink_tokens (first tokens kept dense)")
+    ap.add_argument(
+        "--mask-tokens", type=int, default=16, help="tokens sharing one pruning mask: 1 or 16"
+    )
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
@@ -114,6 +121,8 @@ def main(argv=None) -> int:
         args.window,
         args.tokens,
         args.prefill,
+        sink_tokens=args.sinks,
+        mask_tokens=args.mask_tokens,
     )
     out["model"] = args.model
     print(f"decode-path perplexity, {args.tokens} tokens ({args.prefill} prefill, not scored)")

@@ -81,6 +81,8 @@ class KVConfig:
     k_sparsity: float = 0.0  # share of head_dim pruned per key token (after RoPE)
     v_sparsity: float = 0.0  # per value token (magnitude for both methods)
     recent_window: int = 64  # newest tokens kept dense
+    sink_tokens: int = 32  # first tokens kept dense (attention sinks)
+    mask_tokens: int = 16  # tokens sharing one pruning mask: 1 or 16 (16: faster kernel)
 
 
 @dataclass
@@ -234,6 +236,8 @@ def validate(cfg: Config) -> Config:
     for f in ("k_sparsity", "v_sparsity"):
         need(0.0 <= getattr(cfg.kv, f) < 1.0, f"kv.{f}", "allowed: 0 <= sparsity < 1")
     need(cfg.kv.recent_window >= 0, "kv.recent_window", "must be >= 0")
+    need(cfg.kv.sink_tokens >= 0, "kv.sink_tokens", "must be >= 0")
+    need(cfg.kv.mask_tokens in (1, 16), "kv.mask_tokens", "allowed: 1 or 16")
     need(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.pack.max_shard_gb > 0, "pack.max_shard_gb", "must be > 0")

@@ -3,15 +3,17 @@ that stock transformers modeling code can use, and the decode attention that rea
 
 Pieces, from the bottom up:
 
-- ``prune_tokens`` / ``unpack_tokens``: per token and KV head, keep ``keep`` entries of
-  head_dim (magnitude, or a caller-given score such as Wanda's |k_j|·‖q_j‖) and pack them
-  as bitmap words (uint32 per 32 dims) plus the kept bf16 values in dimension order.
-  Every token keeps the same count, so token t's values start at ``t * keep``: no
-  offsets table, and no address in the kernel depends on another token's popcount.
-- ``SparseKVLayer`` (a transformers ``CacheLayerMixin``): a dense recent window and,
-  behind it, the compressed tokens. Whole blocks of ``block_tokens`` tokens leave the
-  window once it holds more than ``recent_window`` tokens; they are pruned and packed
-  then. ``nbytes`` counts every byte kept.
+- ``prune_tokens`` / ``unpack_tokens``: per KV head, keep ``keep`` entries of head_dim
+  (magnitude, or a caller-given score such as Wanda's |k_j|·‖q_j‖) and pack them as
+  bitmap words (uint32 per 32 dims) plus the kept bf16 values in dimension order. One
+  mask per token (``mask_tokens=1``) or one per group of ``mask_tokens=16`` consecutive
+  tokens, chosen by the group's summed scores. Every token keeps the same count, so
+  token t's values start at ``t * keep``: no offsets table, and no address in the
+  kernel depends on another token's popcount.
+- ``SparseKVLayer`` (a transformers ``CacheLayerMixin``): a dense window and, behind it,
+  the compressed tokens. The window holds the first ``sink_tokens`` tokens (attention
+  sinks) and the newest ``recent_window``; whole blocks of ``block_tokens`` tokens
+  between them leave it, pruned and packed. ``nbytes`` counts every byte kept.
 - ``SparseKVCache`` (a transformers ``Cache``): one layer per decoder layer.
 - ``sparse_kv_attention``: registered in transformers' attention-function registry as
   ``"sparamx_kv"``. The cache's ``update`` returns the dense window with a reference to its
@@ -24,6 +26,14 @@ Pieces, from the bottom up:
 
 With both sparsities 0 the compressed tokens are stored dense (no bitmap) and the same
 kernel runs as our dense-cache decode attention.
+
+Why shared masks (``mask_tokens=16``, the default): with a mask per token the kernel
+must expand every token's row to full width before multiplying, so it does the dense
+kernel's arithmetic plus the expands, and on a core that streams the dense cache at DRAM
+speed it is no faster (it only saves memory). With one mask per 16 tokens the query is
+compressed once per group and the kernel multiplies only the kept entries: work and
+bytes both shrink with sparsity. Keeping the attention-sink tokens dense is what makes
+the coarser masks as accurate (SmolLM2, 50% K and V, decode-path perplexity: README).
 """
 
 from __future__ import annotations
@@ -39,7 +49,8 @@ from . import ops  # noqa: F401  (loads sparamx._C, which registers the op)
 
 ATTENTION_NAME = "sparamx_kv"
 KV_METHODS = ("none", "magnitude", "wanda")
-BLOCK_TOKENS = 32  # tokens per compressed block (the unit of pruning)
+BLOCK_TOKENS = 32  # tokens per compressed block (leave the window together)
+MASK_TOKENS = (1, 16)  # tokens per pruning mask the kernels take (16: their token block)
 
 
 # ------------------------------------------------------------------------ settings
@@ -53,6 +64,8 @@ class KVSettings:
     k_sparsity: float = 0.5  # share of head_dim dropped per key (0 <= s < 1)
     v_sparsity: float = 0.5
     recent_window: int = 64  # newest tokens kept dense
+    sink_tokens: int = 32  # first tokens kept dense (attention sinks)
+    mask_tokens: int = 16  # tokens sharing one pruning mask: 1 or 16 (see the docstring)
     block_tokens: int = BLOCK_TOKENS
 
     def __post_init__(self):
@@ -64,8 +77,20 @@ class KVSettings:
                 raise ValueError(f"kv.{name}: {s!r} is invalid; allowed: 0 <= sparsity < 1")
         if not isinstance(self.recent_window, int) or self.recent_window < 0:
             raise ValueError(f"kv.recent_window: {self.recent_window!r} is invalid; must be >= 0")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"kv.sink_tokens: {self.sink_tokens!r} is invalid; must be >= 0")
+        if self.mask_tokens not in MASK_TOKENS:
+            raise ValueError(
+                f"kv.mask_tokens: {self.mask_tokens!r} is invalid; allowed: "
+                f"{' or '.join(map(str, MASK_TOKENS))}"
+            )
         if not isinstance(self.block_tokens, int) or self.block_tokens < 1:
             raise ValueError(f"kv.block_tokens: {self.block_tokens!r} is invalid; must be >= 1")
+        if self.block_tokens % self.mask_tokens:
+            raise ValueError(
+                f"kv.block_tokens: {self.block_tokens} is invalid; must be a multiple of "
+                f"kv.mask_tokens ({self.mask_tokens})"
+            )
 
     @classmethod
     def from_dict(cls, d: dict) -> KVSettings:
@@ -93,22 +118,30 @@ def words_for(head_dim: int) -> int:
 
 
 def prune_tokens(
-    x: torch.Tensor, keep: int, score: torch.Tensor | None = None
+    x: torch.Tensor, keep: int, score: torch.Tensor | None = None, group: int = 1
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Keep the ``keep`` highest-scoring entries of each row of ``x[..., D]`` (score
-    default |x|). Returns ``(bits[..., W] int32, values[..., keep] bf16)``; ``bits`` is
-    None when every entry is kept (the dense layout)."""
+    """Keep the ``keep`` highest-scoring entries of each row of ``x[..., n, D]`` (score
+    default |x|), one choice per ``group`` consecutive rows (scores summed over the
+    group; ``n`` a multiple of it). Returns ``(bits[..., n / group, W] int32,
+    values[..., n, keep] bf16)``; ``bits`` is None when every entry is kept (the dense
+    layout)."""
     d = x.shape[-1]
     if keep >= d:
         return None, x.to(torch.bfloat16).contiguous()
     s = x.float().abs() if score is None else score.float()
+    if group > 1:
+        *lead, n, _ = s.shape
+        if n % group:
+            raise ValueError(f"prune_tokens: {n} tokens are not whole groups of {group}")
+        s = s.reshape(*lead, n // group, group, d).sum(-2)
     idx = s.topk(keep, dim=-1).indices.sort(dim=-1).values  # [..., keep], dimension order
-    values = x.gather(-1, idx).to(torch.bfloat16)
+    rows = idx.repeat_interleave(group, dim=-2) if group > 1 else idx
+    values = x.gather(-1, rows).to(torch.bfloat16)
     w = words_for(d)
-    mask = torch.zeros(*x.shape[:-1], w * 32, dtype=torch.bool, device=x.device)
+    mask = torch.zeros(*idx.shape[:-1], w * 32, dtype=torch.bool, device=x.device)
     mask.scatter_(-1, idx, True)
     shifts = torch.arange(32, device=x.device, dtype=torch.int64)
-    bits = (mask.view(*x.shape[:-1], w, 32).long() << shifts).sum(-1)  # [0, 2^32)
+    bits = (mask.view(*idx.shape[:-1], w, 32).long() << shifts).sum(-1)  # [0, 2^32)
     bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # as int32 bits
     return bits.contiguous(), values.contiguous()
 
@@ -120,10 +153,15 @@ def token_mask(bits: torch.Tensor, head_dim: int) -> torch.Tensor:
     return m.bool().flatten(-2)[..., :head_dim]
 
 
-def unpack_tokens(bits: torch.Tensor | None, values: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Inverse of ``prune_tokens``: dense bf16 ``[..., head_dim]`` with zeros where pruned."""
+def unpack_tokens(
+    bits: torch.Tensor | None, values: torch.Tensor, head_dim: int, group: int = 1
+) -> torch.Tensor:
+    """Inverse of ``prune_tokens``: dense bf16 ``[..., n, head_dim]`` with zeros where
+    pruned."""
     if bits is None:
         return values
+    if group > 1:
+        bits = bits.repeat_interleave(group, dim=-2)
     mask = token_mask(bits, head_dim)
     out = torch.zeros(*mask.shape, dtype=values.dtype, device=values.device)
     out[mask] = values.flatten()  # row-major order = each row's dims in order
@@ -144,17 +182,19 @@ def decode_attention(
     v_win: torch.Tensor,
     scale: float,
     kernel: str | None = None,
+    mask_tokens: int = 1,
 ) -> torch.Tensor:
     """softmax(q·Kᵀ·scale)·V for one query token per sequence: ``q[B, Hq, D]`` over the
-    first ``n_comp`` compressed tokens (``*_vals[B, Hkv, cap, keep]``, ``*_bits`` or None
-    for dense) followed by the window ``*_win[B, Hkv, n_win, D]``. Returns ``[B, Hq, D]``."""
+    first ``n_comp`` compressed tokens (``*_vals[B, Hkv, cap, keep]``, ``*_bits[B, Hkv,
+    cap / mask_tokens, W]`` or None for dense) and the window ``*_win[B, Hkv, n_win, D]``.
+    Returns ``[B, Hq, D]``."""
     return torch.ops.sparamx.kv_decode_attention(
-        q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, float(scale), kernel
+        q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, float(scale), kernel, mask_tokens
     )
 
 
 @torch.library.register_fake("sparamx::kv_decode_attention")
-def _(q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, scale, impl=None):
+def _(q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, scale, impl=None, mask_tokens=1):
     torch._check(q.dim() == 3)
     return q.new_empty(q.shape)
 
@@ -244,24 +284,31 @@ class SparseKVLayer(CacheLayerMixin):
         sq = query.float().pow(2).view(b, h, hq // h, -1, d).sum(dim=(0, 2, 3))  # [Hkv, D]
         self.q_sq = sq if self.q_sq is None else self.q_sq + sq
 
+    def _sinks(self) -> int:
+        """Sink tokens at the front of the window (the sequence's first tokens)."""
+        return min(self.settings.sink_tokens, self.keys.shape[-2])
+
     def compact(self) -> None:
-        """Move whole blocks past ``recent_window`` out of the window: prune and pack."""
+        """Move whole blocks between the sinks and the newest ``recent_window`` tokens out
+        of the window: prune and pack. (Decode attention does not care about token
+        order, so the window keeps the sinks in front of the newest tokens.)"""
         bt = self.settings.block_tokens
-        n_win = self.keys.shape[-2]
-        blocks = (n_win - self.settings.recent_window) // bt
+        n_win, s0 = self.keys.shape[-2], self._sinks()
+        blocks = (n_win - s0 - self.settings.recent_window) // bt
         if blocks <= 0:
             return
         n = blocks * bt
-        k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        k, v = self.keys[:, :, s0 : s0 + n], self.values[:, :, s0 : s0 + n]
         k_score = None
         if self.settings.method == "wanda" and self.q_sq is not None:
             # |k_j| · ‖q_j‖ (per KV head, channel j); V has no query: magnitude
             k_score = k.float().abs() * self.q_sq.sqrt()[None, :, None, :]
-        kb, kv_ = prune_tokens(k, self.keep_k, k_score)
-        vb, vv = prune_tokens(v, self.keep_v)
+        g = self.settings.mask_tokens
+        kb, kv_ = prune_tokens(k, self.keep_k, k_score, g)
+        vb, vv = prune_tokens(v, self.keep_v, None, g)
         self._append(kb, kv_, vb, vv, n)
-        self.keys = self.keys[:, :, n:].clone()
-        self.values = self.values[:, :, n:].clone()
+        self.keys = torch.cat([self.keys[:, :, :s0], self.keys[:, :, s0 + n :]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :s0], self.values[:, :, s0 + n :]], dim=-2)
 
     def _append(self, kb, kv_, vb, vv, n):
         b, h, d = self.shape
@@ -270,26 +317,29 @@ class SparseKVLayer(CacheLayerMixin):
         if need > cap:  # grow by doubling: amortised O(1) copies per token
             new_cap = max(need, 2 * cap, 256)
 
-            def grow(t, last, dtype):
-                out = torch.zeros(b, h, new_cap, last, dtype=dtype, device=self.device)
+            def grow(t, last, dtype, per=1):  # per: tokens per row (bitmaps: mask_tokens)
+                out = torch.zeros(b, h, new_cap // per, last, dtype=dtype, device=self.device)
                 if t is not None:
-                    out[:, :, : self.n_comp] = t[:, :, : self.n_comp]
+                    out[:, :, : self.n_comp // per] = t[:, :, : self.n_comp // per]
                 return out
 
-            w = words_for(d)
+            w, g = words_for(d), self.settings.mask_tokens
+            new_cap = (new_cap + g - 1) // g * g
             self.k_vals = grow(self.k_vals, self.keep_k, torch.bfloat16)
             self.v_vals = grow(self.v_vals, self.keep_v, torch.bfloat16)
             if kb is not None:
-                self.k_bits = grow(self.k_bits, w, torch.int32)
+                self.k_bits = grow(self.k_bits, w, torch.int32, g)
             if vb is not None:
-                self.v_bits = grow(self.v_bits, w, torch.int32)
+                self.v_bits = grow(self.v_bits, w, torch.int32, g)
         sl = slice(self.n_comp, need)
+        g = self.settings.mask_tokens
+        bsl = slice(self.n_comp // g, need // g)
         self.k_vals[:, :, sl] = kv_
         self.v_vals[:, :, sl] = vv
         if kb is not None:
-            self.k_bits[:, :, sl] = kb
+            self.k_bits[:, :, bsl] = kb
         if vb is not None:
-            self.v_bits[:, :, sl] = vb
+            self.v_bits[:, :, bsl] = vb
         self.n_comp = need
 
     # --- reading
@@ -299,13 +349,16 @@ class SparseKVLayer(CacheLayerMixin):
         entries zero): what the kernel attends over; for prefill after compaction."""
         if not self.n_comp:
             return self.keys, self.values
-        d = self.shape[2]
-        sl = slice(0, self.n_comp)
-        kb = None if self.k_bits is None else self.k_bits[:, :, sl]
-        vb = None if self.v_bits is None else self.v_bits[:, :, sl]
-        k = unpack_tokens(kb, self.k_vals[:, :, sl], d).to(self.dtype)
-        v = unpack_tokens(vb, self.v_vals[:, :, sl], d).to(self.dtype)
-        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+        d, g, s0 = self.shape[2], self.settings.mask_tokens, self._sinks()
+        sl, bsl = slice(0, self.n_comp), slice(0, self.n_comp // g)
+        kb = None if self.k_bits is None else self.k_bits[:, :, bsl]
+        vb = None if self.v_bits is None else self.v_bits[:, :, bsl]
+        k = unpack_tokens(kb, self.k_vals[:, :, sl], d, g).to(self.dtype)
+        v = unpack_tokens(vb, self.v_vals[:, :, sl], d, g).to(self.dtype)
+        # token order: sinks, compressed, newest
+        k = torch.cat([self.keys[:, :, :s0], k, self.keys[:, :, s0:]], dim=-2)
+        v = torch.cat([self.values[:, :, :s0], v, self.values[:, :, s0:]], dim=-2)
+        return k, v
 
     def attend(self, q: torch.Tensor, scale: float, kernel: str | None = None) -> torch.Tensor:
         """Decode attention of ``q[B, Hq, D]`` over this layer's cache."""
@@ -318,7 +371,9 @@ class SparseKVLayer(CacheLayerMixin):
         else:
             kv = vv = k_win[:, :, :0].new_empty(b, h, 0, d)
             kb = vb = None
-        return decode_attention(q, kv, kb, vv, vb, self.n_comp, k_win, v_win, scale, kernel)
+        return decode_attention(
+            q, kv, kb, vv, vb, self.n_comp, k_win, v_win, scale, kernel, self.settings.mask_tokens
+        )
 
     def nbytes(self) -> int:
         """Bytes of cached data: compressed values and bitmaps of the ``n_comp`` tokens
@@ -326,10 +381,11 @@ class SparseKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         b, h, d = self.shape
-        per_token = 2 * (self.keep_k + self.keep_v)
-        per_token += 4 * words_for(d) * ((self.k_bits is not None) + (self.v_bits is not None))
+        values = 2 * (self.keep_k + self.keep_v) * self.n_comp
+        masks = (self.k_bits is not None) + (self.v_bits is not None)
+        bitmaps = 4 * words_for(d) * masks * (self.n_comp // self.settings.mask_tokens)
         window = self.keys.numel() * self.keys.element_size() * 2
-        return b * h * self.n_comp * per_token + window
+        return b * h * (values + bitmaps) + window
 
     def dense_nbytes(self) -> int:
         """Bytes the same tokens take in a dense bf16 cache."""

@@ -491,7 +491,14 @@ class Pipeline:
             from eval.decode_ppl import run as decode_ppl
 
             ppl = decode_ppl(
-                model, tok, (kvc.method,), kvc.k_sparsity, kvc.v_sparsity, kvc.recent_window
+                model,
+                tok,
+                (kvc.method,),
+                kvc.k_sparsity,
+                kvc.v_sparsity,
+                kvc.recent_window,
+                sink_tokens=kvc.sink_tokens,
+                mask_tokens=kvc.mask_tokens,
             )
             atomic_write_json(self.path("eval-packed", "kv_decode_ppl.json"), ppl)
             outputs.append("eval-packed/kv_decode_ppl.json")

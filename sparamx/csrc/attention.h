@@ -3,8 +3,9 @@
 //
 // Cache layout, per batch row b and KV head h (see sparamx/kv.py):
 //   compressed tokens 0 .. n_comp-1:
-//     sparse: bits[b, h, t, 0..W-1]  uint32, W = ceil(D / 32); bit j of word w set iff
-//                                   dimension 32w + j of token t is kept
+//     sparse: bits[b, h, t >> S, 0..W-1]  uint32, W = ceil(D / 32); bit j of word w set
+//                                   iff dimension 32w + j of token t is kept; one mask
+//                                   per token (S = mask_shift = 0) or per 16 tokens (S = 4)
 //             vals[b, h, t, 0..keep-1] the kept bf16 in dimension order; every token keeps
 //                                   exactly `keep` entries, so token t starts at t * keep
 //                                   (no offsets table, and no address waits on the
@@ -27,7 +28,7 @@ constexpr int kAttnMaxGroup = 8;  // query heads per kernel call (larger groups 
 
 struct KVSide {          // one of K or V
   const uint16_t* vals;  // compressed tokens, [B, H, cap, keep] bf16 bits
-  const uint32_t* bits;  // [B, H, cap, W]; nullptr: compressed tokens are dense (keep == D)
+  const uint32_t* bits;  // [B, H, cap >> mask_shift, W]; nullptr: dense (keep == D)
   int64_t keep;          // values per compressed token
   int64_t cap;           // token capacity of the compressed arrays (>= n_comp)
   const uint16_t* win;   // dense window, bf16 bits
@@ -39,6 +40,8 @@ struct AttnArgs {
   int64_t batch, hq, hkv, d, words;
   float scale_log2e;  // softmax scale times log2(e): the kernels work with exp2
   int64_t n_comp, n_win;
+  int mask_shift;  // log2(tokens per mask): 0 or 4 (then n_comp, cap and token ranges
+                   // into the compressed tokens are multiples of 16)
   KVSide k, v;
 };
 

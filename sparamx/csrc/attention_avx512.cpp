@@ -38,7 +38,8 @@ constexpr int kBlock = 16;  // tokens per score reduction and softmax step
 struct Rows {             // where token rows of one side live, for one (b, h)
   const uint16_t* vals;   // token t's row starts at vals + t * stride
   int64_t stride;
-  const uint32_t* bits;   // sparse: t's bitmap words at bits + t * words; else nullptr
+  const uint32_t* bits;   // kToken: t's bitmap words at bits + t * words; kShared: at
+                          // bits + (t / 16) * words; else nullptr
 };
 
 // 2^x for x <= 0 (and -inf -> 0): x = n + f with |f| <= 1/2, 2^f by a degree-6
@@ -79,9 +80,12 @@ inline __m512 reduce16(const float* v, int stride) {
   return _mm512_permutexvar_ps(idx, d);
 }
 
-template <bool B>
-struct Bool {
-  static constexpr bool value = B;
+// How one side's compressed tokens are stored (see attention.h).
+enum Layout { kDense, kToken, kShared };  // no mask; a mask per token; per 16 tokens
+
+template <int L>
+struct Lay {
+  static constexpr int value = L;
 };
 
 inline __mmask32 dense_mask(int64_t d, int w) {
@@ -156,18 +160,121 @@ inline void v_pass(const Rows& vr, int64_t c0, int nc, int words, const __mmask3
 // took Llama-3 heads (32, 8, 128) from ~9 GB/s to 20-24 GB/s with 1 thread (the probe
 // reads 21-24). Longer softmax steps (32 to 512 tokens, with the scores of several
 // blocks kept) were tried: none beat 16 once V rows are read whole.
-template <int G, int W, bool KS, bool VS>
+// The accumulators of chunk w hold [lo 16 | hi 16] fp32 lanes from vpunpck{l,h}wd: lane
+// j of lo is dimension 8 (j / 4) + j % 4, of hi the same + 4. Two two-source permutes
+// per chunk convert between that order and dimension order (idx < 16: the first
+// source's lane, else the second's lane idx - 16).
+inline __m512i to_lanes_lo() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+}
+inline __m512i to_lanes_hi() {
+  return _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+inline __m512i to_dims_lo() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+}
+inline __m512i to_dims_hi() {
+  return _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline void permute_chunk(const float* src, float* dst, const __m512i& i_lo,
+                          const __m512i& i_hi) {
+  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+  _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, i_lo, b));
+  _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, i_hi, b));
+}
+
+// Shared masks (kShared): every token of a 16-token block keeps the same dimensions, so
+// the block is a dense [16, keep] matrix over those dimensions. K: q is compressed to
+// the kept dimensions once per block and the dense score loop runs over `keep` values;
+// V: the dense V pass runs into accumulators over the kept dimensions, which are
+// expanded back and added once per block. Work per token shrinks with sparsity.
+//
+// Zen 4 runs the memory forms of vexpandps / vpcompressw slowly, and the zero-masked
+// register forms wait for the old destination (see expand_avx512.h): merge into a
+// fresh zero, from a register the compiler cannot fold a load into.
+inline __m512 expand_ps(__mmask16 m, __m512 v) {
+  __m512 zero = _mm512_setzero_ps();
+  asm("" : "+v"(zero), "+v"(v));
+  return _mm512_mask_expand_ps(zero, m, v);
+}
+
+inline __m512i compress_epi16(uint32_t m, __m512i v) {
+  __m512i zero = _mm512_setzero_si512();
+  asm("" : "+v"(zero));
+  return _mm512_mask_compress_epi16(zero, m, v);
+}
+
+// Both shared-mask steps go through small buffers written with stores that a load right
+// after cannot take from the store queue (masked, or narrower than the load), which
+// stalled the loop for ~20% of its time. So each is staged one block ahead of its use:
+// q for block i+1 is compressed after block i's scores, and block i's V accumulators
+// are expanded after block i+1's scores (before its softmax may rescale acc).
+constexpr int kQBuf = 8 * 32 + 32;  // bf16 per query head: up to 8 chunks and a spare
+
+// q of G heads compressed to the kept dimensions of bitmap bw, into buf[G][kQBuf].
+template <int G>
+inline void stage_q(const uint32_t* bw, int words, const __m512i* q, uint16_t* buf) {
+  for (int g = 0; g < G; ++g) {
+    int o = 0;
+    for (int w = 0; w < words; ++w) {
+      const int cnt = _mm_popcnt_u32(bw[w]);
+      _mm512_mask_storeu_epi16(buf + g * kQBuf + o, _bzhi_u32(~0u, cnt),
+                               compress_epi16(bw[w], q[g * words + w]));
+      o += cnt;
+    }
+  }
+}
+
+// flat (one query head's compressed V sums, kept-dimension order) expanded by the
+// bitmap bw and added to acc (dimension order).
+inline void add_expanded(const float* flat, const uint32_t* bw, int words, float* acc) {
+  int off = 0;
+  for (int w = 0; w < 2 * words; ++w) {  // 16 dimensions at a time
+    const __mmask16 m = static_cast<__mmask16>(bw[w / 2] >> (16 * (w % 2)));
+    const __m512 e = expand_ps(m, _mm512_loadu_ps(flat + off));
+    off += _mm_popcnt_u32(m);
+    _mm512_store_ps(acc + 16 * w, _mm512_add_ps(_mm512_load_ps(acc + 16 * w), e));
+  }
+}
+
+template <int G, int W, int KL, int VL>
 void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d, float scale,
              const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
+  constexpr bool KS = KL == kToken, VS = VL == kToken;
   const int words = W > 0 ? W : words_rt;
   __mmask32 dm[8];
   for (int w = 0; w < words; ++w) dm[w] = dense_mask(d, w);
+  // kShared: chunks of the kept values (masks for the last, partial one).
+  const int kc = static_cast<int>((kr.stride + 31) / 32), vc = static_cast<int>((vr.stride + 31) / 32);
+  __mmask32 kdm[8], vdm[8];
+  for (int w = 0; w < words; ++w) {
+    kdm[w] = KL == kShared ? dense_mask(kr.stride, w) : dm[w];
+    vdm[w] = VL == kShared ? dense_mask(vr.stride, w) : dm[w];
+  }
+  const int k_words = KL == kShared ? kc : words;
+  __m512i qk[KL == kShared ? G * 8 : 1];  // q compressed to the block's kept dimensions
+  alignas(64) uint16_t qbuf[KL == kShared ? 2 : 1][KL == kShared ? G * kQBuf : 1];
+  alignas(64) float cacc[VL == kShared ? G * 8 * 32 : 1];  // compressed V accumulators
+  alignas(64) float flat[VL == kShared ? G : 1][8 * 32 + 16];  // same, dimension order
+  const uint32_t* pending = nullptr;  // V bitmap of the block whose flat awaits adding
+  if constexpr (KL == kShared) stage_q<G>(kr.bits, words, q, qbuf[0]);
+  const __m512i dims_lo = to_dims_lo(), dims_hi = to_dims_hi();
+  if constexpr (VL == kShared)  // blocks add in dimension order (see add_expanded)
+    for (int j = 0; j < G * words; ++j) permute_chunk(acc + 32 * j, acc + 32 * j, dims_lo, dims_hi);
   alignas(64) float sbuf[kBlock][16 * G];   // per-lane partial scores of the block
   alignas(64) uint32_t pp[G][kBlock / 2];    // softmax weights as bf16 pairs
   int voff[VS ? kBlock : 1][8];              // sparse V: value offset of chunk w in row i
   const int64_t vrow_bytes = vr.stride * 2;
+  __m512 lv[G];  // per-lane sums of the softmax weights (scaled with l on a new max)
+  for (int g = 0; g < G; ++g) lv[g] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
     const int nc = static_cast<int>(n - c0 < kBlock ? n - c0 : kBlock);
+    const int64_t blk = c0 / kBlock;
+    if constexpr (KL == kShared)  // q on this block's kept dimensions (staged earlier)
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < kc; ++c)
+          qk[g * kc + c] = _mm512_maskz_loadu_epi16(kdm[c], qbuf[blk & 1] + g * kQBuf + 32 * c);
+    const __m512i* qs = KL == kShared ? qk : q;
     // Scores (the transpose-tree reduction works on 16 tokens).
     for (int i = 0; i < nc; ++i) {
       // This token's V row (and bitmap) on its way while K is being read (see above).
@@ -178,38 +285,47 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
       __m512 s[G];
       for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
       int off = 0;
-      _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
-        const __m512i kc = load_chunk<KS>(kr, c0 + i, w, words, dm[w], off);
+      _Pragma("GCC unroll 8") for (int w = 0; w < k_words; ++w) {
+        const __m512i kv = load_chunk<KS>(kr, c0 + i, w, words, kdm[w], off);
         for (int g = 0; g < G; ++g)
-          s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kc, (__m512bh)q[g * words + w]);
+          s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kv, (__m512bh)qs[g * k_words + w]);
       }
       for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], s[g]);
     }
     for (int i = nc; i < kBlock; ++i)
       for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], _mm512_setzero_ps());
+    if constexpr (KL == kShared)
+      if (c0 + kBlock < n) stage_q<G>(kr.bits + (blk + 1) * words, words, q, qbuf[(blk + 1) & 1]);
+    if constexpr (VL == kShared)
+      if (pending)
+        for (int g = 0; g < G; ++g) add_expanded(flat[g], pending, words, acc + g * words * 32);
     const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1u);
     // Online softmax, once per block. p goes to bf16 for the P·V product, as
-    // FlashAttention does (l sums the same rounded weights).
+    // FlashAttention does (l sums the same rounded weights). No horizontal reduction on
+    // the common path: the block's max is only needed when a score exceeds the running
+    // max (rare after the first blocks), and l is summed per lane until the call ends.
+    // (A reduce-max and a reduce-add per head and block, each a chain of dependent
+    // shuffles, took ~20% of the sparse kernel's time.)
     for (int g = 0; g < G; ++g) {
       const __m512 sv = _mm512_mask_mov_ps(
           _mm512_set1_ps(-INFINITY), live,
           _mm512_mul_ps(reduce16(&sbuf[0][0] + 16 * g, 16 * G), _mm512_set1_ps(scale)));
-      const float bmax = _mm512_reduce_max_ps(sv);
-      const float m_new = bmax > m[g] ? bmax : m[g];
-      if (m_new != m[g]) {  // rescale what was summed under the old max
+      if (_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m[g]), _CMP_GT_OQ)) {
+        const float m_new = _mm512_reduce_max_ps(sv);
         const float corr = exp2f(m[g] - m_new);  // C function: no std:: inline built here
         const __m512 cv = _mm512_set1_ps(corr);
         l[g] *= corr;
+        lv[g] = _mm512_mul_ps(lv[g], cv);
         for (int j = 0; j < words * 32; j += 16)
           _mm512_store_ps(acc + g * words * 32 + j,
                           _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
         m[g] = m_new;
       }
-      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));
+      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m[g])));
       const __m256bh pb = _mm512_cvtneps_pbh(pv);
       _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
-      l[g] += _mm512_reduce_add_ps(
-          _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+      lv[g] = _mm512_add_ps(
+          lv[g], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
     }
     // V: tokens in pairs. Each pair's chunks are interleaved (vpunpck{l,h}wd) so one
     // vdpbf16ps adds p_t v_t + p_u v_u for 16 dimensions.
@@ -230,24 +346,31 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
     // per GB heads (the last pass takes the remainder). Sparse rows: one chunk for every
     // query head per pass, as a re-read would expand the chunk again (sparse V is bound
     // by compute, not by the stream).
-    constexpr int WB = W > 0 && W <= 4 && !VS ? W : 1;
-    constexpr int GB = VS ? (G < 8 ? G : 8) : (G < 8 / WB ? G : 8 / WB);
+    // Shared masks: the dense pass over the kept values, into cacc, then expanded.
+    constexpr int WB = W > 0 && W <= 4 && VL == kDense ? W : 1;
+    constexpr int GB = VL != kDense ? (G < 8 ? G : 8) : (G < 8 / WB ? G : 8 / WB);
     constexpr int kRest = G % GB;
+    const int v_words = VL == kShared ? vc : words;
+    float* vacc = VL == kShared ? cacc : acc;
+    if constexpr (VL == kShared)
+      for (int j = 0; j < G * vc * 32; j += 16) _mm512_store_ps(cacc + j, _mm512_setzero_ps());
     int g0 = 0;
-    for (; g0 + GB <= G; g0 += GB) v_pass<GB, WB, VS>(vr, c0, nc, words, dm, voff, pp, acc, g0);
-    if constexpr (kRest > 0) v_pass<kRest, WB, VS>(vr, c0, nc, words, dm, voff, pp, acc, g0);
+    for (; g0 + GB <= G; g0 += GB)
+      v_pass<GB, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
+    if constexpr (kRest > 0) v_pass<kRest, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
+    if constexpr (VL == kShared) {
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < vc; ++c)
+          permute_chunk(cacc + (g * vc + c) * 32, flat[g] + 32 * c, dims_lo, dims_hi);
+      pending = vr.bits + blk * words;
+    }
   }
-}
-
-// The accumulators of chunk w hold [lo 16 | hi 16] fp32 lanes from vpunpck{l,h}wd: lane
-// j of lo is dimension 8 (j / 4) + j % 4, of hi the same + 4. Two two-source permutes
-// per chunk convert between that order and dimension order (idx < 16: the first
-// source's lane, else the second's lane idx - 16).
-inline void permute_chunk(const float* src, float* dst, const __m512i& i_lo,
-                          const __m512i& i_hi) {
-  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
-  _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, i_lo, b));
-  _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, i_hi, b));
+  if constexpr (VL == kShared) {
+    for (int g = 0; g < G; ++g) add_expanded(flat[g], pending, words, acc + g * words * 32);
+    const __m512i lo = to_lanes_lo(), hi = to_lanes_hi();
+    for (int j = 0; j < G * words; ++j) permute_chunk(acc + 32 * j, acc + 32 * j, lo, hi);
+  }
+  for (int g = 0; g < G; ++g) l[g] += _mm512_reduce_add_ps(lv[g]);
 }
 
 template <int G>
@@ -260,49 +383,54 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
     for (int w = 0; w < words; ++w)
       q[g * words + w] = _mm512_loadu_si512(a.q + (b * a.hq + h * group + g0 + g) * dp + 32 * w);
   // Accumulators in the kernel's lane order (see permute_chunk).
-  const __m512i to_lanes_lo =
-      _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i to_lanes_hi =
-      _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  const __m512i to_dims_lo =
-      _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i to_dims_hi =
-      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i lanes_lo = to_lanes_lo(), lanes_hi = to_lanes_hi();
+  const __m512i dims_lo = to_dims_lo(), dims_hi = to_dims_hi();
   alignas(64) float acc[G * 256];
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
-      permute_chunk(acc_out + g * dp + 32 * w, acc + (g * words + w) * 32, to_lanes_lo,
-                    to_lanes_hi);
+      permute_chunk(acc_out + g * dp + 32 * w, acc + (g * words + w) * 32, lanes_lo, lanes_hi);
   const int64_t bh = b * a.hkv + h;
+  const int shift = a.mask_shift;
   auto comp_rows = [&](const KVSide& s) {
     return Rows{s.vals + bh * s.cap * s.keep, s.keep,
-                s.bits ? s.bits + bh * s.cap * a.words : nullptr};
+                s.bits ? s.bits + bh * (s.cap >> shift) * a.words : nullptr};
   };
   const int64_t c0 = t0 < a.n_comp ? t0 : a.n_comp, c1 = t1 < a.n_comp ? t1 : a.n_comp;
-  auto run = [&](auto ks, auto vs, const Rows& kr, const Rows& vr, int64_t n) {
-    constexpr bool KS = decltype(ks)::value, VS = decltype(vs)::value;
+  auto run = [&](auto kl, auto vl, const Rows& kr, const Rows& vr, int64_t n) {
+    constexpr int KL = decltype(kl)::value, VL = decltype(vl)::value;
     if (words == 4)
-      segment<G, 4, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+      segment<G, 4, KL, VL>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
     else if (words == 2)
-      segment<G, 2, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+      segment<G, 2, KL, VL>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
     else
-      segment<G, 0, KS, VS>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
+      segment<G, 0, KL, VL>(kr, vr, n, words, a.d, a.scale_log2e, q, m, l, acc);
   };
   if (c1 > c0) {
     Rows kr = comp_rows(a.k), vr = comp_rows(a.v);
     kr.vals += c0 * kr.stride;
     vr.vals += c0 * vr.stride;
-    if (kr.bits) kr.bits += c0 * a.words;
-    if (vr.bits) vr.bits += c0 * a.words;
+    if (kr.bits) kr.bits += (c0 >> shift) * a.words;  // c0: a multiple of 16 when shared
+    if (vr.bits) vr.bits += (c0 >> shift) * a.words;
     const int64_t n = c1 - c0;
-    if (kr.bits && vr.bits)
-      run(Bool<true>{}, Bool<true>{}, kr, vr, n);
-    else if (kr.bits)
-      run(Bool<true>{}, Bool<false>{}, kr, vr, n);
-    else if (vr.bits)
-      run(Bool<false>{}, Bool<true>{}, kr, vr, n);
-    else
-      run(Bool<false>{}, Bool<false>{}, kr, vr, n);
+    const bool ks = kr.bits != nullptr, vs = vr.bits != nullptr;
+    if (shift) {
+      if (ks && vs)
+        run(Lay<kShared>{}, Lay<kShared>{}, kr, vr, n);
+      else if (ks)
+        run(Lay<kShared>{}, Lay<kDense>{}, kr, vr, n);
+      else if (vs)
+        run(Lay<kDense>{}, Lay<kShared>{}, kr, vr, n);
+      else
+        run(Lay<kDense>{}, Lay<kDense>{}, kr, vr, n);
+    } else if (ks && vs) {
+      run(Lay<kToken>{}, Lay<kToken>{}, kr, vr, n);
+    } else if (ks) {
+      run(Lay<kToken>{}, Lay<kDense>{}, kr, vr, n);
+    } else if (vs) {
+      run(Lay<kDense>{}, Lay<kToken>{}, kr, vr, n);
+    } else {
+      run(Lay<kDense>{}, Lay<kDense>{}, kr, vr, n);
+    }
   }
   const int64_t w0 = (t0 > a.n_comp ? t0 : a.n_comp) - a.n_comp, w1 = t1 - a.n_comp;
   if (w1 > w0) {
@@ -310,12 +438,11 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
                   nullptr};
     const Rows vr{a.v.win + b * a.v.win_sb + h * a.v.win_sh + w0 * a.v.win_st, a.v.win_st,
                   nullptr};
-    run(Bool<false>{}, Bool<false>{}, kr, vr, w1 - w0);
+    run(Lay<kDense>{}, Lay<kDense>{}, kr, vr, w1 - w0);
   }
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < words; ++w)
-      permute_chunk(acc + (g * words + w) * 32, acc_out + g * dp + 32 * w, to_dims_lo,
-                    to_dims_hi);
+      permute_chunk(acc + (g * words + w) * 32, acc_out + g * dp + 32 * w, dims_lo, dims_hi);
 }
 
 }  // namespace

@@ -4,11 +4,12 @@
 //
 // Op (its fake kernel is registered from sparamx/kv.py):
 //   sparamx::kv_decode_attention(q, k_vals, k_bits?, v_vals, v_bits?, n_comp, k_win, v_win,
-//                                scale, impl?) -> Tensor   (impl: a kernel name; see ops.cpp
-//                                on why it is not called `kernel`)
+//                                scale, impl?, mask_tokens=1) -> Tensor   (impl: a kernel
+//                                name; see ops.cpp on why it is not called `kernel`)
 //   q [B, Hq, D] bf16 or fp32 (one query token per sequence; result in q's dtype);
 //   k_vals / v_vals [B, Hkv, cap, keep] bf16 with cap >= n_comp (keep = D when dense);
-//   k_bits / v_bits [B, Hkv, cap, ceil(D/32)] int32 or None (dense compressed tokens);
+//   k_bits / v_bits [B, Hkv, cap / mask_tokens, ceil(D/32)] int32 or None (dense
+//   compressed tokens); mask_tokens 1 (a mask per token) or 16 (per 16 tokens);
 //   k_win / v_win [B, Hkv, n_win, D] bf16, unit stride along D (the dense recent window).
 // Hq must be a multiple of Hkv (GQA); each K/V byte is read once per KV head.
 #include <ATen/Parallel.h>
@@ -58,7 +59,8 @@ AttnFn attention_kernel(const c10::optional<c10::string_view>& name) {
 }
 
 void check_side(const char* name, const at::Tensor& vals, const c10::optional<at::Tensor>& bits,
-                const at::Tensor& win, int64_t B, int64_t H, int64_t D, int64_t n_comp) {
+                const at::Tensor& win, int64_t B, int64_t H, int64_t D, int64_t n_comp,
+                int64_t mask_tokens) {
   TORCH_CHECK(vals.device().is_cpu() && vals.scalar_type() == at::kBFloat16 &&
                   vals.dim() == 4 && vals.is_contiguous(),
               "sparamx: ", name, "_vals must be a contiguous 4-D bfloat16 CPU tensor [B, Hkv, "
@@ -68,11 +70,15 @@ void check_side(const char* name, const at::Tensor& vals, const c10::optional<at
               ", >= n_comp=", n_comp, ", keep]");
   const int64_t words = (D + 31) / 32;
   if (bits.has_value()) {
+    TORCH_CHECK(vals.size(2) % mask_tokens == 0 && n_comp % mask_tokens == 0, "sparamx: ",
+                name, "_vals capacity (", vals.size(2), ") and n_comp (", n_comp,
+                ") must be multiples of mask_tokens (", mask_tokens, ")");
     TORCH_CHECK(bits->scalar_type() == at::kInt && bits->is_contiguous() && bits->dim() == 4 &&
                     bits->size(0) == B && bits->size(1) == H &&
-                    bits->size(2) == vals.size(2) && bits->size(3) == words,
+                    bits->size(2) == vals.size(2) / mask_tokens && bits->size(3) == words,
                 "sparamx: ", name, "_bits must be a contiguous int32 tensor [", B, ", ", H, ", ",
-                vals.size(2), ", ", words, "], got ", bits->scalar_type(), " ", bits->sizes());
+                vals.size(2) / mask_tokens, ", ", words, "] (one mask per ", mask_tokens,
+                " tokens), got ", bits->scalar_type(), " ", bits->sizes());
     TORCH_CHECK(vals.size(3) >= 1 && vals.size(3) <= D, "sparamx: ", name,
                 "_vals keeps ", vals.size(3), " values per token; allowed 1..", D);
   } else {
@@ -91,7 +97,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
                                const c10::optional<at::Tensor>& k_bits, const at::Tensor& v_vals,
                                const c10::optional<at::Tensor>& v_bits, int64_t n_comp,
                                const at::Tensor& k_win, const at::Tensor& v_win, double scale,
-                               c10::optional<c10::string_view> kernel) {
+                               c10::optional<c10::string_view> kernel, int64_t mask_tokens) {
   TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kBFloat16 ||
                                       q.scalar_type() == at::kFloat) && q.dim() == 3,
               "sparamx: q must be a bfloat16 or float32 CPU tensor [B, Hq, D], got ",
@@ -104,8 +110,10 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
   TORCH_CHECK(H >= 1 && Hq % H == 0, "sparamx: query heads (", Hq,
               ") must be a multiple of KV heads (", H, ")");
   TORCH_CHECK(n_comp >= 0, "sparamx: n_comp must be >= 0, got ", n_comp);
-  check_side("k", k_vals, k_bits, k_win, B, H, D, n_comp);
-  check_side("v", v_vals, v_bits, v_win, B, H, D, n_comp);
+  TORCH_CHECK(mask_tokens == 1 || mask_tokens == 16, "sparamx: mask_tokens ", mask_tokens,
+              " is not supported; allowed: 1 or 16");
+  check_side("k", k_vals, k_bits, k_win, B, H, D, n_comp, mask_tokens);
+  check_side("v", v_vals, v_bits, v_win, B, H, D, n_comp, mask_tokens);
   TORCH_CHECK(k_win.size(2) == v_win.size(2), "sparamx: k_win has ", k_win.size(2),
               " tokens but v_win has ", v_win.size(2));
   const int64_t n_win = k_win.size(2), n = n_comp + n_win;
@@ -131,6 +139,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
   a.scale_log2e = static_cast<float>(scale * 1.4426950408889634);
   a.n_comp = n_comp;
   a.n_win = n_win;
+  a.mask_shift = mask_tokens == 16 ? 4 : 0;
   auto side = [&](const at::Tensor& vals, const c10::optional<at::Tensor>& bits,
                   const at::Tensor& win) {
     KVSide s;
@@ -222,7 +231,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
 TORCH_LIBRARY_FRAGMENT(sparamx, m) {
   m.def("kv_decode_attention(Tensor q, Tensor k_vals, Tensor? k_bits, Tensor v_vals, "
         "Tensor? v_bits, int n_comp, Tensor k_win, Tensor v_win, float scale, "
-        "str? impl=None) -> Tensor");
+        "str? impl=None, int mask_tokens=1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("kv_decode_attention", &kv_decode_attention); }

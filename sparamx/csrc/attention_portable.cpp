@@ -24,7 +24,8 @@ void load_token(const AttnArgs& a, const KVSide& s, int64_t b, int64_t h, int64_
       for (int64_t j = 0; j < D; ++j) out[j] = bf16_to_float(v[j]);
       return;
     }
-    const uint32_t* bits = s.bits + row * a.words;
+    const uint32_t* bits =
+        s.bits + ((b * a.hkv + h) * (s.cap >> a.mask_shift) + (t >> a.mask_shift)) * a.words;
     int64_t k = 0;
     for (int64_t j = 0; j < D; ++j)
       out[j] = (bits[j >> 5] >> (j & 31) & 1u) ? bf16_to_float(v[k++]) : 0.f;
