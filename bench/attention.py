@@ -93,7 +93,7 @@ def cycle(layers, fn):
     return run
 
 
-def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, mask_tokens=16):
+def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, mask_tokens=1):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     hq, hkv, d = heads
@@ -185,7 +185,7 @@ def main(argv=None):
     p.add_argument(
         "--mask-tokens",
         type=int,
-        default=16,
+        default=1,
         choices=kv.MASK_TOKENS,
         help="tokens sharing one pruning mask (kv.mask_tokens)",
     )

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=64, help="recent_window (tokens kept dense)")
     ap.add_argument("--sinks", type=int, default=32, help="sink_tokens (first tokens kept dense)")
     ap.add_argument(
-        "--mask-tokens", type=int, default=16, help="tokens sharing one pruning mask: 1 or 16"
+        "--mask-tokens", type=int, default=1, help="tokens sharing one pruning mask: 1 or 16"
     )
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--prefill", type=int, default=64)

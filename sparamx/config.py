@@ -82,7 +82,7 @@ class KVConfig:
     v_sparsity: float = 0.0  # per value token (magnitude for both methods)
     recent_window: int = 64  # newest tokens kept dense
     sink_tokens: int = 32  # first tokens kept dense (attention sinks)
-    mask_tokens: int = 16  # tokens sharing one pruning mask: 1 or 16 (16: faster kernel)
+    mask_tokens: int = 1  # tokens sharing one pruning mask: 1 or 16 (see README)
 
 
 @dataclass

@@ -27,13 +27,12 @@ Pieces, from the bottom up:
 With both sparsities 0 the compressed tokens are stored dense (no bitmap) and the same
 kernel runs as our dense-cache decode attention.
 
-Why shared masks (``mask_tokens=16``, the default): with a mask per token the kernel
-must expand every token's row to full width before multiplying, so it does the dense
-kernel's arithmetic plus the expands, and on a core that streams the dense cache at DRAM
-speed it is no faster (it only saves memory). With one mask per 16 tokens the query is
-compressed once per group and the kernel multiplies only the kept entries: work and
-bytes both shrink with sparsity. Keeping the attention-sink tokens dense is what makes
-the coarser masks as accurate (SmolLM2, 50% K and V, decode-path perplexity: README).
+Why shared masks (``mask_tokens=16``, an option): with a mask per token the kernel
+expands every token's row to full width before multiplying, so it does the dense
+kernel's arithmetic plus the expands whatever the sparsity. With one mask per 16 tokens
+the query is compressed once per group and the kernel multiplies only the kept entries:
+work shrinks with sparsity, at some cost in accuracy (README, "Sparse KV cache").
+Keeping the attention-sink tokens dense (``sink_tokens``) narrows that cost.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ class KVSettings:
     v_sparsity: float = 0.5
     recent_window: int = 64  # newest tokens kept dense
     sink_tokens: int = 32  # first tokens kept dense (attention sinks)
-    mask_tokens: int = 16  # tokens sharing one pruning mask: 1 or 16 (see the docstring)
+    mask_tokens: int = 1  # tokens sharing one pruning mask: 1 or 16 (see the docstring)
     block_tokens: int = BLOCK_TOKENS
 
     def __post_init__(self):
