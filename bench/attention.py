@@ -5,8 +5,9 @@ For each head shape, context, KV sparsity and thread count, times in the same ru
             dense bf16 cache [1, Hkv, n, D];
   dense     our kernel on the same dense cache (no bitmaps): the honest baseline and
             the path taken when KV sparsity is off;
-  sparamx   our kernel on the pruned, packed cache (magnitude pruning, one mask per
-            `--mask-tokens` tokens; every token compressed, no dense window).
+  sparamx   our kernel on the pruned, packed cache (magnitude pruning; one row per
+            `--mask-tokens` setting: a mask per token, or per 16 tokens; every token
+            compressed, no dense window).
 The caches are DRAM-resident: each timed call goes to the next of several layers'
 caches, cycling through more bytes than the last-level cache holds. Reports µs per
 layer (the best of the repeats, each a full cycle through the layers: on a shared
@@ -93,7 +94,7 @@ def cycle(layers, fn):
     return run
 
 
-def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, mask_tokens=1):
+def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, masks=(1,)):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     hq, hkv, d = heads
@@ -108,7 +109,9 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, mask_tok
     rows = []
     dense_layers = None
     sdpa_us = dense_us = None
-    for s in sparsities:
+    # sparsity 0 has no masks: one row; each other sparsity one row per mask setting
+    cases = [(s, mt) for s in sparsities for mt in (masks if s > 0 else masks[:1])]
+    for s, mask_tokens in cases:
         layers = make_layers(hkv, d, n, s, max(2, copies), mask_tokens)
         if dense_layers is None:
             dense_layers = layers
@@ -132,18 +135,8 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, mask_tok
             dense_us = best_time_us(f, rounds * 3, inner=len(layers))
         f = cycle(
             layers,
-            lambda lay: kv.decode_attention(
-                q,
-                lay["kv"],
-                lay["kb"],
-                lay["vv"],
-                lay["vb"],
-                n,
-                empty,
-                empty,
-                scale,
-                None,
-                mask_tokens,
+            lambda lay, mt=mask_tokens: kv.decode_attention(
+                q, lay["kv"], lay["kb"], lay["vv"], lay["vb"], n, empty, empty, scale, None, mt
             ),
         )
         f()
@@ -184,10 +177,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--mask-tokens",
+        nargs="+",
         type=int,
-        default=1,
+        default=list(kv.MASK_TOKENS),
         choices=kv.MASK_TOKENS,
-        help="tokens sharing one pruning mask (kv.mask_tokens)",
+        help="tokens sharing one pruning mask (kv.mask_tokens); one row per setting",
     )
     p.add_argument("--no-sdpa", action="store_true", help="skip torch SDPA (slow at long context)")
     p.add_argument("--json", help="write the records here")
@@ -208,7 +202,7 @@ def main(argv=None):
                 rows += new
                 for r in new:  # progress; the table follows at the end
                     print(
-                        f"{name} ctx={n} s={r['k_sparsity']} thr={t}: "
+                        f"{name} ctx={n} s={r['k_sparsity']} mask={r['mask_tokens']} thr={t}: "
                         f"{r['sparamx_us']:.0f} us (dense {r['dense_us']:.0f})",
                         file=sys.stderr,
                     )
@@ -223,6 +217,7 @@ COLUMNS = [
     ("model", "heads", "s"),
     ("context", "ctx", "d"),
     ("k_sparsity", "kv_s", ".2f"),
+    ("mask_tokens", "mask", "d"),
     ("threads", "thr", "d"),
     ("sdpa_us", "sdpa_us", ".0f"),
     ("dense_us", "dense_us", ".0f"),
