@@ -11,8 +11,9 @@ For each head shape, context, KV sparsity and thread count, times in the same ru
 The caches are DRAM-resident: each timed call goes to the next of several layers'
 caches, cycling through more bytes than the last-level cache holds. Reports µs per
 layer (the best of the repeats, each a full cycle through the layers: on a shared
-machine the best is the least disturbed), speedups, cache memory vs dense, and GB/s of
-cache bytes read.
+machine the best is the least disturbed; our dense and sparse kernels take turns in
+every repeat, so each row's ratio is measured side by side), speedups, cache memory vs
+dense, and GB/s of cache bytes read.
 
     python bench/attention.py                               # the default table
     python bench/attention.py --heads llama --contexts 8192 --sparsity 0.5 --threads 1
@@ -67,14 +68,17 @@ def make_layers(
     return layers
 
 
-def best_time_us(fn, repeats: int, inner: int) -> float:
-    """Best over ``repeats`` of the mean time of ``inner`` back-to-back calls (µs)."""
-    best = float("inf")
+def best_times_us(fns, repeats: int, inner: int) -> list[float]:
+    """For each of ``fns``, the best over ``repeats`` of the mean time of ``inner``
+    back-to-back calls (µs). The functions take turns in every repeat, so a slow spell of
+    the machine hits them alike (compared kernels are never timed minutes apart)."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter_ns()
-        for _ in range(inner):
-            fn()
-        best = min(best, (time.perf_counter_ns() - t0) / inner / 1e3)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter_ns()
+            for _ in range(inner):
+                fn()
+            best[i] = min(best[i], (time.perf_counter_ns() - t0) / inner / 1e3)
     return best
 
 
@@ -107,8 +111,8 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, masks=(1
     scale = d**-0.5
     module = _Module(hq // hkv)
     rows = []
-    dense_layers = None
-    sdpa_us = dense_us = None
+    dense_layers = dense_fn = None
+    sdpa_us = None
     # sparsity 0 has no masks: one row; each other sparsity one row per mask setting
     cases = [(s, mt) for s in sparsities for mt in (masks if s > 0 else masks[:1])]
     for s, mask_tokens in cases:
@@ -124,15 +128,14 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, masks=(1
                     ),
                 )
                 f()
-                sdpa_us = best_time_us(f, rounds, inner=len(layers))
-            f = cycle(
+                (sdpa_us,) = best_times_us([f], rounds, inner=len(layers))
+            dense_fn = cycle(
                 layers,
                 lambda lay: kv.decode_attention(
                     q, lay["k"], None, lay["v"], None, n, empty, empty, scale
                 ),
             )
-            f()
-            dense_us = best_time_us(f, rounds * 3, inner=len(layers))
+            dense_fn()
         f = cycle(
             layers,
             lambda lay, mt=mask_tokens: kv.decode_attention(
@@ -140,7 +143,7 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, masks=(1
             ),
         )
         f()
-        ours_us = best_time_us(f, repeats * 3, inner=len(layers))
+        dense_us, ours_us = best_times_us([dense_fn, f], repeats * 3, inner=len(layers))
         lay = layers[0]
         sparse_bytes = nbytes(lay["kv"], lay["kb"], lay["vv"], lay["vb"])
         rows.append(
