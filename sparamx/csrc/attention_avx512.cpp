@@ -88,8 +88,9 @@ struct Lay {
   static constexpr int value = L;
 };
 
-inline __mmask32 dense_mask(int64_t d, int w) {
+inline __mmask32 dense_mask(int64_t d, int w) {  // lanes of chunk w below d
   const int64_t left = d - 32 * w;
+  if (left <= 0) return 0;
   return left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
 }
 
@@ -243,11 +244,11 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
   constexpr bool KS = KL == kToken, VS = VL == kToken;
   const int words = W > 0 ? W : words_rt;
   __mmask32 dm[8];
-  for (int w = 0; w < words; ++w) dm[w] = dense_mask(d, w);
+  for (int w = 0; w < 8; ++w) dm[w] = dense_mask(d, w);
   // kShared: chunks of the kept values (masks for the last, partial one).
   const int kc = static_cast<int>((kr.stride + 31) / 32), vc = static_cast<int>((vr.stride + 31) / 32);
   __mmask32 kdm[8], vdm[8];
-  for (int w = 0; w < words; ++w) {
+  for (int w = 0; w < 8; ++w) {
     kdm[w] = KL == kShared ? dense_mask(kr.stride, w) : dm[w];
     vdm[w] = VL == kShared ? dense_mask(vr.stride, w) : dm[w];
   }
@@ -346,22 +347,37 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
     // per GB heads (the last pass takes the remainder). Sparse rows: one chunk for every
     // query head per pass, as a re-read would expand the chunk again (sparse V is bound
     // by compute, not by the stream).
-    // Shared masks: the dense pass over the kept values, into cacc, then expanded.
-    constexpr int WB = W > 0 && W <= 4 && VL == kDense ? W : 1;
-    constexpr int GB = VL != kDense ? (G < 8 ? G : 8) : (G < 8 / WB ? G : 8 / WB);
-    constexpr int kRest = G % GB;
+    // Shared masks: the dense pass over the kept values into cacc, then expanded; two
+    // chunks per pass when their count is even (Llama heads at 50%: 0.81x -> 0.98x of
+    // the dense kernel from DRAM with 1 thread).
     const int v_words = VL == kShared ? vc : words;
     float* vacc = VL == kShared ? cacc : acc;
     if constexpr (VL == kShared)
-      for (int j = 0; j < G * vc * 32; j += 16) _mm512_store_ps(cacc + j, _mm512_setzero_ps());
-    int g0 = 0;
-    for (; g0 + GB <= G; g0 += GB)
-      v_pass<GB, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
-    if constexpr (kRest > 0) v_pass<kRest, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
+      for (int j = 0; j < G * v_words * 32; j += 16) _mm512_store_ps(cacc + j, _mm512_setzero_ps());
+    auto v_all = [&](auto wb) {
+      constexpr int WB = decltype(wb)::value;
+      constexpr int GB = VS ? (G < 8 ? G : 8) : (G < 8 / WB ? G : 8 / WB);
+      constexpr int kRest = G % GB;
+      int g0 = 0;
+      for (; g0 + GB <= G; g0 += GB)
+        v_pass<GB, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
+      if constexpr (kRest > 0)
+        v_pass<kRest, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
+    };
+    if constexpr (VL == kDense) {
+      v_all(Lay<(W > 0 && W <= 4 ? W : 1)>{});
+    } else if constexpr (VL == kShared) {  // rows of two chunks: read whole, as dense
+      if (v_words % 2 == 0)
+        v_all(Lay<2>{});
+      else
+        v_all(Lay<1>{});
+    } else {
+      v_all(Lay<1>{});
+    }
     if constexpr (VL == kShared) {
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < vc; ++c)
-          permute_chunk(cacc + (g * vc + c) * 32, flat[g] + 32 * c, dims_lo, dims_hi);
+          permute_chunk(cacc + (g * v_words + c) * 32, flat[g] + 32 * c, dims_lo, dims_hi);
       pending = vr.bits + blk * words;
     }
   }
