@@ -8,13 +8,16 @@
 //           vdpbf16ps; 16 tokens' accumulators are reduced together by a transpose tree
 //           (about 3 instructions per score instead of ~8 for a lone reduction). The same
 //           token's V row is prefetched meanwhile (why: see `segment`);
-//   softmax online, per block: one max, one rescale of the accumulators;
+//   softmax online, per block (a max and a rescale only when a score beats the
+//           running max);
 //   values  tokens in pairs (`v_pass`), per 32-dimension chunk: both tokens' chunks
 //           loaded (and expanded) once, interleaved, and multiplied by the pair's softmax
 //           weights (bf16) with one vdpbf16ps per query head and half-chunk (accumulators
 //           hold dimensions in the interleaved order and are put back in order when the
 //           call ends).
 // So each compressed K/V byte is read once per KV head for all query heads of its group.
+// With masks shared by 16 tokens (kShared, see `segment`) both products run over the kept
+// values only: q is compressed per block instead of each K chunk expanded per token.
 //
 // Headers come before the target pragma (see kernel_avx512.cpp for why).
 #include <math.h>
@@ -246,7 +249,8 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
   __mmask32 dm[8];
   for (int w = 0; w < 8; ++w) dm[w] = dense_mask(d, w);
   // kShared: chunks of the kept values (masks for the last, partial one).
-  const int kc = static_cast<int>((kr.stride + 31) / 32), vc = static_cast<int>((vr.stride + 31) / 32);
+  const int kc = static_cast<int>((kr.stride + 31) / 32);
+  const int vc = static_cast<int>((vr.stride + 31) / 32);
   __mmask32 kdm[8], vdm[8];
   for (int w = 0; w < 8; ++w) {
     kdm[w] = KL == kShared ? dense_mask(kr.stride, w) : dm[w];
