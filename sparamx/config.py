@@ -79,7 +79,7 @@ class KVConfig:
     # sparse KV cache (sparamx.kv): none | magnitude | wanda (|k_j|·‖q_j‖ from prefill)
     method: str = "none"
     k_sparsity: float = 0.0  # share of head_dim pruned per key token (after RoPE)
-    v_sparsity: float = 0.0  # per value token (magnitude for both methods)
+    v_sparsity: float = 0.0  # per value token (wanda: |v_j|·‖o_proj columns of j‖)
     recent_window: int = 64  # newest tokens kept dense
     sink_tokens: int = 32  # first tokens kept dense (attention sinks)
     mask_tokens: int = 1  # tokens sharing one pruning mask: 1 or 16 (see README)

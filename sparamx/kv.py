@@ -229,6 +229,7 @@ class SparseKVLayer(CacheLayerMixin):
         self.n_comp = 0
         self.k_vals = self.k_bits = self.v_vals = self.v_bits = None
         self.q_sq = None  # Wanda: sum over prefill tokens of q² per KV head group [Hkv, D]
+        self.v_col = None  # Wanda: o_proj column norms per value channel [Hkv, D]
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
@@ -298,13 +299,16 @@ class SparseKVLayer(CacheLayerMixin):
             return
         n = blocks * bt
         k, v = self.keys[:, :, s0 : s0 + n], self.values[:, :, s0 : s0 + n]
-        k_score = None
+        k_score = v_score = None
         if self.settings.method == "wanda" and self.q_sq is not None:
-            # |k_j| · ‖q_j‖ (per KV head, channel j); V has no query: magnitude
+            # |k_j| · ‖q_j‖ (per KV head, channel j)
             k_score = k.float().abs() * self.q_sq.sqrt()[None, :, None, :]
+        if self.settings.method == "wanda" and self.v_col is not None:
+            # |v_j| · ‖W_o columns fed by channel j‖: how far dropping v_j moves the output
+            v_score = v.float().abs() * self.v_col[None, :, None, :]
         g = self.settings.mask_tokens
         kb, kv_ = prune_tokens(k, self.keep_k, k_score, g)
-        vb, vv = prune_tokens(v, self.keep_v, None, g)
+        vb, vv = prune_tokens(v, self.keep_v, v_score, g)
         self._append(kb, kv_, vb, vv, n)
         self.keys = torch.cat([self.keys[:, :, :s0], self.keys[:, :, s0 + n :]], dim=-2)
         self.values = torch.cat([self.values[:, :, :s0], self.values[:, :, s0 + n :]], dim=-2)
@@ -430,6 +434,24 @@ def _mask_allows_all(mask: torch.Tensor | None) -> bool:
     return bool((mask == 0).all())
 
 
+def _value_channel_norms(module, hkv: int, d: int) -> torch.Tensor | None:
+    """Wanda-style value scores' weights, ``[Hkv, D]``: for channel j of KV head h the
+    norm of the ``o_proj`` columns it feeds (one per query head of the group): a value
+    entry reaches the layer's output through those columns, scaled by attention weights
+    that are the same for every channel of the token. Cached on the module; None when it
+    has no ``o_proj`` (values are then pruned by magnitude)."""
+    cached = getattr(module, "_sparamx_v_col", None)
+    if cached is not None:
+        return cached
+    proj = getattr(module, "o_proj", None)
+    w = getattr(proj, "weight", None)  # packed layers unpack on demand
+    if w is None or w.dim() != 2 or w.shape[1] % (hkv * d):
+        return None
+    col = w.detach().float().pow(2).sum(0).view(hkv, -1, d).sum(1).sqrt()
+    module._sparamx_v_col = col
+    return col
+
+
 def sparse_kv_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw
 ):
@@ -440,6 +462,8 @@ def sparse_kv_attention(
 
     layer = getattr(key, "_sparamx_kv_layer", None)  # None: another cache (plain SDPA)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer is not None and layer.settings.method == "wanda" and layer.v_col is None:
+        layer.v_col = _value_channel_norms(module, key.shape[1], key.shape[3])
     unsupported = (
         kw.get("softcap") is not None
         or kw.get("s_aux") is not None

@@ -368,6 +368,32 @@ def test_wanda_scores_use_the_prefill_query_norms():
     assert (torch.where(kept, score, torch.inf).amin(-1) > 0).all()
 
 
+def test_wanda_values_are_scored_by_the_output_projection_columns():
+    from transformers import DynamicCache
+
+    model = _tiny("llama")  # 4 query heads, 2 KV heads, head_dim 16
+    ids = _ids(24)
+    ref = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(ids, cache=ref, use_cache=True)
+    s = kv.KVSettings(
+        "wanda", 0.5, 0.5, recent_window=0, sink_tokens=0, mask_tokens=1, block_tokens=8
+    )
+    kv.enable_sparse_kv(model, s)
+    cache = kv.new_cache(model)
+    with torch.inference_mode():
+        model(ids, cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    w = model.model.layers[0].self_attn.o_proj.weight.float()  # [hidden, 4 * 16]
+    col = w.pow(2).sum(0).view(2, 2, 16).sum(1).sqrt()  # KV head h feeds query heads 2h, 2h+1
+    torch.testing.assert_close(layer.v_col, col)
+    v = ref.layers[0].values.float()
+    want = torch.zeros_like(v, dtype=torch.bool)
+    want.scatter_(-1, (v.abs() * col[None, :, None, :]).topk(8, dim=-1).indices, True)
+    assert torch.equal(kv.token_mask(layer.v_bits[:, :, :24], 16), want)
+    assert not torch.equal(want, v.abs() >= v.abs().kthvalue(9, dim=-1, keepdim=True).values)
+
+
 def test_decode_perplexity_at_sparsity_zero_matches_a_full_forward():
     model = _tiny("llama")
     ids = _ids(40)
