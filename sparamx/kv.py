@@ -315,6 +315,7 @@ class SparseKVLayer(CacheLayerMixin):
 
     def _append(self, kb, kv_, vb, vv, n):
         b, h, d = self.shape
+        g = self.settings.mask_tokens  # tokens per bitmap row; divides n_comp, n and cap
         need = self.n_comp + n
         cap = 0 if self.k_vals is None else self.k_vals.shape[2]
         if need > cap:  # grow by doubling: amortised O(1) copies per token
@@ -326,8 +327,7 @@ class SparseKVLayer(CacheLayerMixin):
                     out[:, :, : self.n_comp // per] = t[:, :, : self.n_comp // per]
                 return out
 
-            w, g = words_for(d), self.settings.mask_tokens
-            new_cap = (new_cap + g - 1) // g * g
+            w = words_for(d)
             self.k_vals = grow(self.k_vals, self.keep_k, torch.bfloat16)
             self.v_vals = grow(self.v_vals, self.keep_v, torch.bfloat16)
             if kb is not None:
@@ -335,7 +335,6 @@ class SparseKVLayer(CacheLayerMixin):
             if vb is not None:
                 self.v_bits = grow(self.v_bits, w, torch.int32, g)
         sl = slice(self.n_comp, need)
-        g = self.settings.mask_tokens
         bsl = slice(self.n_comp // g, need // g)
         self.k_vals[:, :, sl] = kv_
         self.v_vals[:, :, sl] = vv
