@@ -62,8 +62,8 @@ def make_layers(
     for _ in range(copies):
         k = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)
         v = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)
-        kb, kvals = kv.prune_tokens(k, keep, None, mask_tokens)
-        vb, vvals = kv.prune_tokens(v, keep, None, mask_tokens)
+        kb, kvals = kv.prune_tokens(k, keep, None, mask_tokens, "k")
+        vb, vvals = kv.prune_tokens(v, keep, None, mask_tokens, "v")
         layers.append({"k": k, "v": v, "kb": kb, "kv": kvals, "vb": vb, "vv": vvals})
     return layers
 

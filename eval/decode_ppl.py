@@ -86,6 +86,8 @@ def run(
 
 
 def main(argv=None) -> int:
+    from sparamx.kv import KVSettings
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model", help="artifact directory, HF dir/hub id, or smollm2-135m")
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda"])
@@ -94,7 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=64, help="recent_window (tokens kept dense)")
     ap.add_argument("--sinks", type=int, default=32, help="sink_tokens (first tokens kept dense)")
     ap.add_argument(
-        "--mask-tokens", type=int, default=1, help="tokens sharing one pruning mask: 1 or 16"
+        "--mask-tokens",
+        type=int,
+        default=KVSettings().mask_tokens,
+        help="tokens sharing one pruning mask: 16 or 1",
     )
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--prefill", type=int, default=64)

@@ -82,7 +82,7 @@ class KVConfig:
     v_sparsity: float = 0.0  # per value token (wanda: |v_j|·‖o_proj columns of j‖)
     recent_window: int = 64  # newest tokens kept dense
     sink_tokens: int = 32  # first tokens kept dense (attention sinks)
-    mask_tokens: int = 1  # tokens sharing one pruning mask: 1 or 16 (see README)
+    mask_tokens: int = 16  # tokens sharing one pruning mask: 16 or 1 (see README)
 
 
 @dataclass

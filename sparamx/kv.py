@@ -5,9 +5,10 @@ Pieces, from the bottom up:
 
 - ``prune_tokens`` / ``unpack_tokens``: per KV head, keep ``keep`` entries of head_dim
   (magnitude, or a caller-given score such as Wanda's |k_j|·‖q_j‖) and pack them as
-  bitmap words (uint32 per 32 dims) plus the kept bf16 values in dimension order. One
-  mask per token (``mask_tokens=1``) or one per group of ``mask_tokens=16`` consecutive
-  tokens, chosen by the group's summed scores. Every token keeps the same count, so
+  bitmap words (uint32 per 32 dims) plus the kept bf16 values. One mask per token
+  (``mask_tokens=1``; values in dimension order) or one per group of ``mask_tokens=16``
+  consecutive tokens, chosen by the group's summed scores (values in per-block layouts
+  made for the kernel's two products, ``to_blocks``). Every token keeps the same count, so
   token t's values start at ``t * keep``: no offsets table, and no address in the
   kernel depends on another token's popcount.
 - ``SparseKVLayer`` (a transformers ``CacheLayerMixin``): a dense window and, behind it,
@@ -24,14 +25,15 @@ Pieces, from the bottom up:
 - ``enable_sparse_kv(model, settings)``: switch a model to the sparse cache, so that
   ``model.generate`` uses it without further arguments.
 
-With both sparsities 0 the compressed tokens are stored dense (no bitmap) and the same
-kernel runs as our dense-cache decode attention.
+With both sparsities 0 the compressed tokens are stored dense (no bitmap, whatever
+``mask_tokens``) and the same kernel runs as our dense-cache decode attention.
 
-Why shared masks (``mask_tokens=16``, an option): with a mask per token the kernel
+Why shared masks (``mask_tokens=16``, the default): with a mask per token the kernel
 expands every token's row to full width before multiplying, so it does the dense
 kernel's arithmetic plus the expands whatever the sparsity. With one mask per 16 tokens
 the query is compressed once per group and the kernel multiplies only the kept entries:
-work shrinks with sparsity, at some cost in accuracy (README, "Sparse KV cache").
+work shrinks with sparsity (at 50%, 1.6-1.9x our dense kernel), at some cost in
+accuracy (README, "Sparse KV cache": ~+5% vs ~+2% perplexity on SmolLM2 at 50%).
 Keeping the attention-sink tokens dense (``sink_tokens``) narrows that cost.
 """
 
@@ -64,7 +66,7 @@ class KVSettings:
     v_sparsity: float = 0.5
     recent_window: int = 64  # newest tokens kept dense
     sink_tokens: int = 32  # first tokens kept dense (attention sinks)
-    mask_tokens: int = 1  # tokens sharing one pruning mask: 1 or 16 (see the docstring)
+    mask_tokens: int = 16  # tokens sharing one pruning mask: 16 or 1 (see the docstring)
     block_tokens: int = BLOCK_TOKENS
 
     def __post_init__(self):
@@ -116,17 +118,33 @@ def words_for(head_dim: int) -> int:
     return (head_dim + 31) // 32
 
 
+def _check_side(group: int, side: str | None, fn: str) -> None:
+    if group > 1 and side not in ("k", "v"):
+        raise ValueError(
+            f"{fn}: side must be 'k' or 'v' with group={group} (keys and values have "
+            f"different block layouts), got {side!r}"
+        )
+
+
 def prune_tokens(
-    x: torch.Tensor, keep: int, score: torch.Tensor | None = None, group: int = 1
+    x: torch.Tensor,
+    keep: int,
+    score: torch.Tensor | None = None,
+    group: int = 1,
+    side: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Keep the ``keep`` highest-scoring entries of each row of ``x[..., n, D]`` (score
     default |x|), one choice per ``group`` consecutive rows (scores summed over the
     group; ``n`` a multiple of it). Returns ``(bits[..., n / group, W] int32,
-    values[..., n, keep] bf16)``; ``bits`` is None when every entry is kept (the dense
-    layout)."""
+    values[..., n, keep] bf16)`` as the kernels read them: with ``group=1`` values in
+    dimension order, and ``bits`` None when every entry is kept (the dense layout); with
+    ``group=16`` bitmaps always (full when every entry is kept) and values in the block
+    layout of ``side`` ("k" or "v", see ``to_blocks``)."""
     d = x.shape[-1]
-    if keep >= d:
+    _check_side(group, side, "prune_tokens")
+    if keep >= d and group == 1:
         return None, x.to(torch.bfloat16).contiguous()
+    keep = min(keep, d)
     s = x.float().abs() if score is None else score.float()
     if group > 1:
         *lead, n, _ = s.shape
@@ -142,7 +160,41 @@ def prune_tokens(
     shifts = torch.arange(32, device=x.device, dtype=torch.int64)
     bits = (mask.view(*idx.shape[:-1], w, 32).long() << shifts).sum(-1)  # [0, 2^32)
     bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)  # as int32 bits
+    if group > 1:
+        values = to_blocks(values, side)
     return bits.contiguous(), values.contiguous()
+
+
+def to_blocks(values: torch.Tensor, side: str) -> torch.Tensor:
+    """Token-order kept values ``[..., n, keep]`` (n a multiple of 16) -> the kernels'
+    layouts for masks shared by 16 tokens: the same shape, each block of 16 tokens'
+    values reordered. Keys (``side="k"``) transposed in kept-dimension pairs,
+    ``[pair][token][2]``, an odd last dimension as ``[token]``; values (``side="v"``)
+    in token pairs, ``[token pair][dim][2]`` (see sparamx/csrc/attention.h)."""
+    *lead, n, keep = values.shape
+    x = values.reshape(*lead, n // 16, 16, keep)
+    if side == "v":
+        out = x.reshape(*lead, n // 16, 8, 2, keep).transpose(-2, -1)
+    else:
+        p = keep // 2
+        pairs = x[..., : 2 * p].reshape(*lead, n // 16, 16, p, 2).transpose(-3, -2)
+        last = x[..., 2 * p :].transpose(-2, -1)  # [..., keep % 2, 16]
+        out = torch.cat([pairs.flatten(-3), last.flatten(-2)], -1)
+    return out.reshape(*lead, n, keep).contiguous()
+
+
+def from_blocks(values: torch.Tensor, side: str) -> torch.Tensor:
+    """Inverse of ``to_blocks``: token-order values ``[..., n, keep]``."""
+    *lead, n, keep = values.shape
+    x = values.reshape(*lead, n // 16, 16 * keep)
+    if side == "v":
+        out = x.reshape(*lead, n // 16, 8, keep, 2).transpose(-2, -1)
+    else:
+        p = keep // 2
+        pairs = x[..., : 32 * p].reshape(*lead, n // 16, p, 16, 2).transpose(-3, -2)
+        last = x[..., 32 * p :].reshape(*lead, n // 16, keep - 2 * p, 16).transpose(-2, -1)
+        out = torch.cat([pairs.flatten(-2), last], -1)
+    return out.reshape(*lead, n, keep).contiguous()
 
 
 def token_mask(bits: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -153,13 +205,19 @@ def token_mask(bits: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def unpack_tokens(
-    bits: torch.Tensor | None, values: torch.Tensor, head_dim: int, group: int = 1
+    bits: torch.Tensor | None,
+    values: torch.Tensor,
+    head_dim: int,
+    group: int = 1,
+    side: str | None = None,
 ) -> torch.Tensor:
-    """Inverse of ``prune_tokens``: dense bf16 ``[..., n, head_dim]`` with zeros where
-    pruned."""
+    """Inverse of ``prune_tokens`` (same ``group`` and ``side``): dense bf16
+    ``[..., n, head_dim]`` with zeros where pruned."""
     if bits is None:
         return values
+    _check_side(group, side, "unpack_tokens")
     if group > 1:
+        values = from_blocks(values, side)
         bits = bits.repeat_interleave(group, dim=-2)
     mask = token_mask(bits, head_dim)
     out = torch.zeros(*mask.shape, dtype=values.dtype, device=values.device)
@@ -240,6 +298,9 @@ class SparseKVLayer(CacheLayerMixin):
         self.shape = (b, h, d)
         self.keep_k = self.settings.keep(d, self.settings.k_sparsity)
         self.keep_v = self.settings.keep(d, self.settings.v_sparsity)
+        # tokens per mask; nothing pruned: our dense cache (no bitmaps, row layout)
+        pruned = min(self.keep_k, self.keep_v) < d
+        self.mask_tokens = self.settings.mask_tokens if pruned else 1
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -306,16 +367,16 @@ class SparseKVLayer(CacheLayerMixin):
         if self.settings.method == "wanda" and self.v_col is not None:
             # |v_j| · ‖W_o columns fed by channel j‖: how far dropping v_j moves the output
             v_score = v.float().abs() * self.v_col[None, :, None, :]
-        g = self.settings.mask_tokens
-        kb, kv_ = prune_tokens(k, self.keep_k, k_score, g)
-        vb, vv = prune_tokens(v, self.keep_v, v_score, g)
+        g = self.mask_tokens
+        kb, kv_ = prune_tokens(k, self.keep_k, k_score, g, "k")
+        vb, vv = prune_tokens(v, self.keep_v, v_score, g, "v")
         self._append(kb, kv_, vb, vv, n)
         self.keys = torch.cat([self.keys[:, :, :s0], self.keys[:, :, s0 + n :]], dim=-2)
         self.values = torch.cat([self.values[:, :, :s0], self.values[:, :, s0 + n :]], dim=-2)
 
     def _append(self, kb, kv_, vb, vv, n):
         b, h, d = self.shape
-        g = self.settings.mask_tokens  # tokens per bitmap row; divides n_comp, n and cap
+        g = self.mask_tokens  # tokens per bitmap row; divides n_comp, n and cap
         need = self.n_comp + n
         cap = 0 if self.k_vals is None else self.k_vals.shape[2]
         if need > cap:  # grow by doubling: amortised O(1) copies per token
@@ -351,12 +412,12 @@ class SparseKVLayer(CacheLayerMixin):
         entries zero): what the kernel attends over; for prefill after compaction."""
         if not self.n_comp:
             return self.keys, self.values
-        d, g, s0 = self.shape[2], self.settings.mask_tokens, self._sinks()
+        d, g, s0 = self.shape[2], self.mask_tokens, self._sinks()
         sl, bsl = slice(0, self.n_comp), slice(0, self.n_comp // g)
         kb = None if self.k_bits is None else self.k_bits[:, :, bsl]
         vb = None if self.v_bits is None else self.v_bits[:, :, bsl]
-        k = unpack_tokens(kb, self.k_vals[:, :, sl], d, g).to(self.dtype)
-        v = unpack_tokens(vb, self.v_vals[:, :, sl], d, g).to(self.dtype)
+        k = unpack_tokens(kb, self.k_vals[:, :, sl], d, g, "k").to(self.dtype)
+        v = unpack_tokens(vb, self.v_vals[:, :, sl], d, g, "v").to(self.dtype)
         # token order: sinks, compressed, newest
         k = torch.cat([self.keys[:, :, :s0], k, self.keys[:, :, s0:]], dim=-2)
         v = torch.cat([self.values[:, :, :s0], v, self.values[:, :, s0:]], dim=-2)
@@ -374,7 +435,7 @@ class SparseKVLayer(CacheLayerMixin):
             kv = vv = k_win[:, :, :0].new_empty(b, h, 0, d)
             kb = vb = None
         return decode_attention(
-            q, kv, kb, vv, vb, self.n_comp, k_win, v_win, scale, kernel, self.settings.mask_tokens
+            q, kv, kb, vv, vb, self.n_comp, k_win, v_win, scale, kernel, self.mask_tokens
         )
 
     def nbytes(self) -> int:
@@ -385,7 +446,7 @@ class SparseKVLayer(CacheLayerMixin):
         b, h, d = self.shape
         values = 2 * (self.keep_k + self.keep_v) * self.n_comp
         masks = (self.k_bits is not None) + (self.v_bits is not None)
-        bitmaps = 4 * words_for(d) * masks * (self.n_comp // self.settings.mask_tokens)
+        bitmaps = 4 * words_for(d) * masks * (self.n_comp // self.mask_tokens)
         window = self.keys.numel() * self.keys.element_size() * 2
         return b * h * (values + bitmaps) + window
 

@@ -18,10 +18,10 @@ if "avx512" in KERNELS and not kernel_info()["cpu"]["avx512_bf16"]:
     KERNELS.remove("avx512")
 
 
-def _cache_side(b, h, n, d, keep, gen, mask_tokens=1):
+def _cache_side(b, h, n, d, keep, gen, mask_tokens, side):
     x = torch.randn(b, h, n, d, generator=gen).to(torch.bfloat16)
-    bits, vals = kv.prune_tokens(x, keep, None, mask_tokens)
-    return bits, vals, kv.unpack_tokens(bits, vals, d, mask_tokens)
+    bits, vals = kv.prune_tokens(x, keep, None, mask_tokens, side)
+    return bits, vals, kv.unpack_tokens(bits, vals, d, mask_tokens, side)
 
 
 def _check_against_reference(
@@ -31,8 +31,8 @@ def _check_against_reference(
     keep_k = max(1, round((1 - ks) * d))
     keep_v = max(1, round((1 - vs) * d))
     n_comp -= n_comp % mask_tokens  # the cache compresses whole mask groups
-    kb, kvals, kd = _cache_side(b, h, n_comp, d, keep_k, gen, mask_tokens)
-    vb, vvals, vd = _cache_side(b, h, n_comp, d, keep_v, gen, mask_tokens)
+    kb, kvals, kd = _cache_side(b, h, n_comp, d, keep_k, gen, mask_tokens, "k")
+    vb, vvals, vd = _cache_side(b, h, n_comp, d, keep_v, gen, mask_tokens, "v")
     kw = torch.randn(b, h, n_win, d, generator=gen).to(torch.bfloat16)
     vw = torch.randn(b, h, n_win, d, generator=gen).to(torch.bfloat16)
     q = torch.randn(b, hq, d, generator=gen) * 2
@@ -80,13 +80,14 @@ def test_prune_tokens_keeping_everything_is_the_dense_layout():
     assert bits is None and torch.equal(vals, x)
 
 
-def test_prune_tokens_with_shared_masks_keeps_the_largest_group_sums():
+@pytest.mark.parametrize("side", ["k", "v"])
+def test_prune_tokens_with_shared_masks_keeps_the_largest_group_sums(side):
     x = torch.randn(2, 3, 48, 72).to(torch.bfloat16)
-    bits, vals = kv.prune_tokens(x, 30, None, 16)
+    bits, vals = kv.prune_tokens(x, 30, None, 16, side)
     assert bits.shape == (2, 3, 3, 3) and vals.shape == (2, 3, 48, 30)
     mask = kv.token_mask(bits, 72)  # [2, 3, 3 groups, 72]
     assert (mask.sum(-1) == 30).all()
-    dense = kv.unpack_tokens(bits, vals, 72, 16)
+    dense = kv.unpack_tokens(bits, vals, 72, 16, side)
     tok_mask = mask.repeat_interleave(16, dim=2)
     assert torch.equal(dense[tok_mask], x[tok_mask]) and (dense[~tok_mask] == 0).all()
     sums = x.float().abs().view(2, 3, 3, 16, 72).sum(3)
@@ -94,7 +95,29 @@ def test_prune_tokens_with_shared_masks_keeps_the_largest_group_sums():
     dropped_max = torch.where(~mask, sums, -torch.inf).amax(-1)
     assert (dropped_max <= kept_min).all()
     with pytest.raises(ValueError, match="whole groups of 16"):
-        kv.prune_tokens(x[:, :, :40], 30, None, 16)
+        kv.prune_tokens(x[:, :, :40], 30, None, 16, side)
+    with pytest.raises(ValueError, match="side must be 'k' or 'v' with group=16"):
+        kv.prune_tokens(x, 30, None, 16)
+    # a side kept whole still gets (full) bitmaps: the shared-mask kernel reads both
+    bits, vals = kv.prune_tokens(x, 72, None, 16, side)
+    assert kv.token_mask(bits, 72).all() and vals.shape == x.shape
+    assert torch.equal(kv.unpack_tokens(bits, vals, 72, 16, side), x)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 5, 26, 64])
+def test_block_layouts_put_each_value_where_the_kernel_reads_it(keep):
+    """to_blocks: keys [pair][token][2] (odd last dimension [token]), values
+    [token pair][dim][2], per 16 tokens; from_blocks undoes it."""
+    x = torch.arange(2 * 32 * keep, dtype=torch.float32).view(2, 32, keep)  # [h, t, j]
+    kb, vb = kv.to_blocks(x, "k"), kv.to_blocks(x, "v")
+    assert torch.equal(kv.from_blocks(kb, "k"), x) and torch.equal(kv.from_blocks(vb, "v"), x)
+    kf, vf = kb.view(2, 2, 16 * keep), vb.view(2, 2, 16 * keep)  # [h, block, 16 * keep]
+    pairs = keep // 2
+    for h, blk, t, j in [(0, 0, 0, 0), (1, 1, 15, keep - 1), (0, 1, 7, keep // 2), (1, 0, 9, 0)]:
+        want = x[h, 16 * blk + t, j]
+        at = 32 * (j // 2) + 2 * t + j % 2 if j < 2 * pairs else 32 * pairs + t
+        assert kf[h, blk, at] == want
+        assert vf[h, blk, (t // 2) * 2 * keep + 2 * j + t % 2] == want
 
 
 def test_prune_tokens_with_a_score_keeps_the_highest_scores():
@@ -129,8 +152,9 @@ def test_kernel_matches_reference_for_odd_head_dims(kernel, d, mask_tokens):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_splits_groups_larger_than_eight(kernel):
-    _check_against_reference(1, 20, 1, 64, 70, 3, 0.5, 0.0, kernel)
+@pytest.mark.parametrize("mask_tokens", MASKS)
+def test_kernel_splits_groups_larger_than_eight(kernel, mask_tokens):
+    _check_against_reference(1, 20, 1, 64, 70, 3, 0.5, 0.0, kernel, mask_tokens=mask_tokens)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -147,7 +171,8 @@ def test_kernel_long_context_split_across_threads(kernel, mask_tokens):
 @pytest.mark.parametrize(("ks", "vs"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.6, 0.4)])
 def test_kernel_long_context_one_thread_several_softmax_chunks(kernel, ks, vs, mask_tokens):
     # one work item of ~330 tokens: many softmax steps, a tail, V prefetch and passes
-    # (shared masks: q staged and V sums expanded one block apart)
+    # (shared masks: q staged and V sums expanded one block apart; a side at sparsity 0
+    # has full masks)
     _check_against_reference(
         1, 8, 2, 128, 1000, 7, ks, vs, kernel, threads=1, mask_tokens=mask_tokens
     )
@@ -208,11 +233,13 @@ def test_kernel_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="mask_tokens 3 is not supported; allowed: 1 or 16"):
         kv.decode_attention(q, kvals, None, kvals, None, 4, win, win, 1.0, None, 3)
     x = torch.randn(1, 2, 32, 64)
-    bits, vals = kv.prune_tokens(x, 32, None, 16)  # bitmaps per 16 tokens
+    bits, vals = kv.prune_tokens(x, 32, None, 16, "k")  # bitmaps per 16 tokens
     with pytest.raises(RuntimeError, match=r"k_bits must be a contiguous int32 tensor \[1, 2, 32"):
         kv.decode_attention(q, vals, bits, vals, bits, 32, win, win, 1.0)  # said: per token
     with pytest.raises(RuntimeError, match="multiples of mask_tokens"):
         kv.decode_attention(q, vals, bits, vals, bits, 20, win, win, 1.0, None, 16)
+    with pytest.raises(RuntimeError, match="with mask_tokens 16 both k_bits and v_bits"):
+        kv.decode_attention(q, vals, bits, kvals, None, 4, win, win, 1.0, None, 16)
 
 
 # ------------------------------------------------------------------ settings
@@ -281,6 +308,7 @@ def test_sparsity_zero_cache_matches_the_dense_cache(arch):
     cache = kv.new_cache(model)
     got = _step_logits(model, ids, cache)
     assert cache.layers[0].n_comp == 32  # 80 tokens: 32 sinks, 2 blocks of 16, 16 newest
+    assert cache.layers[0].k_bits is None  # nothing pruned: our dense cache, whatever the masks
     scale = ref.abs().amax()
     assert float((got - ref).abs().max()) <= 0.02 * float(scale)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95

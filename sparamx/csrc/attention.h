@@ -6,11 +6,17 @@
 //     sparse: bits[b, h, t >> S, 0..W-1]  uint32, W = ceil(D / 32); bit j of word w set
 //                                   iff dimension 32w + j of token t is kept; one mask
 //                                   per token (S = mask_shift = 0) or per 16 tokens (S = 4)
-//             vals[b, h, t, 0..keep-1] the kept bf16 in dimension order; every token keeps
-//                                   exactly `keep` entries, so token t starts at t * keep
-//                                   (no offsets table, and no address waits on the
-//                                   popcount of the previous token)
-//     dense:  vals[b, h, t, 0..D-1], bits = nullptr
+//             vals[b, h, t, 0..keep-1] the kept bf16; every token keeps exactly `keep`
+//                                   entries, so token t starts at t * keep (no offsets
+//                                   table, and no address waits on the popcount of the
+//                                   previous token). A mask per token: in dimension
+//                                   order. Per 16 tokens: each block's 16 * keep values
+//                                   reordered for the products (kernel comments):
+//                                   K [pair p < keep/2][token][2] = kept values 2p, 2p+1,
+//                                   then for odd keep [token] = the last kept value;
+//                                   V [token pair u][kept value j][2] = tokens 2u, 2u+1.
+//                                   Both sides have bitmaps (keep = D when not pruned).
+//     dense:  vals[b, h, t, 0..D-1], bits = nullptr (a mask per token only)
 //   dense window tokens n_comp .. n_comp+n_win-1: win[b, h, t, 0..D-1], any strides
 //   with unit stride along D.
 // K and V each have their own layout (their sparsities may differ).

@@ -16,8 +16,8 @@
 //           hold dimensions in the interleaved order and are put back in order when the
 //           call ends).
 // So each compressed K/V byte is read once per KV head for all query heads of its group.
-// With masks shared by 16 tokens (kShared, see `segment`) both products run over the kept
-// values only: q is compressed per block instead of each K chunk expanded per token.
+// Masks shared by 16 tokens have their own block layouts and loop (`blocked_segment`),
+// whose multiplies run over the kept values only: work shrinks with sparsity.
 //
 // Headers come before the target pragma (see kernel_avx512.cpp for why).
 #include <math.h>
@@ -41,8 +41,8 @@ constexpr int kBlock = 16;  // tokens per score reduction and softmax step
 struct Rows {             // where token rows of one side live, for one (b, h)
   const uint16_t* vals;   // token t's row starts at vals + t * stride
   int64_t stride;
-  const uint32_t* bits;   // kToken: t's bitmap words at bits + t * words; kShared: at
-                          // bits + (t / 16) * words; else nullptr
+  const uint32_t* bits;   // a mask per token: t's words at bits + t * words; per 16
+                          // tokens: block i's at bits + i * words; dense: nullptr
 };
 
 // 2^x for x <= 0 (and -inf -> 0): x = n + f with |f| <= 1/2, 2^f by a degree-6
@@ -83,8 +83,9 @@ inline __m512 reduce16(const float* v, int stride) {
   return _mm512_permutexvar_ps(idx, d);
 }
 
-// How one side's compressed tokens are stored (see attention.h).
-enum Layout { kDense, kToken, kShared };  // no mask; a mask per token; per 16 tokens
+// How one side's rows are stored in `segment` (see attention.h): no mask, or a mask per
+// token. (Masks shared by 16 tokens have their own layouts and `blocked_segment`.)
+enum Layout { kDense, kToken };
 
 template <int L>
 struct Lay {
@@ -187,60 +188,6 @@ inline void permute_chunk(const float* src, float* dst, const __m512i& i_lo,
   _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, i_hi, b));
 }
 
-// Shared masks (kShared): every token of a 16-token block keeps the same dimensions, so
-// the block is a dense [16, keep] matrix over those dimensions. K: q is compressed to
-// the kept dimensions once per block and the dense score loop runs over `keep` values;
-// V: the dense V pass runs into accumulators over the kept dimensions, which are
-// expanded back and added once per block. Work per token shrinks with sparsity.
-//
-// Zen 4 runs the memory forms of vexpandps / vpcompressw slowly, and the zero-masked
-// register forms wait for the old destination (see expand_avx512.h): merge into a
-// fresh zero, from a register the compiler cannot fold a load into.
-inline __m512 expand_ps(__mmask16 m, __m512 v) {
-  __m512 zero = _mm512_setzero_ps();
-  asm("" : "+v"(zero), "+v"(v));
-  return _mm512_mask_expand_ps(zero, m, v);
-}
-
-inline __m512i compress_epi16(uint32_t m, __m512i v) {
-  __m512i zero = _mm512_setzero_si512();
-  asm("" : "+v"(zero));
-  return _mm512_mask_compress_epi16(zero, m, v);
-}
-
-// Both shared-mask steps go through small buffers written with stores that a load right
-// after cannot take from the store queue (masked, or narrower than the load), which
-// stalled the loop for ~20% of its time. So each is staged one block ahead of its use:
-// q for block i+1 is compressed after block i's scores, and block i's V accumulators
-// are expanded after block i+1's scores (before its softmax may rescale acc).
-constexpr int kQBuf = 8 * 32 + 32;  // bf16 per query head: up to 8 chunks and a spare
-
-// q of G heads compressed to the kept dimensions of bitmap bw, into buf[G][kQBuf].
-template <int G>
-inline void stage_q(const uint32_t* bw, int words, const __m512i* q, uint16_t* buf) {
-  for (int g = 0; g < G; ++g) {
-    int o = 0;
-    for (int w = 0; w < words; ++w) {
-      const int cnt = _mm_popcnt_u32(bw[w]);
-      _mm512_mask_storeu_epi16(buf + g * kQBuf + o, _bzhi_u32(~0u, cnt),
-                               compress_epi16(bw[w], q[g * words + w]));
-      o += cnt;
-    }
-  }
-}
-
-// flat (one query head's compressed V sums, kept-dimension order) expanded by the
-// bitmap bw and added to acc (dimension order).
-inline void add_expanded(const float* flat, const uint32_t* bw, int words, float* acc) {
-  int off = 0;
-  for (int w = 0; w < 2 * words; ++w) {  // 16 dimensions at a time
-    const __mmask16 m = static_cast<__mmask16>(bw[w / 2] >> (16 * (w % 2)));
-    const __m512 e = expand_ps(m, _mm512_loadu_ps(flat + off));
-    off += _mm_popcnt_u32(m);
-    _mm512_store_ps(acc + 16 * w, _mm512_add_ps(_mm512_load_ps(acc + 16 * w), e));
-  }
-}
-
 template <int G, int W, int KL, int VL>
 void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d, float scale,
              const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
@@ -248,24 +195,6 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
   const int words = W > 0 ? W : words_rt;
   __mmask32 dm[8];
   for (int w = 0; w < 8; ++w) dm[w] = dense_mask(d, w);
-  // kShared: chunks of the kept values (masks for the last, partial one).
-  const int kc = static_cast<int>((kr.stride + 31) / 32);
-  const int vc = static_cast<int>((vr.stride + 31) / 32);
-  __mmask32 kdm[8], vdm[8];
-  for (int w = 0; w < 8; ++w) {
-    kdm[w] = KL == kShared ? dense_mask(kr.stride, w) : dm[w];
-    vdm[w] = VL == kShared ? dense_mask(vr.stride, w) : dm[w];
-  }
-  const int k_words = KL == kShared ? kc : words;
-  __m512i qk[KL == kShared ? G * 8 : 1];  // q compressed to the block's kept dimensions
-  alignas(64) uint16_t qbuf[KL == kShared ? 2 : 1][KL == kShared ? G * kQBuf : 1];
-  alignas(64) float cacc[VL == kShared ? G * 8 * 32 : 1];  // compressed V accumulators
-  alignas(64) float flat[VL == kShared ? G : 1][8 * 32 + 16];  // same, dimension order
-  const uint32_t* pending = nullptr;  // V bitmap of the block whose flat awaits adding
-  if constexpr (KL == kShared) stage_q<G>(kr.bits, words, q, qbuf[0]);
-  const __m512i dims_lo = to_dims_lo(), dims_hi = to_dims_hi();
-  if constexpr (VL == kShared)  // blocks add in dimension order (see add_expanded)
-    for (int j = 0; j < G * words; ++j) permute_chunk(acc + 32 * j, acc + 32 * j, dims_lo, dims_hi);
   alignas(64) float sbuf[kBlock][16 * G];   // per-lane partial scores of the block
   alignas(64) uint32_t pp[G][kBlock / 2];    // softmax weights as bf16 pairs
   int voff[VS ? kBlock : 1][8];              // sparse V: value offset of chunk w in row i
@@ -274,12 +203,6 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
   for (int g = 0; g < G; ++g) lv[g] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
     const int nc = static_cast<int>(n - c0 < kBlock ? n - c0 : kBlock);
-    const int64_t blk = c0 / kBlock;
-    if constexpr (KL == kShared)  // q on this block's kept dimensions (staged earlier)
-      for (int g = 0; g < G; ++g)
-        for (int c = 0; c < kc; ++c)
-          qk[g * kc + c] = _mm512_maskz_loadu_epi16(kdm[c], qbuf[blk & 1] + g * kQBuf + 32 * c);
-    const __m512i* qs = KL == kShared ? qk : q;
     // Scores (the transpose-tree reduction works on 16 tokens).
     for (int i = 0; i < nc; ++i) {
       // This token's V row (and bitmap) on its way while K is being read (see above).
@@ -290,20 +213,15 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
       __m512 s[G];
       for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
       int off = 0;
-      _Pragma("GCC unroll 8") for (int w = 0; w < k_words; ++w) {
-        const __m512i kv = load_chunk<KS>(kr, c0 + i, w, words, kdm[w], off);
+      _Pragma("GCC unroll 8") for (int w = 0; w < words; ++w) {
+        const __m512i kv = load_chunk<KS>(kr, c0 + i, w, words, dm[w], off);
         for (int g = 0; g < G; ++g)
-          s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kv, (__m512bh)qs[g * k_words + w]);
+          s[g] = _mm512_dpbf16_ps(s[g], (__m512bh)kv, (__m512bh)q[g * words + w]);
       }
       for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], s[g]);
     }
     for (int i = nc; i < kBlock; ++i)
       for (int g = 0; g < G; ++g) _mm512_store_ps(&sbuf[i][16 * g], _mm512_setzero_ps());
-    if constexpr (KL == kShared)
-      if (c0 + kBlock < n) stage_q<G>(kr.bits + (blk + 1) * words, words, q, qbuf[(blk + 1) & 1]);
-    if constexpr (VL == kShared)
-      if (pending)
-        for (int g = 0; g < G; ++g) add_expanded(flat[g], pending, words, acc + g * words * 32);
     const __mmask16 live = static_cast<__mmask16>((1u << nc) - 1u);
     // Online softmax, once per block. p goes to bf16 for the P·V product, as
     // FlashAttention does (l sums the same rounded weights). No horizontal reduction on
@@ -351,45 +269,217 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
     // per GB heads (the last pass takes the remainder). Sparse rows: one chunk for every
     // query head per pass, as a re-read would expand the chunk again (sparse V is bound
     // by compute, not by the stream).
-    // Shared masks: the dense pass over the kept values into cacc, then expanded; two
-    // chunks per pass when their count is even (Llama heads at 50%: 0.81x -> 0.98x of
-    // the dense kernel from DRAM with 1 thread).
-    const int v_words = VL == kShared ? vc : words;
-    float* vacc = VL == kShared ? cacc : acc;
-    if constexpr (VL == kShared)
-      for (int j = 0; j < G * v_words * 32; j += 16) _mm512_store_ps(cacc + j, _mm512_setzero_ps());
     auto v_all = [&](auto wb) {
       constexpr int WB = decltype(wb)::value;
       constexpr int GB = VS ? (G < 8 ? G : 8) : (G < 8 / WB ? G : 8 / WB);
       constexpr int kRest = G % GB;
       int g0 = 0;
       for (; g0 + GB <= G; g0 += GB)
-        v_pass<GB, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
+        v_pass<GB, WB, VS>(vr, c0, nc, words, dm, voff, pp, acc, g0);
       if constexpr (kRest > 0)
-        v_pass<kRest, WB, VS>(vr, c0, nc, v_words, vdm, voff, pp, vacc, g0);
+        v_pass<kRest, WB, VS>(vr, c0, nc, words, dm, voff, pp, acc, g0);
     };
-    if constexpr (VL == kDense) {
+    if constexpr (VL == kDense)
       v_all(Lay<(W > 0 && W <= 4 ? W : 1)>{});
-    } else if constexpr (VL == kShared) {  // rows of two chunks: read whole, as dense
-      if (v_words % 2 == 0)
-        v_all(Lay<2>{});
-      else
-        v_all(Lay<1>{});
-    } else {
+    else
       v_all(Lay<1>{});
+  }
+  for (int g = 0; g < G; ++g) l[g] += _mm512_reduce_add_ps(lv[g]);
+}
+
+// ---- Masks shared by 16 tokens: the block layouts (attention.h)
+//
+// The 16 tokens of a block keep the same dimensions, so each block is a dense
+// [16, keep] matrix over them, stored for the two products:
+//   K transposed in kept-dimension pairs, [pair][token][2]: one vdpbf16ps per pair and
+//     query head (q's pair broadcast from memory) adds to all 16 tokens' scores, which
+//     come out as one vector per head: no per-token reduction tree;
+//   V in token pairs, [token pair][kept dim][2]: one vdpbf16ps per 16 kept dimensions,
+//     query head and token pair (the pair's softmax weights broadcast), into
+//     accumulators over the kept dimensions in order: no unpack, no permutes.
+// So the multiplies shrink with sparsity (at 50%: half the dense kernel's vdpbf16ps),
+// plus per block: q compressed to the kept dimensions (vpcompressw), the softmax, and
+// the V sums expanded back (vexpandps) and added to the dense accumulators.
+//
+// Zen 4 runs the memory forms of vexpandps / vpcompressw slowly, and the zero-masked
+// register forms wait for the old destination (see expand_avx512.h): merge into a
+// fresh zero, from a register the compiler cannot fold a load into.
+inline __m512 expand_ps(__mmask16 m, __m512 v) {
+  __m512 zero = _mm512_setzero_ps();
+  asm("" : "+v"(zero), "+v"(v));
+  return _mm512_mask_expand_ps(zero, m, v);
+}
+
+inline __m512i compress_epi16(uint32_t m, __m512i v) {
+  __m512i zero = _mm512_setzero_si512();
+  asm("" : "+v"(zero));
+  return _mm512_mask_compress_epi16(zero, m, v);
+}
+
+// Both per-block steps go through small buffers written with stores that a load right
+// after cannot take from the store queue (masked, or narrower than the load), which
+// stalled the loop for ~20% of its time. So each is staged one block away from its use:
+// q for block i+1 is compressed after block i's scores, and block i's V sums are
+// expanded after block i+1's scores (before its softmax may rescale acc).
+constexpr int kQBuf = 8 * 32 + 32;  // bf16 per query head: up to 8 chunks and a spare
+constexpr int kFlat = 8 * 32 + 16;  // fp32 per query head: V sums and an expand's overrun
+
+// q of G heads compressed to the kept dimensions of bitmap bw, into buf[G][kQBuf].
+template <int G>
+inline void stage_q(const uint32_t* bw, int words, const __m512i* q, uint16_t* buf) {
+  for (int g = 0; g < G; ++g) {
+    int o = 0;
+    for (int w = 0; w < words; ++w) {
+      const int cnt = _mm_popcnt_u32(bw[w]);
+      _mm512_mask_storeu_epi16(buf + g * kQBuf + o, _bzhi_u32(~0u, cnt),
+                               compress_epi16(bw[w], q[g * words + w]));
+      o += cnt;
     }
-    if constexpr (VL == kShared) {
+  }
+}
+
+// flat (one query head's V sums, kept-dimension order) expanded by the bitmap bw and
+// added to acc (dimension order).
+inline void add_expanded(const float* flat, const uint32_t* bw, int words, float* acc) {
+  int off = 0;
+  for (int w = 0; w < 2 * words; ++w) {  // 16 dimensions at a time
+    const __mmask16 m = static_cast<__mmask16>(bw[w / 2] >> (16 * (w % 2)));
+    const __m512 e = expand_ps(m, _mm512_loadu_ps(flat + off));
+    off += _mm_popcnt_u32(m);
+    _mm512_store_ps(acc + 16 * w, _mm512_add_ps(_mm512_load_ps(acc + 16 * w), e));
+  }
+}
+
+// One pass over a V block for query heads g0 .. g0+GB-1 and CB chunks of 16 kept
+// dimensions from chunk c0 (2 * CB * GB <= 32 registers with the operands); the sums
+// go to flat. vb: the block, kv: kept values per token, vc: chunks in all, the last
+// read with last_mask.
+template <int CB, int GB>
+inline void blocked_v_pass(const uint16_t* vb, int kv, int c0, int vc, __mmask32 last_mask,
+                           const uint32_t (*pp)[kBlock / 2], int g0, float (*flat)[kFlat]) {
+  __m512 a[CB][GB];
+  for (int c = 0; c < CB; ++c)
+    for (int g = 0; g < GB; ++g) a[c][g] = _mm512_setzero_ps();
+  for (int u = 0; u < kBlock / 2; ++u) {
+    __m512bh pb[GB];
+    for (int g = 0; g < GB; ++g)
+      pb[g] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g0 + g][u]));
+    for (int c = 0; c < CB; ++c) {
+      const __mmask32 mk = c0 + c == vc - 1 ? last_mask : ~__mmask32{0};
+      const __m512bh v =
+          (__m512bh)_mm512_maskz_loadu_epi16(mk, vb + u * 2 * kv + 32 * (c0 + c));
+      for (int g = 0; g < GB; ++g) a[c][g] = _mm512_dpbf16_ps(a[c][g], v, pb[g]);
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int g = 0; g < GB; ++g) _mm512_store_ps(flat[g0 + g] + 16 * (c0 + c), a[c][g]);
+}
+
+template <int GB>
+inline void blocked_v_chunks(int cb, const uint16_t* vb, int kv, int c0, int vc,
+                             __mmask32 last_mask, const uint32_t (*pp)[kBlock / 2], int g0,
+                             float (*flat)[kFlat]) {
+  switch (cb) {
+    case 4: return blocked_v_pass<4, GB>(vb, kv, c0, vc, last_mask, pp, g0, flat);
+    case 3: return blocked_v_pass<3, GB>(vb, kv, c0, vc, last_mask, pp, g0, flat);
+    case 2: return blocked_v_pass<2, GB>(vb, kv, c0, vc, last_mask, pp, g0, flat);
+    default: return blocked_v_pass<1, GB>(vb, kv, c0, vc, last_mask, pp, g0, flat);
+  }
+}
+
+// Shared-mask compressed tokens: nblk whole blocks; same state and contract as
+// `segment` (acc in the kernel's lane order on entry and exit).
+template <int G>
+void blocked_segment(const Rows& kr, const Rows& vr, int64_t nblk, int words, float scale,
+                     const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
+  const int kk = static_cast<int>(kr.stride), kv = static_cast<int>(vr.stride);
+  const int kp = kk / 2;          // K: whole kept-dimension pairs (an odd last one alone)
+  const int vc = (kv + 15) / 16;  // V: chunks of 16 kept dimensions
+  const int vrest = 2 * (kv - 16 * (vc - 1));  // bf16 in the last chunk's rows
+  const __mmask32 v_last =
+      vrest >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << vrest) - 1u);
+  alignas(64) uint16_t qbuf[2][G * kQBuf];  // q on the kept dims: this block's, the next's
+  alignas(64) float flat[G][kFlat];         // a block's V sums per head, kept-dim order
+  alignas(64) uint32_t pp[G][kBlock / 2];   // softmax weights as bf16 pairs
+  const uint32_t* pending = nullptr;        // V bitmap of the block whose flat awaits adding
+  const __m512i dims_lo = to_dims_lo(), dims_hi = to_dims_hi();
+  for (int j = 0; j < G * words; ++j) permute_chunk(acc + 32 * j, acc + 32 * j, dims_lo, dims_hi);
+  stage_q<G>(kr.bits, words, q, qbuf[0]);
+  __m512 lv[G];  // per-lane sums of the softmax weights (as in `segment`)
+  for (int g = 0; g < G; ++g) lv[g] = _mm512_setzero_ps();
+  const __m512 vscale = _mm512_set1_ps(scale);
+  // Small groups: two accumulator sets per head, so the vdpbf16ps chains overlap.
+  constexpr int NA = G >= 4 ? 1 : 2;
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const uint16_t* kb = kr.vals + blk * kBlock * kk;
+    const uint16_t* vb = vr.vals + blk * kBlock * kv;
+    const uint16_t* qb = qbuf[blk & 1];
+    auto q_pair = [&](int g, int p) {  // bf16 pair p of head g's compressed q, broadcast
+      int32_t x;
+      __builtin_memcpy(&x, qb + g * kQBuf + 2 * p, 4);
+      return (__m512bh)_mm512_set1_epi32(x);
+    };
+    __m512 s[NA][G];
+    for (int a = 0; a < NA; ++a)
+      for (int g = 0; g < G; ++g) s[a][g] = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + NA <= kp; p += NA)
+      for (int a = 0; a < NA; ++a) {
+        const __m512bh kz = (__m512bh)_mm512_loadu_si512(kb + 32 * (p + a));
+        for (int g = 0; g < G; ++g) s[a][g] = _mm512_dpbf16_ps(s[a][g], kz, q_pair(g, p + a));
+      }
+    for (; p < kp; ++p) {
+      const __m512bh kz = (__m512bh)_mm512_loadu_si512(kb + 32 * p);
+      for (int g = 0; g < G; ++g) s[0][g] = _mm512_dpbf16_ps(s[0][g], kz, q_pair(g, p));
+    }
+    if (kk & 1) {  // odd keep: the last kept dimension, 16 tokens' values in a row
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + 32 * kp));
+      const __m512 kl = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       for (int g = 0; g < G; ++g)
-        for (int c = 0; c < vc; ++c)
-          permute_chunk(cacc + (g * v_words + c) * 32, flat[g] + 32 * c, dims_lo, dims_hi);
-      pending = vr.bits + blk * words;
+        s[0][g] = _mm512_fmadd_ps(kl, _mm512_set1_ps(bf16_to_float(qb[g * kQBuf + kk - 1])),
+                                  s[0][g]);
     }
+    if (blk + 1 < nblk) stage_q<G>(kr.bits + (blk + 1) * words, words, q, qbuf[(blk + 1) & 1]);
+    if (pending)
+      for (int g = 0; g < G; ++g) add_expanded(flat[g], pending, words, acc + g * words * 32);
+    // Online softmax, as in `segment` (all 16 tokens live: blocks are whole).
+    for (int g = 0; g < G; ++g) {
+      __m512 sv = s[0][g];
+      if constexpr (NA > 1) sv = _mm512_add_ps(sv, s[1][g]);
+      sv = _mm512_mul_ps(sv, vscale);
+      if (_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m[g]), _CMP_GT_OQ)) {
+        const float m_new = _mm512_reduce_max_ps(sv);
+        const float corr = exp2f(m[g] - m_new);
+        const __m512 cv = _mm512_set1_ps(corr);
+        l[g] *= corr;
+        lv[g] = _mm512_mul_ps(lv[g], cv);
+        for (int j = 0; j < words * 32; j += 16)
+          _mm512_store_ps(acc + g * words * 32 + j,
+                          _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
+        m[g] = m_new;
+      }
+      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m[g])));
+      const __m256bh pb = _mm512_cvtneps_pbh(pv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
+      lv[g] = _mm512_add_ps(
+          lv[g], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+    }
+    // V: up to 4 chunks for up to 4 heads per pass (a larger group or more kept
+    // dimensions re-read the block, now in L1).
+    constexpr int GB = G < 4 ? G : 4;
+    for (int c0 = 0; c0 < vc; c0 += 4) {
+      const int cb = vc - c0 < 4 ? vc - c0 : 4;
+      int g0 = 0;
+      for (; g0 + GB <= G; g0 += GB) blocked_v_chunks<GB>(cb, vb, kv, c0, vc, v_last, pp, g0, flat);
+      if constexpr (G % GB > 0)
+        blocked_v_chunks<G % GB>(cb, vb, kv, c0, vc, v_last, pp, g0, flat);
+    }
+    pending = vr.bits + blk * words;
   }
-  if constexpr (VL == kShared) {
+  if (pending)
     for (int g = 0; g < G; ++g) add_expanded(flat[g], pending, words, acc + g * words * 32);
-    const __m512i lo = to_lanes_lo(), hi = to_lanes_hi();
-    for (int j = 0; j < G * words; ++j) permute_chunk(acc + 32 * j, acc + 32 * j, lo, hi);
-  }
+  const __m512i lo = to_lanes_lo(), hi = to_lanes_hi();
+  for (int j = 0; j < G * words; ++j) permute_chunk(acc + 32 * j, acc + 32 * j, lo, hi);
   for (int g = 0; g < G; ++g) l[g] += _mm512_reduce_add_ps(lv[g]);
 }
 
@@ -433,15 +523,8 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
     if (vr.bits) vr.bits += (c0 >> shift) * a.words;
     const int64_t n = c1 - c0;
     const bool ks = kr.bits != nullptr, vs = vr.bits != nullptr;
-    if (shift) {
-      if (ks && vs)
-        run(Lay<kShared>{}, Lay<kShared>{}, kr, vr, n);
-      else if (ks)
-        run(Lay<kShared>{}, Lay<kDense>{}, kr, vr, n);
-      else if (vs)
-        run(Lay<kDense>{}, Lay<kShared>{}, kr, vr, n);
-      else
-        run(Lay<kDense>{}, Lay<kDense>{}, kr, vr, n);
+    if (shift) {  // both sides have bitmaps (checked by the glue)
+      blocked_segment<G>(kr, vr, n / kBlock, words, a.scale_log2e, q, m, l, acc);
     } else if (ks && vs) {
       run(Lay<kToken>{}, Lay<kToken>{}, kr, vr, n);
     } else if (ks) {

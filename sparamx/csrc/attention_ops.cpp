@@ -9,7 +9,8 @@
 //   q [B, Hq, D] bf16 or fp32 (one query token per sequence; result in q's dtype);
 //   k_vals / v_vals [B, Hkv, cap, keep] bf16 with cap >= n_comp (keep = D when dense);
 //   k_bits / v_bits [B, Hkv, cap / mask_tokens, ceil(D/32)] int32 or None (dense
-//   compressed tokens); mask_tokens 1 (a mask per token) or 16 (per 16 tokens);
+//   compressed tokens); mask_tokens 1 (a mask per token) or 16 (per 16 tokens: both
+//   bitmaps given, values in the block layouts of attention.h);
 //   k_win / v_win [B, Hkv, n_win, D] bf16, unit stride along D (the dense recent window).
 // Hq must be a multiple of Hkv (GQA); each K/V byte is read once per KV head.
 #include <ATen/Parallel.h>
@@ -112,6 +113,9 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
   TORCH_CHECK(n_comp >= 0, "sparamx: n_comp must be >= 0, got ", n_comp);
   TORCH_CHECK(mask_tokens == 1 || mask_tokens == 16, "sparamx: mask_tokens ", mask_tokens,
               " is not supported; allowed: 1 or 16");
+  TORCH_CHECK(mask_tokens == 1 || n_comp == 0 || (k_bits.has_value() && v_bits.has_value()),
+              "sparamx: with mask_tokens 16 both k_bits and v_bits must be given (a side kept "
+              "whole has full masks; see kv.prune_tokens)");
   check_side("k", k_vals, k_bits, k_win, B, H, D, n_comp, mask_tokens);
   check_side("v", v_vals, v_bits, v_win, B, H, D, n_comp, mask_tokens);
   TORCH_CHECK(k_win.size(2) == v_win.size(2), "sparamx: k_win has ", k_win.size(2),

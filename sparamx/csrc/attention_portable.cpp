@@ -13,8 +13,16 @@
 namespace sparamx {
 namespace {
 
+// Position of token t's i-th kept value in a 16-token block of the shared-mask layouts
+// (attention.h): K transposed in dimension pairs, V in token pairs.
+int64_t block_index(bool is_k, int64_t keep, int64_t t, int64_t i) {
+  if (!is_k) return (t / 2) * 2 * keep + 2 * i + (t & 1);
+  const int64_t pairs = keep / 2;
+  return i < 2 * pairs ? 32 * (i / 2) + 2 * t + (i & 1) : 32 * pairs + t;
+}
+
 // Token t of one side expanded to D floats (dense positions; pruned entries are 0).
-void load_token(const AttnArgs& a, const KVSide& s, int64_t b, int64_t h, int64_t t,
+void load_token(const AttnArgs& a, const KVSide& s, bool is_k, int64_t b, int64_t h, int64_t t,
                 float* out) {
   const int64_t D = a.d;
   if (t < a.n_comp) {
@@ -26,9 +34,17 @@ void load_token(const AttnArgs& a, const KVSide& s, int64_t b, int64_t h, int64_
     }
     const uint32_t* bits =
         s.bits + ((b * a.hkv + h) * (s.cap >> a.mask_shift) + (t >> a.mask_shift)) * a.words;
+    const int64_t tb = t & 15;  // shared masks: token t within its block
+    const uint16_t* blk = v - tb * s.keep;
     int64_t k = 0;
-    for (int64_t j = 0; j < D; ++j)
-      out[j] = (bits[j >> 5] >> (j & 31) & 1u) ? bf16_to_float(v[k++]) : 0.f;
+    for (int64_t j = 0; j < D; ++j) {
+      float x = 0.f;
+      if (bits[j >> 5] >> (j & 31) & 1u) {
+        x = bf16_to_float(a.mask_shift ? blk[block_index(is_k, s.keep, tb, k)] : v[k]);
+        ++k;
+      }
+      out[j] = x;
+    }
     return;
   }
   const uint16_t* w = s.win + b * s.win_sb + h * s.win_sh + (t - a.n_comp) * s.win_st;
@@ -48,8 +64,8 @@ void attention_portable(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int
     for (int64_t j = 0; j < D; ++j) q[g][j] = bf16_to_float(qg[j]);
   }
   for (int64_t t = t0; t < t1; ++t) {
-    load_token(a, a.k, b, h, t, kt);
-    load_token(a, a.v, b, h, t, vt);
+    load_token(a, a.k, true, b, h, t, kt);
+    load_token(a, a.v, false, b, h, t, vt);
     for (int64_t g = 0; g < ng; ++g) {
       float s = 0.f;
       for (int64_t j = 0; j < D; ++j) s += q[g][j] * kt[j];
