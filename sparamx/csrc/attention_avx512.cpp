@@ -156,6 +156,29 @@ inline void v_pass(const Rows& vr, int64_t c0, int nc, int words, const __mmask3
   }
 }
 
+// One online-softmax step for one query head: sv holds up to 16 scores (log2 domain;
+// -inf for absent tokens). Updates m, l, lv and rescales acc[n_acc] only when a score
+// beats the running max; writes the weights as bf16 pairs to pp[8] (P·V multiplies in
+// bf16, as FlashAttention does; lv sums the same rounded weights, per lane).
+inline void softmax_step(__m512 sv, float& m, float& l, __m512& lv, float* acc, int n_acc,
+                         uint32_t* pp) {
+  if (_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m), _CMP_GT_OQ)) {
+    const float m_new = _mm512_reduce_max_ps(sv);
+    const float corr = exp2f(m - m_new);  // C function: no std:: inline built here
+    const __m512 cv = _mm512_set1_ps(corr);
+    l *= corr;
+    lv = _mm512_mul_ps(lv, cv);
+    for (int j = 0; j < n_acc; j += 16)
+      _mm512_store_ps(acc + j, _mm512_mul_ps(cv, _mm512_load_ps(acc + j)));
+    m = m_new;
+  }
+  const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m)));
+  const __m256bh pb = _mm512_cvtneps_pbh(pv);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(pp), (__m256i)pb);
+  lv = _mm512_add_ps(
+      lv, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+}
+
 // W > 0: the number of 32-dimension chunks as a constant (fully unrolled loops, the
 // common head_dims 64 and 128); W == 0: `words_rt` at run time.
 //
@@ -233,22 +256,7 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int words_rt, int64_t d,
       const __m512 sv = _mm512_mask_mov_ps(
           _mm512_set1_ps(-INFINITY), live,
           _mm512_mul_ps(reduce16(&sbuf[0][0] + 16 * g, 16 * G), _mm512_set1_ps(scale)));
-      if (_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m[g]), _CMP_GT_OQ)) {
-        const float m_new = _mm512_reduce_max_ps(sv);
-        const float corr = exp2f(m[g] - m_new);  // C function: no std:: inline built here
-        const __m512 cv = _mm512_set1_ps(corr);
-        l[g] *= corr;
-        lv[g] = _mm512_mul_ps(lv[g], cv);
-        for (int j = 0; j < words * 32; j += 16)
-          _mm512_store_ps(acc + g * words * 32 + j,
-                          _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
-        m[g] = m_new;
-      }
-      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m[g])));
-      const __m256bh pb = _mm512_cvtneps_pbh(pv);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
-      lv[g] = _mm512_add_ps(
-          lv[g], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+      softmax_step(sv, m[g], l[g], lv[g], acc + g * words * 32, words * 32, pp[g]);
     }
     // V: tokens in pairs. Each pair's chunks are interleaved (vpunpck{l,h}wd) so one
     // vdpbf16ps adds p_t v_t + p_u v_u for 16 dimensions.
@@ -446,23 +454,8 @@ void blocked_segment(const Rows& kr, const Rows& vr, int64_t nblk, int words, fl
     for (int g = 0; g < G; ++g) {
       __m512 sv = s[0][g];
       if constexpr (NA > 1) sv = _mm512_add_ps(sv, s[1][g]);
-      sv = _mm512_mul_ps(sv, vscale);
-      if (_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m[g]), _CMP_GT_OQ)) {
-        const float m_new = _mm512_reduce_max_ps(sv);
-        const float corr = exp2f(m[g] - m_new);
-        const __m512 cv = _mm512_set1_ps(corr);
-        l[g] *= corr;
-        lv[g] = _mm512_mul_ps(lv[g], cv);
-        for (int j = 0; j < words * 32; j += 16)
-          _mm512_store_ps(acc + g * words * 32 + j,
-                          _mm512_mul_ps(cv, _mm512_load_ps(acc + g * words * 32 + j)));
-        m[g] = m_new;
-      }
-      const __m512 pv = exp2_ps(_mm512_sub_ps(sv, _mm512_set1_ps(m[g])));
-      const __m256bh pb = _mm512_cvtneps_pbh(pv);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)pb);
-      lv[g] = _mm512_add_ps(
-          lv[g], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+      softmax_step(_mm512_mul_ps(sv, vscale), m[g], l[g], lv[g], acc + g * words * 32,
+                   words * 32, pp[g]);
     }
     // V: up to 4 chunks for up to 4 heads per pass (a larger group or more kept
     // dimensions re-read the block, now in L1).
