@@ -221,13 +221,17 @@ def run_bench(
     profile_kernels: bool = True,
     engine: str = "hf",
     context: int | None = None,
+    kv: dict | None = None,
 ) -> dict:
     """Load a model (stock dense or packed artifact) and time generation on ``prompts``
     (or on one prompt of exactly ``context`` tokens) with ``engine``: "hf"
     (``model.generate``), "lean" (``sparamx.generate``) or "lean-fast" (the same with
-    ``attention="fast"``)."""
+    ``attention="fast"``). ``kv``: sparse KV cache settings for a packed artifact
+    (``sparamx.kv.KVSettings`` fields; engine "hf" only)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+    if kv is not None and (kind != "sparse" or engine != "hf"):
+        raise ValueError("kv settings need a packed artifact and engine 'hf' (model.generate)")
     timed = ENGINES[engine]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -238,7 +242,7 @@ def run_bench(
     else:
         from .artifact import load
 
-        model, tok = load(source)
+        model, tok = load(source) if kv is None else load(source, kv=kv)
     load_s = time.perf_counter() - t0
     if context is not None:
         prompts = [context_prompt(tok, context)]
@@ -270,6 +274,7 @@ def run_bench(
         "texts": [r["text"] for r in runs[: len(prompts)]],
         "prompt_tokens": runs[0]["prompt_tokens"],
         "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
+        "kv": kv,
     }
     wbytes = weight_bytes_per_token(model)
     rec["weight_bytes_per_token"] = wbytes
@@ -294,6 +299,7 @@ def bench_subprocess(
     context: int | None = None,
     kernel: str | None = None,
     profile_kernels: bool = True,
+    kv: dict | None = None,
 ) -> dict:
     """``run_bench`` in a fresh interpreter (clean peak RSS, threads and ``SPARAMX_KERNEL``
     set before any work, so no setting leaks from one measurement into the next)."""
@@ -322,6 +328,8 @@ def bench_subprocess(
         cmd += ["--context", str(context)]
     if not profile_kernels:
         cmd.append("--no-profile")
+    if kv is not None:
+        cmd += ["--kv", json.dumps(kv)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     env.pop("SPARAMX_KERNEL", None)
     if kernel not in (None, "auto"):
@@ -356,6 +364,9 @@ def main(argv=None) -> int:
         "--kernel", choices=("amx", "avx512", "portable"), default=None, help="SPARAMX_KERNEL"
     )
     ap.add_argument("--no-profile", action="store_true", help="skip the kernel-share profile")
+    ap.add_argument(
+        "--kv", type=json.loads, default=None, help="sparse KV cache settings (JSON; engine hf)"
+    )
     args = ap.parse_args(argv)
     if args.kernel:
         # Read by the native library on each call, so setting it before loading works.
@@ -374,6 +385,7 @@ def main(argv=None) -> int:
         profile_kernels=not args.no_profile,
         engine=args.engine,
         context=args.context,
+        kv=args.kv,
     )
     if args.json == "-":
         print(json.dumps(rec))

@@ -31,7 +31,9 @@ Timings run in a fresh process per row (``sparamx.bench``) with the row's thread
 and ``SPARAMX_KERNEL``, so no setting leaks between rows. The sparse model decodes
 through ``sparamx.generate`` (compiled step; compile time is a separate column); the
 stock baseline is transformers' ``model.generate`` on the dense bf16 model, i.e. what a
-user runs without sparamx.
+user runs without sparamx. Rows with ``kv_sparsity`` > 0 load the same artifact with the
+sparse KV cache (``model.generate``: the lean loop's static cache is dense) and add its
+decode-path perplexity (``eval.decode_ppl``) and memory ratio.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ RESULT_COLUMNS = (
     "peak_rss_mb",
     "model_bytes",
     "prompt_tokens",
+    "kv_method",  # kv_sparsity > 0: the sparse KV cache's pruning method and, on the
+    "kv_decode_ppl",  # decode path (eval.decode_ppl), perplexity with it and with our
+    "kv_dense_decode_ppl",  # dense cache, and its bytes over the dense cache's
+    "kv_memory_ratio",
     "artifact",
     "seconds",
     "load_avg",  # 1-minute load average after the timing: flags a busy, shared machine
@@ -108,7 +114,8 @@ class GridConfig:
     model: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     method: list[str] = field(default_factory=lambda: ["wanda"])
     sparsity: list[float] = field(default_factory=lambda: [0.5])
-    # KV-cache sparsity; only 0 until the sparse KV cache lands.
+    # KV-cache sparsity (K and V); > 0 decodes with the sparse KV cache (method and
+    # other settings from the base config's kv section; magnitude when it says none)
     kv_sparsity: list[float] = field(default_factory=lambda: [0.0])
     kernel: list[str] = field(default_factory=lambda: ["auto"])  # SPARAMX_KERNEL
     threads: list[int] = field(default_factory=lambda: [1])
@@ -186,11 +193,6 @@ def check_value(axis: str, raw, where: str):
             raise SweepError(f"{f}: {raw!r} is not a number (allowed: 0 <= value < 1)") from None
         if not 0.0 <= v < 1.0:
             raise SweepError(f"{f}: {raw!r} is out of range (allowed: 0 <= value < 1)")
-        if axis == "kv_sparsity" and v != 0.0:
-            raise SweepError(
-                f"{f}: {raw!r}: sweeps do not drive the sparse KV cache yet (its timed "
-                "decode runs through the static-cache lean loop); allowed for now: 0"
-            )
         return v
     if axis in ("threads", "context", "new_tokens"):
         try:
@@ -242,11 +244,6 @@ def check_sweep(sweep: SweepConfig, base: Config) -> None:
             raise SweepError(f"grid.{axis}: repeated values {values}")
     if sweep.bench.repeats < 1:
         raise SweepError(f"bench.repeats: {sweep.bench.repeats!r} must be >= 1")
-    if base.kv.method != "none":
-        raise SweepError(
-            f"base kv.method: {base.kv.method!r}: sweeps do not drive the sparse KV cache "
-            "yet; use none (sweep kv_sparsity stays 0)"
-        )
 
 
 def expand_grid(sweep: SweepConfig) -> list[Experiment]:
@@ -489,7 +486,38 @@ class Sweep:
         cfg.prune.method = exp.method
         cfg.prune.sparsity = exp.sparsity
         cfg.bench.enabled = False
+        cfg.kv.method = "none"  # artifacts carry no KV settings: rows set them (kv_settings)
         return validate(cfg)
+
+    def kv_settings(self, exp: Experiment) -> dict | None:
+        """The sparse KV cache settings of a row: None at kv_sparsity 0; else the base
+        config's kv section (magnitude when its method is none) at the row's sparsity."""
+        if exp.kv_sparsity == 0.0:
+            return None
+        kv = dataclasses.asdict(self.base.kv)
+        if kv["method"] == "none":
+            kv["method"] = "magnitude"
+        kv["k_sparsity"] = kv["v_sparsity"] = exp.kv_sparsity
+        return kv
+
+    def kv_eval(self, exp: Experiment, artifact: Path, kv: dict) -> dict:
+        """Decode-path perplexity of the artifact with the sparse KV cache and with our
+        dense cache (``eval.decode_ppl``), once per (artifact, KV settings)."""
+        path = self.artifact_dir(exp) / "kv" / f"decode-ppl-{_digest(kv)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        from eval.decode_ppl import run as decode_ppl
+
+        from .artifact import load
+
+        model, tok = load(str(artifact))
+        settings = {k: v for k, v in kv.items() if k not in ("method", "k_sparsity", "v_sparsity")}
+        res = decode_ppl(
+            model, tok, (kv["method"],), kv["k_sparsity"], kv["v_sparsity"], **settings
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, res)
+        return res
 
     def artifact_dir(self, exp: Experiment) -> Path:
         cfg = self.base_for(exp)
@@ -546,6 +574,7 @@ class Sweep:
     def time_sparse(self, exp: Experiment, artifact: Path) -> dict:
         from .bench import bench_subprocess
 
+        kv = self.kv_settings(exp)
         return bench_subprocess(
             "sparse",
             str(Path(artifact).resolve()),
@@ -554,10 +583,13 @@ class Sweep:
             exp.new_tokens,
             self.sweep.bench.repeats,
             self.base.model.dtype,
-            "lean",
+            # the lean loop's static cache is dense: the sparse KV cache runs under
+            # model.generate
+            "lean" if kv is None else "hf",
             context=exp.context,
             kernel=exp.kernel,
             profile_kernels=False,
+            kv=kv,
         )
 
     def time_stock(self, exp: Experiment) -> dict | None:
@@ -614,6 +646,16 @@ class Sweep:
             artifact=str(Path(art["path"]).relative_to(self.out)),
             load_avg="" if load_avg is None else f"{load_avg:.2f}",
         )
+        kv = self.kv_settings(exp)
+        if kv is not None:
+            r = self.kv_eval(exp, art["path"], kv)["results"]
+            ours = r[kv["method"]]
+            row.update(
+                kv_method=kv["method"],
+                kv_decode_ppl=f"{ours['ppl']:.4f}",
+                kv_dense_decode_ppl=f"{r['none']['ppl']:.4f}",
+                kv_memory_ratio=f"{ours['memory_ratio']:.4f}",
+            )
         if stock:
             row["stock_tokens_per_s"] = f"{stock['tokens_per_s']:.3f}"
             row["speedup"] = f"{sparse['tokens_per_s'] / stock['tokens_per_s']:.3f}"

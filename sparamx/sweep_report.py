@@ -73,6 +73,11 @@ def pareto_front(points: list[tuple[float, float]], higher_y: bool = True) -> li
     return sorted(front, key=lambda i: points[i][0])
 
 
+def is_kv_row(row: dict) -> bool:
+    """A row decoded with the sparse KV cache (kv_sparsity > 0)."""
+    return bool(_f(row.get("kv_sparsity")))
+
+
 def best_per_budget(rows: list[dict], column: str) -> list[dict]:
     """For each budget and thread count: the fastest ok row within the budget."""
     out = []
@@ -129,7 +134,7 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
             "transformers `model.generate`, dense bf16."
         )
     lines += ["", "## Results", ""]
-    header = ["id", "model", "method", "sparsity", "kernel", "threads", "ctx", "new"]
+    header = ["id", "model", "method", "sparsity", "KV s", "kernel", "threads", "ctx", "new"]
     header += [c.replace(":", " ") for c in cols]
     header += ["tok/s", "stock tok/s", "speed-up", "ms/token", "compile s"]
     with_load = any(r.get("load_avg") for r in rows)  # results from before the column
@@ -143,6 +148,7 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
                 r["model"],
                 r["method"],
                 r["sparsity"],
+                r.get("kv_sparsity") or "0",
                 r.get("kernel_used") or r["kernel"],
                 r["threads"],
                 r["context"],
@@ -161,6 +167,39 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
         d0 = rows[0]
         dense = ", ".join(f"{c.replace(':', ' ')} {_num(d0.get('dense:' + c))}" for c in cols)
         lines += ["", f"Dense model ({rows[0]['model']}): {dense}."]
+    kv_rows = [r for r in rows if is_kv_row(r)]
+    if kv_rows:
+        lines += [
+            "",
+            "## Sparse KV cache",
+            "",
+            "Rows with kv_sparsity > 0 decode through `model.generate` with the sparse KV "
+            "cache (K and V pruned at that sparsity; other settings from the base config's "
+            "`kv` section). Decode-path perplexity (`eval.decode_ppl`: news text fed token "
+            "by token) with it and with our dense cache, and its memory against the dense "
+            "cache's. They are left out of the plots and budgets below, whose accuracy "
+            "comes from lm-eval (prefill only).",
+            "",
+        ]
+        body = []
+        for r in kv_rows:
+            ppl, dense = _f(r.get("kv_decode_ppl")), _f(r.get("kv_dense_decode_ppl"))
+            change = f"{(ppl - dense) / dense:+.1%}" if ppl and dense else "–"
+            body.append(
+                [
+                    r["id"],
+                    f"{r['method']} {r['sparsity']}",
+                    f"{r.get('kv_method', '')} {r['kv_sparsity']}",
+                    f"{_num(ppl, '.4g')} ({change})",
+                    _num(dense, ".4g"),
+                    _num(r.get("kv_memory_ratio"), ".3f"),
+                    r["threads"],
+                    _num(r.get("tokens_per_s"), ".1f"),
+                ]
+            )
+        cols_kv = ["id", "weights", "KV", "decode ppl", "dense-cache ppl", "KV memory", "threads"]
+        lines.append(_table([*cols_kv, "tok/s"], body))
+    rows = [r for r in rows if not is_kv_row(r)]
     if head and rows:
         kind = "increase" if lower_is_better(head) else "loss"
         lines += [
@@ -336,7 +375,9 @@ def write_sweep_report(out: Path) -> list[Path]:
     all_rows = read_results(out / "results.csv")
     rows = [r for r in all_rows if r.get("status") == "ok"]
     failed = [r for r in all_rows if r.get("status") != "ok"]
-    plots = make_plots(rows, out / "plots")
+    # Plots and budgets compare weight sparsity: rows with the sparse KV cache (whose
+    # accuracy cost shows on the decode path, not in the lm-eval columns) get a table.
+    plots = make_plots([r for r in rows if not is_kv_row(r)], out / "plots")
     summary = out / "summary.md"
     atomic_write_text(summary, render_summary(out, rows, failed, plots))
     return [summary, *(out / "plots" / p for p in plots)]

@@ -136,7 +136,7 @@ def test_grid_expands_every_combination_artifact_axes_outermost(tmp_path):
         ),
         ({"sparsity": [0.5, 1.0]}, r"grid.sparsity\[1\]: 1.0 is out of range"),
         ({"sparsity": ["half"]}, r"grid.sparsity\[0\]: expected a number"),
-        ({"kv_sparsity": [0, 0.5]}, r"grid.kv_sparsity\[1\].*do not drive the sparse KV cache"),
+        ({"kv_sparsity": [0, 1.0]}, r"grid.kv_sparsity\[1\]: 1.0 is out of range"),
         (
             {"kernel": ["avx2"]},
             r"grid.kernel\[0\]: 'avx2' is not one of auto, amx, avx512, portable",
@@ -153,13 +153,27 @@ def test_bad_grid_fields_are_named(tmp_path, grid, message):
         sw.load_sweep(write_sweep(tmp_path, grid=grid))
 
 
-def test_bad_base_and_kv_method(tmp_path):
+def test_bad_base_fields_are_named(tmp_path):
     with pytest.raises(sw.SweepError, match="base: pipeline config 'nope.yaml' not found"):
         sw.load_sweep(write_sweep(tmp_path, base="nope.yaml"))
     with pytest.raises(sw.SweepError, match="prune.method"):
         sw.load_sweep(write_sweep(tmp_path, set=["prune.method=foo"]))
-    with pytest.raises(sw.SweepError, match="do not drive the sparse KV cache"):
-        sw.load_sweep(write_sweep(tmp_path, set=["kv.method=magnitude"]))
+
+
+def test_kv_sparsity_rows_take_the_base_kv_settings(tmp_path):
+    grid = {"kv_sparsity": [0, 0.4]}
+    sweep, base = sw.load_sweep(write_sweep(tmp_path, grid=grid, set=["kv.sink_tokens=8"]))
+    s = sw.Sweep.create(sweep, base, tmp_path / "out")
+    none, half = sw.expand_grid(sweep)
+    assert s.kv_settings(none) is None
+    kv = s.kv_settings(half)
+    assert kv["method"] == "magnitude" and kv["k_sparsity"] == kv["v_sparsity"] == 0.4
+    assert kv["sink_tokens"] == 8
+    # artifacts carry no KV settings, whatever the base says (rows set them at run time)
+    sweep, base = sw.load_sweep(write_sweep(tmp_path, grid=grid, set=["kv.method=wanda"]))
+    s = sw.Sweep.create(sweep, base, tmp_path / "out2")
+    assert s.kv_settings(sw.expand_grid(sweep)[1])["method"] == "wanda"
+    assert s.base_for(half).kv.method == "none"
 
 
 def test_shipped_sweep_is_the_issue_grid():
@@ -181,6 +195,41 @@ def test_plan_csv_round_trip(tmp_path):
     path = tmp_path / "experiments.csv"
     sw.write_plan(path, exps)
     assert sw.read_plan(path) == exps
+
+
+def fake_kv_eval(self, exp, artifact, kv):
+    CALLS.append(("kv_eval", exp.id, kv["method"], kv["k_sparsity"]))
+    return {
+        "results": {
+            "none": {"ppl": 20.0},
+            kv["method"]: {"ppl": 20.0 * (1 + kv["k_sparsity"] / 10), "memory_ratio": 0.6},
+        }
+    }
+
+
+def test_kv_sparsity_rows_decode_with_the_sparse_kv_cache(tmp_path, fakes, monkeypatch):
+    monkeypatch.setattr(sw.Sweep, "kv_eval", fake_kv_eval)
+    timed = []
+    monkeypatch.setattr(
+        sw.Sweep,
+        "time_sparse",
+        lambda self, exp, art: timed.append(self.kv_settings(exp)) or fake_sparse(self, exp, art),
+    )
+    grid = {"method": ["wanda"], "sparsity": [0.5], "kv_sparsity": [0, 0.5]}
+    assert sw.main([str(write_sweep(tmp_path, grid=grid)), "--no-progress"]) == 0
+    got = results_of(only_dir(tmp_path / "results"))
+    assert [r["kv_sparsity"] for r in got] == ["0", "0.5"]
+    assert got[0]["kv_decode_ppl"] == "" and got[0]["kv_method"] == ""
+    assert got[1]["kv_method"] == "magnitude"
+    assert float(got[1]["kv_decode_ppl"]) == pytest.approx(21.0)
+    assert float(got[1]["kv_dense_decode_ppl"]) == 20.0
+    assert float(got[1]["kv_memory_ratio"]) == 0.6
+    assert timed[0] is None and timed[1]["k_sparsity"] == 0.5
+    assert [c for c in fakes if c[0] == "kv_eval"] == [("kv_eval", "e02", "magnitude", 0.5)]
+    summary = (only_dir(tmp_path / "results") / "summary.md").read_text()
+    kv_part = summary.split("## Sparse KV cache")[1]
+    assert "| e02 | wanda 0.5 | magnitude 0.5 | 21 (+5.0%) | 20 | 0.600 |" in kv_part
+    assert "e02" not in kv_part.split("## Best configuration")[1]  # budgets: weights only
 
 
 def test_plan_edit_then_run_runs_exactly_the_edited_rows(tmp_path, fakes):
@@ -229,7 +278,7 @@ def test_plan_edit_then_run_runs_exactly_the_edited_rows(tmp_path, fakes):
             lambda t: t.replace("magnitude,0.3", "magnitud,0.3", 1),
             r"line 2 \(id e01\) column method",
         ),
-        (lambda t: t.replace(",0.3,0,", ",0.3,0.2,", 1), r"line 2 \(id e01\) column kv_sparsity"),
+        (lambda t: t.replace(",0.3,0,", ",0.3,1.5,", 1), r"line 2 \(id e01\) column kv_sparsity"),
         (lambda t: t.replace("e02", "e01"), r"id 'e01' is used twice"),
         (lambda t: t.replace("threads", "thread"), r"misses threads.*unknown columns thread"),
         (lambda t: t.replace(",1,32,64\n", ",1,32\n", 1), r"line 2: 8 fields, the header has 9"),
@@ -413,7 +462,9 @@ def test_pareto_front():
 
 @pytest.mark.slow
 def test_real_sweep_on_a_tiny_model(tmp_path):
-    """Prune, eval, pack, verify and a timed lean decode in a subprocess, for real."""
+    """Prune, eval, pack, verify and a timed lean decode in a subprocess, for real; a
+    second row decodes with the sparse KV cache (model.generate) and measures its
+    decode-path perplexity."""
     model_dir = _tiny_model(tmp_path)
     cfg = write_sweep(
         tmp_path,
@@ -425,6 +476,7 @@ def test_real_sweep_on_a_tiny_model(tmp_path):
             "kernel": ["portable"],
             "context": [8],
             "new_tokens": [3],
+            "kv_sparsity": [0, 0.5],
         },
         set=["eval.limit=1", "eval.tasks=[lee_news_ppl]", "eval.batch_size=2"],
         bench={"repeats": 1},
@@ -440,7 +492,13 @@ def test_real_sweep_on_a_tiny_model(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = only_dir(tmp_path / "results")
-    (row,) = results_of(out)
+    row, kv_row = results_of(out)
+    assert kv_row["status"] == "ok", kv_row["status"]
+    assert kv_row["artifact"] == row["artifact"]  # one artifact, two run-time settings
+    assert kv_row["kv_method"] == "magnitude" and float(kv_row["tokens_per_s"]) > 0
+    assert float(kv_row["kv_decode_ppl"]) > 0 and float(kv_row["kv_dense_decode_ppl"]) > 0
+    assert 0 < float(kv_row["kv_memory_ratio"]) < 1
+    assert row["kv_decode_ppl"] == ""
     assert row["status"] == "ok", row["status"]
     assert row["kernel_used"] == "portable"
     assert float(row["actual_sparsity"]) == pytest.approx(0.5, abs=0.01)
@@ -484,3 +542,12 @@ def test_context_prompt_has_exactly_the_asked_tokens():
 
 def torch_equal_prefix(a, b) -> bool:
     return bool((a[0] == b[0, : a.shape[1]]).all())
+
+
+def test_bench_refuses_kv_settings_outside_model_generate():
+    from sparamx.bench import run_bench
+
+    with pytest.raises(ValueError, match="kv settings need a packed artifact and engine 'hf'"):
+        run_bench("sparse", "unused", 1, ["x"], 2, 1, engine="lean", kv={"method": "magnitude"})
+    with pytest.raises(ValueError, match="kv settings need a packed artifact"):
+        run_bench("stock", "unused", 1, ["x"], 2, 1, kv={"method": "magnitude"})
