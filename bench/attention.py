@@ -6,8 +6,9 @@ For each head shape, context, KV sparsity and thread count, times in the same ru
   dense     our kernel on the same dense cache (no bitmaps): the honest baseline and
             the path taken when KV sparsity is off;
   sparamx   our kernel on the pruned, packed cache (magnitude pruning; one row per
-            `--mask-tokens` setting: a mask per token, or per 16 tokens; every token
-            compressed, no dense window).
+            `--mask-tokens` setting: a mask per token, or per 16 tokens, then one row
+            per `--k-fill` setting: pruned key entries read as their group's mean, or
+            as zero; every token compressed, no dense window).
 The caches are DRAM-resident: each timed call goes to the next of several layers'
 caches, cycling through more bytes than the last-level cache holds. Reports µs per
 layer (the best of the repeats, each a full cycle through the layers: on a shared
@@ -64,7 +65,8 @@ def make_layers(
         v = torch.randn(1, hkv, n, d, generator=g).to(torch.bfloat16)
         kb, kvals = kv.prune_tokens(k, keep, None, mask_tokens, "k")
         vb, vvals = kv.prune_tokens(v, keep, None, mask_tokens, "v")
-        layers.append({"k": k, "v": v, "kb": kb, "kv": kvals, "vb": vb, "vv": vvals})
+        kf = kv.group_fill(k, kb, mask_tokens) if mask_tokens > 1 else None
+        layers.append({"k": k, "v": v, "kb": kb, "kv": kvals, "vb": vb, "vv": vvals, "kf": kf})
     return layers
 
 
@@ -98,9 +100,9 @@ def cycle(layers, fn):
     return run
 
 
-def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, masks=(1,)):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+def bench_case(
+    name, heads, n, sparsities, threads, repeats, with_sdpa, masks=(1,), fills=("mean",)
+):
     hq, hkv, d = heads
     dense_bytes = 2 * hkv * n * d * 2
     copies = max(2, -(-DRAM_BYTES // dense_bytes))
@@ -117,58 +119,98 @@ def bench_case(name, heads, n, sparsities, threads, repeats, with_sdpa, masks=(1
     cases = [(s, mt) for s in sparsities for mt in (masks if s > 0 else masks[:1])]
     for s, mask_tokens in cases:
         layers = make_layers(hkv, d, n, s, max(2, copies), mask_tokens)
-        if dense_layers is None:
-            dense_layers = layers
-            rounds = max(1, repeats)
-            if with_sdpa:
-                f = cycle(
+        for fill in fills if s > 0 and mask_tokens > 1 else (None,):
+            if dense_layers is None:
+                dense_layers = layers
+                rounds = max(1, repeats)
+                if with_sdpa:
+                    sdpa_us = _time_sdpa(layers, module, q4, scale, rounds)
+                dense_fn = cycle(
                     layers,
-                    lambda lay: sdpa_attention_forward(
-                        module, q4, lay["k"], lay["v"], None, scaling=scale
+                    lambda lay: kv.decode_attention(
+                        q, lay["k"], None, lay["v"], None, n, empty, empty, scale
                     ),
                 )
-                f()
-                (sdpa_us,) = best_times_us([f], rounds, inner=len(layers))
-            dense_fn = cycle(
-                layers,
-                lambda lay: kv.decode_attention(
-                    q, lay["k"], None, lay["v"], None, n, empty, empty, scale
-                ),
+                dense_fn()
+            rows.append(
+                _time_sparse(
+                    layers,
+                    dense_fn,
+                    q,
+                    n,
+                    empty,
+                    scale,
+                    repeats,
+                    mask_tokens,
+                    fill,
+                    {
+                        "model": name,
+                        "context": n,
+                        "k_sparsity": s,
+                        "v_sparsity": s,
+                        "threads": threads,
+                        "heads": [hq, hkv, d],
+                        "mask_tokens": mask_tokens,
+                        "k_fill": fill,
+                        "sdpa_us": sdpa_us,
+                    },
+                    dense_bytes,
+                )
             )
-            dense_fn()
-        f = cycle(
-            layers,
-            lambda lay, mt=mask_tokens: kv.decode_attention(
-                q, lay["kv"], lay["kb"], lay["vv"], lay["vb"], n, empty, empty, scale, None, mt
-            ),
-        )
-        f()
-        dense_us, ours_us = best_times_us([dense_fn, f], repeats * 3, inner=len(layers))
-        lay = layers[0]
-        sparse_bytes = nbytes(lay["kv"], lay["kb"], lay["vv"], lay["vb"])
-        rows.append(
-            {
-                "model": name,
-                "context": n,
-                "k_sparsity": s,
-                "v_sparsity": s,
-                "threads": threads,
-                "heads": [hq, hkv, d],
-                "mask_tokens": mask_tokens,
-                "sdpa_us": sdpa_us,
-                "dense_us": dense_us,
-                "sparamx_us": ours_us,
-                "speedup_vs_dense": dense_us / ours_us,
-                "speedup_vs_sdpa": sdpa_us / ours_us if sdpa_us else None,
-                "memory_ratio": sparse_bytes / dense_bytes,
-                "gbps": sparse_bytes / ours_us / 1e3,
-                "dense_gbps": dense_bytes / dense_us / 1e3,
-                "sdpa_gbps": dense_bytes / sdpa_us / 1e3 if sdpa_us else None,
-                "layers_cycled": len(layers),
-            }
-        )
         del layers
     return rows
+
+
+def _time_sdpa(layers, module, q4, scale, rounds):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    f = cycle(
+        layers,
+        lambda lay: sdpa_attention_forward(module, q4, lay["k"], lay["v"], None, scaling=scale),
+    )
+    f()
+    return best_times_us([f], rounds, inner=len(layers))[0]
+
+
+def _time_sparse(layers, dense_fn, q, n, empty, scale, repeats, mt, fill, row, dense_bytes):
+    """One row: our sparse kernel timed in turns with our dense kernel (``dense_fn``)."""
+    use_fill = fill == "mean"
+    f = cycle(
+        layers,
+        lambda lay: kv.decode_attention(
+            q,
+            lay["kv"],
+            lay["kb"],
+            lay["vv"],
+            lay["vb"],
+            n,
+            empty,
+            empty,
+            scale,
+            None,
+            mt,
+            lay["kf"] if use_fill else None,
+        ),
+    )
+    f()
+    dense_us, ours_us = best_times_us([dense_fn, f], repeats * 3, inner=len(layers))
+    lay = layers[0]
+    sparse_bytes = nbytes(
+        lay["kv"], lay["kb"], lay["vv"], lay["vb"], lay["kf"] if use_fill else None
+    )
+    sdpa_us = row["sdpa_us"]
+    return {
+        **row,
+        "dense_us": dense_us,
+        "sparamx_us": ours_us,
+        "speedup_vs_dense": dense_us / ours_us,
+        "speedup_vs_sdpa": sdpa_us / ours_us if sdpa_us else None,
+        "memory_ratio": sparse_bytes / dense_bytes,
+        "gbps": sparse_bytes / ours_us / 1e3,
+        "dense_gbps": dense_bytes / dense_us / 1e3,
+        "sdpa_gbps": dense_bytes / sdpa_us / 1e3 if sdpa_us else None,
+        "layers_cycled": len(layers),
+    }
 
 
 def main(argv=None):
@@ -186,6 +228,13 @@ def main(argv=None):
         choices=kv.MASK_TOKENS,
         help="tokens sharing one pruning mask (kv.mask_tokens); one row per setting",
     )
+    p.add_argument(
+        "--k-fill",
+        nargs="+",
+        default=["mean"],
+        choices=kv.K_FILLS,
+        help="with shared masks, what pruned key entries read as (kv.k_fill); a row each",
+    )
     p.add_argument("--no-sdpa", action="store_true", help="skip torch SDPA (slow at long context)")
     p.add_argument("--json", help="write the records here")
     args = p.parse_args(argv)
@@ -200,12 +249,21 @@ def main(argv=None):
             for t in args.threads:
                 sdpa = not args.no_sdpa
                 new = bench_case(
-                    name, HEADS[name], n, sparsities, t, args.repeats, sdpa, args.mask_tokens
+                    name,
+                    HEADS[name],
+                    n,
+                    sparsities,
+                    t,
+                    args.repeats,
+                    sdpa,
+                    args.mask_tokens,
+                    args.k_fill,
                 )
                 rows += new
                 for r in new:  # progress; the table follows at the end
                     print(
-                        f"{name} ctx={n} s={r['k_sparsity']} mask={r['mask_tokens']} thr={t}: "
+                        f"{name} ctx={n} s={r['k_sparsity']} mask={r['mask_tokens']} "
+                        f"fill={r['k_fill']} thr={t}: "
                         f"{r['sparamx_us']:.0f} us (dense {r['dense_us']:.0f})",
                         file=sys.stderr,
                     )
@@ -221,6 +279,7 @@ COLUMNS = [
     ("context", "ctx", "d"),
     ("k_sparsity", "kv_s", ".2f"),
     ("mask_tokens", "mask", "d"),
+    ("k_fill", "k_fill", "s"),
     ("threads", "thr", "d"),
     ("sdpa_us", "sdpa_us", ".0f"),
     ("dense_us", "dense_us", ".0f"),

@@ -86,7 +86,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from sparamx.kv import KVSettings
+    from sparamx.kv import K_FILLS, KVSettings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model", help="artifact directory, HF dir/hub id, or smollm2-135m")
@@ -100,6 +100,12 @@ def main(argv=None) -> int:
         type=int,
         default=KVSettings().mask_tokens,
         help="tokens sharing one pruning mask: 16 or 1",
+    )
+    ap.add_argument(
+        "--k-fill",
+        default=KVSettings().k_fill,
+        choices=K_FILLS,
+        help="shared masks: pruned key entries read as their group's mean, or as zero",
     )
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--prefill", type=int, default=64)
@@ -128,6 +134,7 @@ def main(argv=None) -> int:
         args.prefill,
         sink_tokens=args.sinks,
         mask_tokens=args.mask_tokens,
+        k_fill=args.k_fill,
     )
     out["model"] = args.model
     print(f"decode-path perplexity, {args.tokens} tokens ({args.prefill} prefill, not scored)")

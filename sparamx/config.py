@@ -83,6 +83,7 @@ class KVConfig:
     recent_window: int = 64  # newest tokens kept dense
     sink_tokens: int = 32  # first tokens kept dense (attention sinks)
     mask_tokens: int = 16  # tokens sharing one pruning mask: 16 or 1 (see README)
+    k_fill: str = "mean"  # shared masks: pruned key entries read as the group mean, or zero
 
 
 @dataclass
@@ -238,6 +239,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.kv.recent_window >= 0, "kv.recent_window", "must be >= 0")
     need(cfg.kv.sink_tokens >= 0, "kv.sink_tokens", "must be >= 0")
     need(cfg.kv.mask_tokens in (1, 16), "kv.mask_tokens", "allowed: 1 or 16")
+    need(cfg.kv.k_fill in ("mean", "zero"), "kv.k_fill", "allowed: mean or zero")
     need(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.pack.max_shard_gb > 0, "pack.max_shard_gb", "must be > 0")

@@ -52,6 +52,7 @@ ATTENTION_NAME = "sparamx_kv"
 KV_METHODS = ("none", "magnitude", "wanda")
 BLOCK_TOKENS = 32  # tokens per compressed block (leave the window together)
 MASK_TOKENS = (1, 16)  # tokens per pruning mask the kernels take (16: their token block)
+K_FILLS = ("mean", "zero")  # what pruned key entries read as with shared masks
 
 
 # ------------------------------------------------------------------------ settings
@@ -68,6 +69,9 @@ class KVSettings:
     sink_tokens: int = 32  # first tokens kept dense (attention sinks)
     mask_tokens: int = 16  # tokens sharing one pruning mask: 16 or 1 (see the docstring)
     block_tokens: int = BLOCK_TOKENS
+    # shared masks: pruned key entries read as their group's mean ("mean", stored once
+    # per 16 tokens) or as zero; see the docstring
+    k_fill: str = "mean"
 
     def __post_init__(self):
         if self.method not in KV_METHODS:
@@ -84,6 +88,10 @@ class KVSettings:
             raise ValueError(
                 f"kv.mask_tokens: {self.mask_tokens!r} is invalid; allowed: "
                 f"{' or '.join(map(str, MASK_TOKENS))}"
+            )
+        if self.k_fill not in K_FILLS:
+            raise ValueError(
+                f"kv.k_fill: {self.k_fill!r} is invalid; allowed: {' or '.join(K_FILLS)}"
             )
         if not isinstance(self.block_tokens, int) or self.block_tokens < 1:
             raise ValueError(f"kv.block_tokens: {self.block_tokens!r} is invalid; must be >= 1")
@@ -197,6 +205,19 @@ def from_blocks(values: torch.Tensor, side: str) -> torch.Tensor:
     return out.reshape(*lead, n, keep).contiguous()
 
 
+def group_fill(x: torch.Tensor, bits: torch.Tensor, group: int) -> torch.Tensor:
+    """The mean of each group's pruned entries: ``x[..., n, D]`` and its shared masks
+    ``bits[..., n / group, W]`` -> ``[..., n / group, 32 W]`` bf16, the mean over the
+    group's tokens of every pruned dimension, zero at kept dimensions (and the padding
+    up to 32 W, the width the kernels read)."""
+    *lead, n, d = x.shape
+    mask = token_mask(bits, d)  # [..., n / group, D]
+    mean = x.float().reshape(*lead, n // group, group, d).mean(-2)
+    fill = torch.zeros(*mask.shape[:-1], bits.shape[-1] * 32, dtype=torch.bfloat16, device=x.device)
+    fill[..., :d] = torch.where(mask, 0.0, mean).to(torch.bfloat16)
+    return fill
+
+
 def token_mask(bits: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Bitmap words ``[..., W]`` -> kept-entry mask ``[..., head_dim]`` (bool)."""
     shifts = torch.arange(32, device=bits.device, dtype=torch.int64)
@@ -210,9 +231,11 @@ def unpack_tokens(
     head_dim: int,
     group: int = 1,
     side: str | None = None,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of ``prune_tokens`` (same ``group`` and ``side``): dense bf16
-    ``[..., n, head_dim]`` with zeros where pruned."""
+    ``[..., n, head_dim]`` with zeros where pruned, or the group's ``fill`` (from
+    ``group_fill``) when given."""
     if bits is None:
         return values
     _check_side(group, side, "unpack_tokens")
@@ -220,7 +243,10 @@ def unpack_tokens(
         values = from_blocks(values, side)
         bits = bits.repeat_interleave(group, dim=-2)
     mask = token_mask(bits, head_dim)
-    out = torch.zeros(*mask.shape, dtype=values.dtype, device=values.device)
+    if fill is None:
+        out = torch.zeros(*mask.shape, dtype=values.dtype, device=values.device)
+    else:
+        out = fill[..., :head_dim].repeat_interleave(group, dim=-2).to(values.dtype)
     out[mask] = values.flatten()  # row-major order = each row's dims in order
     return out
 
@@ -240,18 +266,44 @@ def decode_attention(
     scale: float,
     kernel: str | None = None,
     mask_tokens: int = 1,
+    k_fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q·Kᵀ·scale)·V for one query token per sequence: ``q[B, Hq, D]`` over the
     first ``n_comp`` compressed tokens (``*_vals[B, Hkv, cap, keep]``, ``*_bits[B, Hkv,
-    cap / mask_tokens, W]`` or None for dense) and the window ``*_win[B, Hkv, n_win, D]``.
-    Returns ``[B, Hq, D]``."""
+    cap / mask_tokens, W]`` or None for dense; with shared masks optionally ``k_fill[B,
+    Hkv, cap / 16, 32 W]``, what pruned key entries read as) and the window ``*_win[B,
+    Hkv, n_win, D]``. Returns ``[B, Hq, D]``."""
     return torch.ops.sparamx.kv_decode_attention(
-        q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, float(scale), kernel, mask_tokens
+        q,
+        k_vals,
+        k_bits,
+        v_vals,
+        v_bits,
+        n_comp,
+        k_win,
+        v_win,
+        float(scale),
+        kernel,
+        mask_tokens,
+        k_fill,
     )
 
 
 @torch.library.register_fake("sparamx::kv_decode_attention")
-def _(q, k_vals, k_bits, v_vals, v_bits, n_comp, k_win, v_win, scale, impl=None, mask_tokens=1):
+def _(
+    q,
+    k_vals,
+    k_bits,
+    v_vals,
+    v_bits,
+    n_comp,
+    k_win,
+    v_win,
+    scale,
+    impl=None,
+    mask_tokens=1,
+    k_fill=None,
+):
     torch._check(q.dim() == 3)
     return q.new_empty(q.shape)
 
@@ -286,6 +338,7 @@ class SparseKVLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.n_comp = 0
         self.k_vals = self.k_bits = self.v_vals = self.v_bits = None
+        self.k_fill = None  # shared masks, k_fill "mean": [B, Hkv, cap / 16, 32 W] bf16
         self.q_sq = None  # Wanda: sum over prefill tokens of q² per KV head group [Hkv, D]
         self.v_col = None  # Wanda: o_proj column norms per value channel [Hkv, D]
 
@@ -370,11 +423,17 @@ class SparseKVLayer(CacheLayerMixin):
         g = self.mask_tokens
         kb, kv_ = prune_tokens(k, self.keep_k, k_score, g, "k")
         vb, vv = prune_tokens(v, self.keep_v, v_score, g, "v")
-        self._append(kb, kv_, vb, vv, n)
+        kf = group_fill(k, kb, g) if self._fills_keys() else None
+        self._append(kb, kv_, vb, vv, n, kf)
         self.keys = torch.cat([self.keys[:, :, :s0], self.keys[:, :, s0 + n :]], dim=-2)
         self.values = torch.cat([self.values[:, :, :s0], self.values[:, :, s0 + n :]], dim=-2)
 
-    def _append(self, kb, kv_, vb, vv, n):
+    def _fills_keys(self) -> bool:
+        return (
+            self.mask_tokens > 1 and self.settings.k_fill == "mean" and self.keep_k < self.shape[2]
+        )
+
+    def _append(self, kb, kv_, vb, vv, n, kf=None):
         b, h, d = self.shape
         g = self.mask_tokens  # tokens per bitmap row; divides n_comp, n and cap
         need = self.n_comp + n
@@ -395,6 +454,8 @@ class SparseKVLayer(CacheLayerMixin):
                 self.k_bits = grow(self.k_bits, w, torch.int32, g)
             if vb is not None:
                 self.v_bits = grow(self.v_bits, w, torch.int32, g)
+            if kf is not None:
+                self.k_fill = grow(self.k_fill, 32 * w, torch.bfloat16, g)
         sl = slice(self.n_comp, need)
         bsl = slice(self.n_comp // g, need // g)
         self.k_vals[:, :, sl] = kv_
@@ -403,6 +464,8 @@ class SparseKVLayer(CacheLayerMixin):
             self.k_bits[:, :, bsl] = kb
         if vb is not None:
             self.v_bits[:, :, bsl] = vb
+        if kf is not None:
+            self.k_fill[:, :, bsl] = kf
         self.n_comp = need
 
     # --- reading
@@ -416,7 +479,8 @@ class SparseKVLayer(CacheLayerMixin):
         sl, bsl = slice(0, self.n_comp), slice(0, self.n_comp // g)
         kb = None if self.k_bits is None else self.k_bits[:, :, bsl]
         vb = None if self.v_bits is None else self.v_bits[:, :, bsl]
-        k = unpack_tokens(kb, self.k_vals[:, :, sl], d, g, "k").to(self.dtype)
+        kf = None if self.k_fill is None else self.k_fill[:, :, bsl]
+        k = unpack_tokens(kb, self.k_vals[:, :, sl], d, g, "k", kf).to(self.dtype)
         v = unpack_tokens(vb, self.v_vals[:, :, sl], d, g, "v").to(self.dtype)
         # token order: sinks, compressed, newest
         k = torch.cat([self.keys[:, :, :s0], k, self.keys[:, :, s0:]], dim=-2)
@@ -430,12 +494,12 @@ class SparseKVLayer(CacheLayerMixin):
         if k_win.dtype != torch.bfloat16:  # fp32 models: the kernel reads bf16
             k_win, v_win = k_win.to(torch.bfloat16), v_win.to(torch.bfloat16)
         if self.n_comp:
-            kv, kb, vv, vb = self.k_vals, self.k_bits, self.v_vals, self.v_bits
+            kv, kb, vv, vb, kf = self.k_vals, self.k_bits, self.v_vals, self.v_bits, self.k_fill
         else:
             kv = vv = k_win[:, :, :0].new_empty(b, h, 0, d)
-            kb = vb = None
+            kb = vb = kf = None
         return decode_attention(
-            q, kv, kb, vv, vb, self.n_comp, k_win, v_win, scale, kernel, self.mask_tokens
+            q, kv, kb, vv, vb, self.n_comp, k_win, v_win, scale, kernel, self.mask_tokens, kf
         )
 
     def nbytes(self) -> int:
@@ -446,9 +510,11 @@ class SparseKVLayer(CacheLayerMixin):
         b, h, d = self.shape
         values = 2 * (self.keep_k + self.keep_v) * self.n_comp
         masks = (self.k_bits is not None) + (self.v_bits is not None)
-        bitmaps = 4 * words_for(d) * masks * (self.n_comp // self.mask_tokens)
+        groups = self.n_comp // self.mask_tokens
+        bitmaps = 4 * words_for(d) * masks * groups
+        fills = 0 if self.k_fill is None else 2 * self.k_fill.shape[-1] * groups
         window = self.keys.numel() * self.keys.element_size() * 2
-        return b * h * (values + bitmaps) + window
+        return b * h * (values + bitmaps + fills) + window
 
     def dense_nbytes(self) -> int:
         """Bytes the same tokens take in a dense bf16 cache."""

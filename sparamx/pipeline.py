@@ -499,6 +499,7 @@ class Pipeline:
                 kvc.recent_window,
                 sink_tokens=kvc.sink_tokens,
                 mask_tokens=kvc.mask_tokens,
+                k_fill=kvc.k_fill,
             )
             atomic_write_json(self.path("eval-packed", "kv_decode_ppl.json"), ppl)
             outputs.append("eval-packed/kv_decode_ppl.json")

@@ -18,21 +18,25 @@ if "avx512" in KERNELS and not kernel_info()["cpu"]["avx512_bf16"]:
     KERNELS.remove("avx512")
 
 
-def _cache_side(b, h, n, d, keep, gen, mask_tokens, side):
-    x = torch.randn(b, h, n, d, generator=gen).to(torch.bfloat16)
+def _cache_side(b, h, n, d, keep, gen, mask_tokens, side, fill=False):
+    # keys off-centre, so that a group's mean (the key fill) is far from zero
+    x = (torch.randn(b, h, n, d, generator=gen) + (side == "k")).to(torch.bfloat16)
     bits, vals = kv.prune_tokens(x, keep, None, mask_tokens, side)
-    return bits, vals, kv.unpack_tokens(bits, vals, d, mask_tokens, side)
+    f = kv.group_fill(x, bits, mask_tokens) if fill else None
+    return bits, vals, f, kv.unpack_tokens(bits, vals, d, mask_tokens, side, f)
 
 
 def _check_against_reference(
-    b, hq, h, d, n_comp, n_win, ks, vs, kernel, seed=0, threads=None, mask_tokens=1
+    b, hq, h, d, n_comp, n_win, ks, vs, kernel, seed=0, threads=None, mask_tokens=1, fill=False
 ):
+    """``fill``: with shared masks, pruned key entries read as their group's mean."""
     gen = torch.Generator().manual_seed(seed)
     keep_k = max(1, round((1 - ks) * d))
     keep_v = max(1, round((1 - vs) * d))
     n_comp -= n_comp % mask_tokens  # the cache compresses whole mask groups
-    kb, kvals, kd = _cache_side(b, h, n_comp, d, keep_k, gen, mask_tokens, "k")
-    vb, vvals, vd = _cache_side(b, h, n_comp, d, keep_v, gen, mask_tokens, "v")
+    fill = fill and mask_tokens > 1
+    kb, kvals, kf, kd = _cache_side(b, h, n_comp, d, keep_k, gen, mask_tokens, "k", fill)
+    vb, vvals, _, vd = _cache_side(b, h, n_comp, d, keep_v, gen, mask_tokens, "v")
     kw = torch.randn(b, h, n_win, d, generator=gen).to(torch.bfloat16)
     vw = torch.randn(b, h, n_win, d, generator=gen).to(torch.bfloat16)
     q = torch.randn(b, hq, d, generator=gen) * 2
@@ -42,7 +46,7 @@ def _check_against_reference(
         torch.set_num_threads(threads)
     try:
         out = kv.decode_attention(
-            q, kvals, kb, vvals, vb, n_comp, kw, vw, scale, kernel, mask_tokens
+            q, kvals, kb, vvals, vb, n_comp, kw, vw, scale, kernel, mask_tokens, kf
         )
     finally:
         torch.set_num_threads(old)
@@ -104,6 +108,21 @@ def test_prune_tokens_with_shared_masks_keeps_the_largest_group_sums(side):
     assert torch.equal(kv.unpack_tokens(bits, vals, 72, 16, side), x)
 
 
+def test_group_fill_is_the_mean_of_each_groups_pruned_entries():
+    x = torch.randn(2, 3, 32, 40).to(torch.bfloat16) + 1
+    bits, vals = kv.prune_tokens(x, 15, None, 16, "k")
+    fill = kv.group_fill(x, bits, 16)
+    assert fill.shape == (2, 3, 2, 64) and fill.dtype == torch.bfloat16  # 40 -> 2 words
+    mask = kv.token_mask(bits, 40)  # [2, 3, 2, 40]
+    mean = x.float().view(2, 3, 2, 16, 40).mean(3).to(torch.bfloat16)
+    assert torch.equal(fill[..., :40][~mask], mean[~mask])
+    assert (fill[..., :40][mask] == 0).all() and (fill[..., 40:] == 0).all()
+    dense = kv.unpack_tokens(bits, vals, 40, 16, "k", fill)
+    tok_mask = mask.repeat_interleave(16, dim=2)
+    assert torch.equal(dense[tok_mask], x[tok_mask])
+    assert torch.equal(dense[~tok_mask], mean.repeat_interleave(16, dim=2)[~tok_mask])
+
+
 @pytest.mark.parametrize("keep", [1, 2, 5, 26, 64])
 def test_block_layouts_put_each_value_where_the_kernel_reads_it(keep):
     """to_blocks: keys [pair][token][2] (odd last dimension [token]), values
@@ -139,8 +158,11 @@ def test_kernel_matches_reference_for_gqa_ratios(kernel, group):
     # 2 KV heads, context crossing 16/32-token block boundaries, window after it; dense
     # and sparse, head_dim 64 and 128 (the dense V passes split groups differently)
     for mt in MASKS:
-        _check_against_reference(1, 2 * group, 2, 64, 97, 13, 0.5, 0.5, kernel, mask_tokens=mt)
-        _check_against_reference(1, 2 * group, 2, 128, 97, 13, 0.5, 0.3, kernel, mask_tokens=mt)
+        for fill in (False, True) if mt > 1 else (False,):
+            for d, vs in ((64, 0.5), (128, 0.3)):
+                _check_against_reference(
+                    1, 2 * group, 2, d, 97, 13, 0.5, vs, kernel, mask_tokens=mt, fill=fill
+                )
     _check_against_reference(1, 2 * group, 2, 128, 97, 13, 0.0, 0.0, kernel)
 
 
@@ -148,13 +170,18 @@ def test_kernel_matches_reference_for_gqa_ratios(kernel, group):
 @pytest.mark.parametrize("d", [1, 17, 33, 80, 128, 256])
 @pytest.mark.parametrize("mask_tokens", MASKS)
 def test_kernel_matches_reference_for_odd_head_dims(kernel, d, mask_tokens):
-    _check_against_reference(2, 6, 2, d, 45, 4, 0.3, 0.7, kernel, mask_tokens=mask_tokens)
+    for fill in (False, True) if mask_tokens > 1 else (False,):
+        _check_against_reference(
+            2, 6, 2, d, 45, 4, 0.3, 0.7, kernel, mask_tokens=mask_tokens, fill=fill
+        )
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("mask_tokens", MASKS)
 def test_kernel_splits_groups_larger_than_eight(kernel, mask_tokens):
-    _check_against_reference(1, 20, 1, 64, 70, 3, 0.5, 0.0, kernel, mask_tokens=mask_tokens)
+    _check_against_reference(
+        1, 20, 1, 64, 70, 3, 0.5, 0.0, kernel, mask_tokens=mask_tokens, fill=True
+    )
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -162,7 +189,7 @@ def test_kernel_splits_groups_larger_than_eight(kernel, mask_tokens):
 def test_kernel_long_context_split_across_threads(kernel, mask_tokens):
     # several token chunks per head: the flash-decoding merge is exercised
     _check_against_reference(
-        1, 4, 1, 64, 2100, 40, 0.5, 0.5, kernel, threads=2, mask_tokens=mask_tokens
+        1, 4, 1, 64, 2100, 40, 0.5, 0.5, kernel, threads=2, mask_tokens=mask_tokens, fill=True
     )
 
 
@@ -174,7 +201,7 @@ def test_kernel_long_context_one_thread_several_softmax_chunks(kernel, ks, vs, m
     # (shared masks: q staged and V sums expanded one block apart; a side at sparsity 0
     # has full masks)
     _check_against_reference(
-        1, 8, 2, 128, 1000, 7, ks, vs, kernel, threads=1, mask_tokens=mask_tokens
+        1, 8, 2, 128, 1000, 7, ks, vs, kernel, threads=1, mask_tokens=mask_tokens, fill=True
     )
 
 
@@ -190,15 +217,27 @@ def test_kernel_long_context_one_thread_several_softmax_chunks(kernel, ks, vs, m
     vs=st.sampled_from([0.0, 0.25, 0.5, 0.8]),
     kernel=st.sampled_from(KERNELS),
     mask_tokens=st.sampled_from(MASKS),
+    fill=st.booleans(),
     seed=st.integers(0, 1000),
 )
 def test_kernel_matches_reference_random_shapes(
-    b, h, group, d, n_comp, n_win, ks, vs, kernel, mask_tokens, seed
+    b, h, group, d, n_comp, n_win, ks, vs, kernel, mask_tokens, fill, seed
 ):
     if n_comp - n_comp % mask_tokens + n_win == 0:
         n_win = 1
     _check_against_reference(
-        b, h * group, h, d, n_comp, n_win, ks, vs, kernel, seed, mask_tokens=mask_tokens
+        b,
+        h * group,
+        h,
+        d,
+        n_comp,
+        n_win,
+        ks,
+        vs,
+        kernel,
+        seed,
+        mask_tokens=mask_tokens,
+        fill=fill,
     )
 
 
@@ -240,6 +279,13 @@ def test_kernel_rejects_bad_arguments():
         kv.decode_attention(q, vals, bits, vals, bits, 20, win, win, 1.0, None, 16)
     with pytest.raises(RuntimeError, match="with mask_tokens 16 both k_bits and v_bits"):
         kv.decode_attention(q, vals, bits, kvals, None, 4, win, win, 1.0, None, 16)
+    fill = kv.group_fill(x, bits, 16)
+    with pytest.raises(RuntimeError, match="k_fill needs masks shared by 16 tokens"):
+        kv.decode_attention(q, kvals, None, kvals, None, 4, win, win, 1.0, None, 1, fill)
+    with pytest.raises(
+        RuntimeError, match=r"k_fill must be a contiguous bfloat16 CPU tensor \[1, 2, 2, 64\]"
+    ):
+        kv.decode_attention(q, vals, bits, vals, bits, 32, win, win, 1.0, None, 16, fill[..., :32])
 
 
 # ------------------------------------------------------------------ settings
@@ -255,6 +301,7 @@ def test_kernel_rejects_bad_arguments():
         ({"block_tokens": 0}, "kv.block_tokens"),
         ({"sink_tokens": -1}, "kv.sink_tokens"),
         ({"mask_tokens": 8}, "kv.mask_tokens: 8 is invalid; allowed: 1 or 16"),
+        ({"k_fill": "median"}, "kv.k_fill: 'median' is invalid; allowed: mean or zero"),
         ({"block_tokens": 24, "mask_tokens": 16}, "kv.block_tokens: 24 is invalid; must be a mult"),
     ],
 )
@@ -341,12 +388,36 @@ def test_sparse_cache_compacts_blocks_and_counts_its_bytes():
     assert layer.n_comp % 16 == 0 and layer.keys.shape[2] == n - layer.n_comp
     assert 32 + 10 <= layer.keys.shape[2] < 32 + 10 + 16  # sinks + newest (+ a part block)
     # per compressed token and head: 8 + 12 bf16 values; per 16 tokens one bitmap word
-    # for each of K and V (head_dim 16)
-    values, bitmaps = 2 * (8 + 12) * layer.n_comp, 4 * 2 * layer.n_comp // 16
+    # for each of K and V and the keys' fill row (head_dim 16, padded to 32 bf16)
+    groups = layer.n_comp // 16
+    values, bitmaps, fills = 2 * (8 + 12) * layer.n_comp, 4 * 2 * groups, 2 * 32 * groups
     window = layer.keys.shape[2] * 16 * 2 * 2
-    assert layer.nbytes() == 2 * (values + bitmaps) + 2 * window
+    assert layer.nbytes() == 2 * (values + bitmaps + fills) + 2 * window
     assert cache.nbytes() == 2 * layer.nbytes()
     assert cache.dense_nbytes() == 2 * 2 * n * 16 * 2 * 2
+
+
+@pytest.mark.parametrize("k_fill", ["mean", "zero"])
+def test_decode_attention_over_the_cache_matches_attention_over_its_dense_view(k_fill):
+    """What the kernel reads (compressed blocks, key fill, window) is what ``dense_kv``
+    decompresses: pruned key entries as their group's mean with k_fill "mean"."""
+    model = _tiny("llama")
+    s = kv.KVSettings("magnitude", 0.5, 0.5, recent_window=8, sink_tokens=4, k_fill=k_fill)
+    kv.enable_sparse_kv(model, s)
+    cache = kv.new_cache(model)
+    with torch.inference_mode():
+        model.generate(_ids(20), max_new_tokens=60, do_sample=False, cache=cache)
+    layer = cache.layers[1]
+    assert layer.n_comp >= 32 and (layer.k_fill is not None) == (k_fill == "mean")
+    k, v = layer.dense_kv()
+    q = torch.randn(1, 4, 16)
+    out = layer.attend(q, 0.25)
+    ref = kv.reference_decode_attention(q, k, v, 0.25)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2 * float(v.abs().max()), rtol=0)
+    if k_fill == "mean":  # pruned key entries are not zero
+        pruned = ~kv.token_mask(layer.k_bits[:, :, : layer.n_comp // 16], 16)
+        comp = k[:, :, 4 : 4 + layer.n_comp].reshape(1, 2, -1, 16, 16)
+        assert (comp[pruned.unsqueeze(3).expand_as(comp)] != 0).float().mean() > 0.9
 
 
 def test_sink_tokens_stay_dense_and_prefill_sees_tokens_in_order():

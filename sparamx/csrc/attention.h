@@ -16,6 +16,9 @@
 //                                   then for odd keep [token] = the last kept value;
 //                                   V [token pair u][kept value j][2] = tokens 2u, 2u+1.
 //                                   Both sides have bitmaps (keep = D when not pruned).
+//             fill[b, h, t >> 4, 0..Dp-1] (K, shared masks; optional) bf16: what the
+//                                   block's pruned entries read as (their mean over the
+//                                   block's tokens), zero at kept dimensions and beyond D
 //     dense:  vals[b, h, t, 0..D-1], bits = nullptr (a mask per token only)
 //   dense window tokens n_comp .. n_comp+n_win-1: win[b, h, t, 0..D-1], any strides
 //   with unit stride along D.
@@ -35,6 +38,7 @@ constexpr int kAttnMaxGroup = 8;  // query heads per kernel call (larger groups 
 struct KVSide {          // one of K or V
   const uint16_t* vals;  // compressed tokens, [B, H, cap, keep] bf16 bits
   const uint32_t* bits;  // [B, H, cap >> mask_shift, W]; nullptr: dense (keep == D)
+  const uint16_t* fill;  // [B, H, cap >> 4, Dp] bf16 (shared masks only) or nullptr: 0
   int64_t keep;          // values per compressed token
   int64_t cap;           // token capacity of the compressed arrays (>= n_comp)
   const uint16_t* win;   // dense window, bf16 bits

@@ -395,11 +395,23 @@ inline void blocked_v_chunks(int cb, const uint16_t* vb, int kv, int c0, int vc,
   }
 }
 
+// The sum of x's 16 lanes, in every lane: a butterfly, no scalar round trip. (Batching
+// the key fill's sums of 16 blocks into one `reduce16` tree measured no faster.)
+inline __m512 sum_to_all(__m512 x) {
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // 256-bit halves swapped
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));  // 128-bit lanes swapped
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));
+  return _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+}
+
 // Shared-mask compressed tokens: nblk whole blocks; same state and contract as
-// `segment` (acc in the kernel's lane order on entry and exit).
+// `segment` (acc in the kernel's lane order on entry and exit). kfill: the blocks' key
+// fill rows ([nblk][32 words] bf16, see attention.h) or nullptr: the pruned key entries
+// of a block all read as its fill, which adds q·fill to each of its 16 scores.
 template <int G>
 void blocked_segment(const Rows& kr, const Rows& vr, int64_t nblk, int words, float scale,
-                     const __m512i* q, float* m, float* l, float* acc /* [G][words][32] */) {
+                     const __m512i* q, const uint16_t* kfill, float* m, float* l,
+                     float* acc /* [G][words][32] */) {
   const int kk = static_cast<int>(kr.stride), kv = static_cast<int>(vr.stride);
   const int kp = kk / 2;          // K: whole kept-dimension pairs (an odd last one alone)
   const int vc = (kv + 15) / 16;  // V: chunks of 16 kept dimensions
@@ -446,6 +458,16 @@ void blocked_segment(const Rows& kr, const Rows& vr, int64_t nblk, int words, fl
       for (int g = 0; g < G; ++g)
         s[0][g] = _mm512_fmadd_ps(kl, _mm512_set1_ps(bf16_to_float(qb[g * kQBuf + kk - 1])),
                                   s[0][g]);
+    }
+    if (kfill) {  // the pruned entries' share of each of the block's scores: q·fill
+      const uint16_t* fb = kfill + blk * words * 32;
+      for (int g = 0; g < G; ++g) {
+        __m512 f = _mm512_setzero_ps();
+        for (int w = 0; w < words; ++w)
+          f = _mm512_dpbf16_ps(f, (__m512bh)_mm512_loadu_si512(fb + 32 * w),
+                               (__m512bh)q[g * words + w]);
+        s[0][g] = _mm512_add_ps(s[0][g], sum_to_all(f));
+      }
     }
     if (blk + 1 < nblk) stage_q<G>(kr.bits + (blk + 1) * words, words, q, qbuf[(blk + 1) & 1]);
     if (pending)
@@ -517,7 +539,9 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
     const int64_t n = c1 - c0;
     const bool ks = kr.bits != nullptr, vs = vr.bits != nullptr;
     if (shift) {  // both sides have bitmaps (checked by the glue)
-      blocked_segment<G>(kr, vr, n / kBlock, words, a.scale_log2e, q, m, l, acc);
+      const uint16_t* kfill =
+          a.k.fill ? a.k.fill + (bh * (a.k.cap >> 4) + (c0 >> 4)) * a.words * 32 : nullptr;
+      blocked_segment<G>(kr, vr, n / kBlock, words, a.scale_log2e, q, kfill, m, l, acc);
     } else if (ks && vs) {
       run(Lay<kToken>{}, Lay<kToken>{}, kr, vr, n);
     } else if (ks) {

@@ -4,13 +4,16 @@
 //
 // Op (its fake kernel is registered from sparamx/kv.py):
 //   sparamx::kv_decode_attention(q, k_vals, k_bits?, v_vals, v_bits?, n_comp, k_win, v_win,
-//                                scale, impl?, mask_tokens=1) -> Tensor   (impl: a kernel
-//                                name; see ops.cpp on why it is not called `kernel`)
+//                                scale, impl?, mask_tokens=1, k_fill?) -> Tensor
+//                                (impl: a kernel name; see ops.cpp on why it is not
+//                                called `kernel`)
 //   q [B, Hq, D] bf16 or fp32 (one query token per sequence; result in q's dtype);
 //   k_vals / v_vals [B, Hkv, cap, keep] bf16 with cap >= n_comp (keep = D when dense);
 //   k_bits / v_bits [B, Hkv, cap / mask_tokens, ceil(D/32)] int32 or None (dense
 //   compressed tokens); mask_tokens 1 (a mask per token) or 16 (per 16 tokens: both
 //   bitmaps given, values in the block layouts of attention.h);
+//   k_fill [B, Hkv, cap / 16, 32 ceil(D/32)] bf16 or None: with mask_tokens 16, what each
+//   block's pruned key entries read as (zero at kept dimensions; kv.group_fill);
 //   k_win / v_win [B, Hkv, n_win, D] bf16, unit stride along D (the dense recent window).
 // Hq must be a multiple of Hkv (GQA); each K/V byte is read once per KV head.
 #include <ATen/Parallel.h>
@@ -98,7 +101,8 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
                                const c10::optional<at::Tensor>& k_bits, const at::Tensor& v_vals,
                                const c10::optional<at::Tensor>& v_bits, int64_t n_comp,
                                const at::Tensor& k_win, const at::Tensor& v_win, double scale,
-                               c10::optional<c10::string_view> kernel, int64_t mask_tokens) {
+                               c10::optional<c10::string_view> kernel, int64_t mask_tokens,
+                               const c10::optional<at::Tensor>& k_fill) {
   TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kBFloat16 ||
                                       q.scalar_type() == at::kFloat) && q.dim() == 3,
               "sparamx: q must be a bfloat16 or float32 CPU tensor [B, Hq, D], got ",
@@ -118,6 +122,18 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
               "whole has full masks; see kv.prune_tokens)");
   check_side("k", k_vals, k_bits, k_win, B, H, D, n_comp, mask_tokens);
   check_side("v", v_vals, v_bits, v_win, B, H, D, n_comp, mask_tokens);
+  if (k_fill.has_value()) {
+    TORCH_CHECK(mask_tokens == 16 && k_bits.has_value(),
+                "sparamx: k_fill needs masks shared by 16 tokens (mask_tokens 16 and k_bits)");
+    TORCH_CHECK(k_fill->device().is_cpu() && k_fill->scalar_type() == at::kBFloat16 &&
+                    k_fill->is_contiguous() && k_fill->dim() == 4 && k_fill->size(0) == B &&
+                    k_fill->size(1) == H && k_fill->size(2) == k_vals.size(2) / 16 &&
+                    k_fill->size(3) == 32 * ((D + 31) / 32),
+                "sparamx: k_fill must be a contiguous bfloat16 CPU tensor [", B, ", ", H, ", ",
+                k_vals.size(2) / 16, ", ", 32 * ((D + 31) / 32), "] (one row per 16 tokens, "
+                "head_dim padded to whole 32s), got ", k_fill->scalar_type(), " ",
+                k_fill->sizes());
+  }
   TORCH_CHECK(k_win.size(2) == v_win.size(2), "sparamx: k_win has ", k_win.size(2),
               " tokens but v_win has ", v_win.size(2));
   const int64_t n_win = k_win.size(2), n = n_comp + n_win;
@@ -150,6 +166,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
     s.vals = reinterpret_cast<const uint16_t*>(vals.data_ptr<at::BFloat16>());
     s.bits = bits.has_value() ? reinterpret_cast<const uint32_t*>(bits->data_ptr<int32_t>())
                               : nullptr;
+    s.fill = nullptr;
     s.keep = vals.size(3);
     s.cap = vals.size(2);
     s.win = reinterpret_cast<const uint16_t*>(win.data_ptr<at::BFloat16>());
@@ -160,6 +177,8 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
   };
   a.k = side(k_vals, k_bits, k_win);
   a.v = side(v_vals, v_bits, v_win);
+  if (k_fill.has_value())
+    a.k.fill = reinterpret_cast<const uint16_t*>(k_fill->data_ptr<at::BFloat16>());
 
   // Work items: (b, h, query-head chunk, token chunk). Token chunks let a single
   // sequence use every thread (flash decoding); they are merged below in token order.
@@ -235,7 +254,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
 TORCH_LIBRARY_FRAGMENT(sparamx, m) {
   m.def("kv_decode_attention(Tensor q, Tensor k_vals, Tensor? k_bits, Tensor v_vals, "
         "Tensor? v_bits, int n_comp, Tensor k_win, Tensor v_win, float scale, "
-        "str? impl=None, int mask_tokens=1) -> Tensor");
+        "str? impl=None, int mask_tokens=1, Tensor? k_fill=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("kv_decode_attention", &kv_decode_attention); }

@@ -36,9 +36,11 @@ void load_token(const AttnArgs& a, const KVSide& s, bool is_k, int64_t b, int64_
         s.bits + ((b * a.hkv + h) * (s.cap >> a.mask_shift) + (t >> a.mask_shift)) * a.words;
     const int64_t tb = t & 15;  // shared masks: token t within its block
     const uint16_t* blk = v - tb * s.keep;
+    const uint16_t* fill =
+        s.fill ? s.fill + ((b * a.hkv + h) * (s.cap >> 4) + (t >> 4)) * a.words * 32 : nullptr;
     int64_t k = 0;
     for (int64_t j = 0; j < D; ++j) {
-      float x = 0.f;
+      float x = fill ? bf16_to_float(fill[j]) : 0.f;
       if (bits[j >> 5] >> (j & 31) & 1u) {
         x = bf16_to_float(a.mask_shift ? blk[block_index(is_k, s.keep, tb, k)] : v[k]);
         ++k;
