@@ -32,9 +32,16 @@ Why shared masks (``mask_tokens=16``, the default): with a mask per token the ke
 expands every token's row to full width before multiplying, so it does the dense
 kernel's arithmetic plus the expands whatever the sparsity. With one mask per 16 tokens
 the query is compressed once per group and the kernel multiplies only the kept entries:
-work shrinks with sparsity (at 50%, 1.6-1.9x our dense kernel), at some cost in
-accuracy (README, "Sparse KV cache": ~+5% vs ~+2% perplexity on SmolLM2 at 50%).
-Keeping the attention-sink tokens dense (``sink_tokens``) narrows that cost.
+work shrinks with sparsity (at 50%, 1.5-1.9x our dense kernel), at some cost in
+accuracy. Two things narrow that cost: the attention-sink tokens stay dense
+(``sink_tokens``), and pruned key entries read as their group's mean instead of zero
+(``k_fill="mean"``, ``group_fill``): keys carry per-channel offsets that a shared mask
+would otherwise drop for all 16 tokens. The fill is one bf16 row per group (~6% more
+memory at 50%) and adds q·fill to the group's 16 scores (one dot product per group and
+query head). On SmolLM2 at 50% (README, "Sparse KV cache") this takes the decode-path
+perplexity cost from +4.6% / +6.1% (magnitude / Wanda-style, 768 tokens) to +3.4% /
++4.1%; per-token masks: +2.3% / +1.2%. (The same mean for values helped neither method
+reliably and would cost a vector update per group and head: not done.)
 """
 
 from __future__ import annotations

@@ -565,10 +565,10 @@ def test_artifact_with_kv_settings_loads_with_the_sparse_cache(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("mask_tokens", "bound"),
-    # a mask per token (the default): both methods within 5% (the issue's criterion);
-    # masks shared by 16 tokens: Wanda-style within 5%, magnitude measured at +5.3% here,
-    # bounded at 8% (README, "Sparse KV cache")
-    [(1, {"magnitude": 1.05, "wanda": 1.05}), (16, {"magnitude": 1.08, "wanda": 1.05})],
+    # the issue's criterion is 5%. A mask per token: Wanda-style +0.6% here; masks shared by
+    # 16 tokens (the default, with the key fill): +4.6% / +4.0% at this short length
+    # (+3.4% / +4.1% at 768 tokens; README, "Sparse KV cache"), magnitude bounded at 6%
+    [(1, {"magnitude": 1.05, "wanda": 1.05}), (16, {"magnitude": 1.06, "wanda": 1.05})],
 )
 def test_smollm2_decode_perplexity_at_half_kv_sparsity(smollm2, mask_tokens, bound):
     """Token-by-token perplexity (news text, 64 prefill + 256 decoded tokens, window 64,

@@ -61,6 +61,7 @@ def finished(run_dir):
         (["eval.limit=-3"], "eval.limit"),
         (["bench.threads=one"], r"bench.threads\[0\]: expected an integer"),
         (["kv.recent_window=-1"], "kv.recent_window"),
+        (["kv.k_fill=median"], "kv.k_fill: .median. is invalid; allowed: mean or zero"),
         (["model.dtype=int8"], "model.dtype: 'int8' is not one of bfloat16, float32"),
         (["nonsense"], "expected key=value"),
         (["name=a/b"], "name"),

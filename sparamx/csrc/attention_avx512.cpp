@@ -395,13 +395,35 @@ inline void blocked_v_chunks(int cb, const uint16_t* vb, int kv, int c0, int vc,
   }
 }
 
-// The sum of x's 16 lanes, in every lane: a butterfly, no scalar round trip. (Batching
-// the key fill's sums of 16 blocks into one `reduce16` tree measured no faster.)
-inline __m512 sum_to_all(__m512 x) {
-  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // 256-bit halves swapped
-  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));  // 128-bit lanes swapped
-  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));
-  return _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+// Lane sums of G vectors, each in every lane of its own vector (a butterfly, no scalar
+// round trip), in place. Four at a time share the steps: 17 instructions for four
+// vectors instead of 8 each. (Batching the key fill's sums of 16 blocks into one
+// `reduce16` tree instead measured no faster.)
+template <int G>
+inline void sums_to_all(__m512* f) {
+  int g = 0;
+  for (; g + 3 <= G; g += 4) {
+    const __m512 f3 = g + 3 < G ? f[g + 3] : _mm512_setzero_ps();
+    // 128-bit lanes: [f0 f0 f1 f1] and [f2 f2 f3 f3] (halves added), then [f0 f1 f2 f3]
+    const __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(f[g], f[g + 1], 0x44),
+                                   _mm512_shuffle_f32x4(f[g], f[g + 1], 0xEE));
+    const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(f[g + 2], f3, 0x44),
+                                   _mm512_shuffle_f32x4(f[g + 2], f3, 0xEE));
+    __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0x4E));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0xB1));  // lane L: the sum of f[g + L]
+    f[g] = _mm512_shuffle_f32x4(c, c, 0x00);
+    f[g + 1] = _mm512_shuffle_f32x4(c, c, 0x55);
+    f[g + 2] = _mm512_shuffle_f32x4(c, c, 0xAA);
+    if (g + 3 < G) f[g + 3] = _mm512_shuffle_f32x4(c, c, 0xFF);
+  }
+  for (; g < G; ++g) {
+    __m512 x = f[g];
+    x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // 256-bit halves swapped
+    x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));  // 128-bit lanes swapped
+    x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));
+    f[g] = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+  }
 }
 
 // Shared-mask compressed tokens: nblk whole blocks; same state and contract as
@@ -461,13 +483,14 @@ void blocked_segment(const Rows& kr, const Rows& vr, int64_t nblk, int words, fl
     }
     if (kfill) {  // the pruned entries' share of each of the block's scores: q·fill
       const uint16_t* fb = kfill + blk * words * 32;
-      for (int g = 0; g < G; ++g) {
-        __m512 f = _mm512_setzero_ps();
-        for (int w = 0; w < words; ++w)
-          f = _mm512_dpbf16_ps(f, (__m512bh)_mm512_loadu_si512(fb + 32 * w),
-                               (__m512bh)q[g * words + w]);
-        s[0][g] = _mm512_add_ps(s[0][g], sum_to_all(f));
+      __m512 f[G];
+      for (int g = 0; g < G; ++g) f[g] = _mm512_setzero_ps();
+      for (int w = 0; w < words; ++w) {
+        const __m512bh fw = (__m512bh)_mm512_loadu_si512(fb + 32 * w);
+        for (int g = 0; g < G; ++g) f[g] = _mm512_dpbf16_ps(f[g], fw, (__m512bh)q[g * words + w]);
       }
+      sums_to_all<G>(f);
+      for (int g = 0; g < G; ++g) s[0][g] = _mm512_add_ps(s[0][g], f[g]);
     }
     if (blk + 1 < nblk) stage_q<G>(kr.bits + (blk + 1) * words, words, q, qbuf[(blk + 1) & 1]);
     if (pending)
