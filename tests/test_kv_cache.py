@@ -288,6 +288,19 @@ def test_kernel_rejects_bad_arguments():
         kv.decode_attention(q, vals, bits, vals, bits, 32, win, win, 1.0, None, 16, fill[..., :32])
 
 
+def test_opcheck_kv_decode_attention():
+    x = torch.randn(1, 2, 32, 64)
+    kb, kvals = kv.prune_tokens(x, 32, None, 16, "k")
+    vb, vvals = kv.prune_tokens(x, 32, None, 16, "v")
+    win = torch.randn(1, 2, 3, 64).to(torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.sparamx.kv_decode_attention.default,
+        (torch.randn(1, 4, 64), kvals, kb, vvals, vb, 32, win, win, 0.125, None, 16),
+        {"k_fill": kv.group_fill(x, kb, 16)},
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
 # ------------------------------------------------------------------ settings
 
 
