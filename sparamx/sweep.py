@@ -583,9 +583,9 @@ class Sweep:
             exp.new_tokens,
             self.sweep.bench.repeats,
             self.base.model.dtype,
-            # the lean loop's static cache is dense: the sparse KV cache runs under
-            # model.generate
-            "lean" if kv is None else "hf",
+            # the base config's decode loop; the lean loop's static cache is dense, so
+            # the sparse KV cache runs under model.generate
+            self.base.bench.engine if kv is None else "hf",
             context=exp.context,
             kernel=exp.kernel,
             profile_kernels=False,

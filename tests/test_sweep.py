@@ -176,6 +176,21 @@ def test_kv_sparsity_rows_take_the_base_kv_settings(tmp_path):
     assert s.base_for(half).kv.method == "none"
 
 
+def test_rows_are_timed_with_the_base_decode_loop_and_kv_rows_with_generate(tmp_path, monkeypatch):
+    import sparamx.bench
+
+    grid = {"kv_sparsity": [0, 0.5]}
+    sweep, base = sw.load_sweep(write_sweep(tmp_path, grid=grid, set=["bench.engine=lean-fast"]))
+    s = sw.Sweep.create(sweep, base, tmp_path / "out")
+    engines = []
+    monkeypatch.setattr(
+        sparamx.bench, "bench_subprocess", lambda *a, **kw: engines.append(a[7]) or {}
+    )
+    for exp in sw.expand_grid(sweep):
+        s.time_sparse(exp, tmp_path)
+    assert engines == ["lean-fast", "hf"]
+
+
 def test_shipped_sweep_is_the_issue_grid():
     sweep, base = sw.load_sweep(REPO / "configs" / "sweeps" / "smollm2-135m.yaml")
     exps = sw.expand_grid(sweep)
