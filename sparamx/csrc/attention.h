@@ -60,6 +60,8 @@ struct AttnArgs {
 // compressed ++ window. Updates m[ng], l[ng], acc[ng][Dp] in place (start: -inf, 0, 0).
 void attention_portable(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t ng,
                         int64_t t0, int64_t t1, float* m, float* l, float* acc);
+void attention_avx2(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t ng,
+                    int64_t t0, int64_t t1, float* m, float* l, float* acc);
 void attention_avx512(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t ng,
                       int64_t t0, int64_t t1, float* m, float* l, float* acc);
 

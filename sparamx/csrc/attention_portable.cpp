@@ -84,7 +84,11 @@ void attention_portable(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int
 }
 
 #if !(defined(__x86_64__) || defined(_M_X64))
-// Non-x86 builds: the AVX-512 kernel is not compiled; the glue never selects it there.
+// Non-x86 builds: the x86 kernels are not compiled; the glue never selects them there.
+void attention_avx2(const AttnArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    float*, float*, float*) {
+  std::abort();
+}
 void attention_avx512(const AttnArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                       float*, float*, float*) {
   std::abort();

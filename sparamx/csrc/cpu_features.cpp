@@ -38,9 +38,15 @@ CpuFeatures detect() {
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = (c >> 27) & 1;
   unsigned long long xcr0 = osxsave ? xgetbv0() : 0;
+  f.fma = (c >> 12) & 1;
+  f.popcnt = (c >> 23) & 1;
+  f.f16c = (c >> 29) & 1;
+  f.os_avx = (xcr0 & 0x6) == 0x6;  // SSE, AVX (ymm) state
   f.os_avx512 = (xcr0 & 0xe6) == 0xe6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = (b >> 5) & 1;
+  f.bmi2 = (b >> 8) & 1;
   f.avx512f = (b >> 16) & 1;
   f.avx512dq = (b >> 17) & 1;
   f.avx512bw = (b >> 30) & 1;

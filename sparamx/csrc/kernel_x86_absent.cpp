@@ -4,6 +4,7 @@
 #include "kernels.h"
 
 namespace sparamx {
+void linear_avx2(const LinearArgs&, int64_t, int64_t) { std::abort(); }
 void linear_avx512(const LinearArgs&, int64_t, int64_t) { std::abort(); }
 void linear_amx(const LinearArgs&, int64_t, int64_t) { std::abort(); }
 }  // namespace sparamx

@@ -43,6 +43,7 @@ struct LinearArgs {
 };
 
 void linear_portable(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+void linear_avx2(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 void linear_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 void linear_amx(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 // The AMX kernel built on the plain-C++ tile emulation (any CPU; for tests).
