@@ -370,14 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATES:
-        return run_delegate(argv[0], argv[1:])
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.command is None:
-        ap.print_help(sys.stderr)
-        return 2
-    return args.func(args)
+    try:
+        if argv and argv[0] in DELEGATES:
+            return run_delegate(argv[0], argv[1:])
+        ap = build_parser()
+        args = ap.parse_args(argv)
+        if args.command is None:
+            ap.print_help(sys.stderr)
+            return 2
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`sparamx info | head -1`): stop quietly, as cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

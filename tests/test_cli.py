@@ -228,19 +228,23 @@ def test_generate_streams_the_same_text_as_sparamx_generate(tiny_artifact, monke
 
     rec = _Recorder()
     monkeypatch.setattr(sys, "stdout", rec)
-    rc = cli.main(
-        [
-            "generate",
-            str(tiny_artifact),
-            prompt,
-            "--max-new-tokens",
-            "12",
-            "--threads",
-            "1",
-            "--no-compile",
-        ]
-    )
-    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    try:
+        rc = cli.main(
+            [
+                "generate",
+                str(tiny_artifact),
+                prompt,
+                "--max-new-tokens",
+                "12",
+                "--threads",
+                "1",
+                "--no-compile",
+            ]
+        )
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)  # --threads sets it for the whole process
     err = capsys.readouterr().err
     assert rc == 0
     text = "".join(rec.writes)
