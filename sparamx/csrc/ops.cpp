@@ -17,6 +17,7 @@
 
 #include "cpu_features.h"
 #include "kernels.h"
+#include "paths.h"
 
 namespace sparamx {
 namespace {
@@ -233,6 +234,16 @@ py::dict kernel_info() {
   info["forced"] = env ? py::cast(std::string(env)) : py::none();
   info["decode"] = choose_kernel(1).name;
   info["prefill"] = choose_kernel(kDecodeRows + 1).name;
+  // Every native path and the kernel it runs now (the linear ops serve both the bitmap
+  // and the dense layout, so DenseLinear, lm_head and a tied embedding follow them).
+  py::dict paths;
+  paths["linear_decode"] = choose_kernel(1).name;
+  paths["linear_prefill"] = choose_kernel(kDecodeRows + 1).name;
+  paths["dense_decode"] = choose_kernel(1).name;
+  paths["dense_prefill"] = choose_kernel(kDecodeRows + 1).name;
+  paths["attention"] = attention_kernel_name();
+  paths["norm"] = norm_kernel_name();
+  info["paths"] = paths;
   info["decode_max_rows"] = kDecodeRows;
   info["threads"] = at::get_num_threads();
   return info;
