@@ -28,6 +28,7 @@
 
 #include "attention.h"
 #include "cpu_features.h"
+#include "paths.h"
 
 namespace sparamx {
 namespace {
@@ -61,6 +62,15 @@ AttnFn attention_kernel(const c10::optional<c10::string_view>& name) {
   }
   TORCH_CHECK(false, "sparamx: unknown attention kernel '", want, "'; allowed: avx512, portable");
 }
+
+}  // namespace
+
+const char* attention_kernel_name() {
+  const AttnFn fn = attention_kernel(c10::nullopt);
+  return fn == attention_avx512 ? "avx512" : "portable";
+}
+
+namespace {
 
 void check_side(const char* name, const at::Tensor& vals, const c10::optional<at::Tensor>& bits,
                 const at::Tensor& win, int64_t B, int64_t H, int64_t D, int64_t n_comp,
