@@ -564,6 +564,7 @@ def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = Tr
     }
     with _as_artifact_error(f"{path / 'config.json'}: invalid config"):
         config = AutoConfig.from_pretrained(path)
+    _check_config_dims(path / "config.json", config)
     dtype = getattr(torch, manifest.get("dtype", "bfloat16"))
     # Built on the CPU without initialising weights: parameters are allocated but never
     # touched (no RSS), and non-persistent buffers such as rotary frequencies are
@@ -585,6 +586,27 @@ def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = Tr
 
         enable_sparse_kv(model, kv_settings)
     return model, tokenizer, summary
+
+
+# Model dimensions every decoder config has (when present): torch would fail on a bad
+# one deep inside the model's constructor, with a message that names no field.
+CONFIG_DIMS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _check_config_dims(cpath: Path, config) -> None:
+    for field in CONFIG_DIMS:
+        value = getattr(config, field, None)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ArtifactError(f"{cpath}: field {field} must be a positive integer, got {value!r}")
 
 
 def _assemble(path: Path, model: nn.Module, config, manifest: dict, tensors: dict) -> None:
@@ -669,3 +691,48 @@ def copy_artifact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         if f.name != MANIFEST and f.is_file():
             shutil.copy2(f, dst / f.name)
     shutil.copy2(src / MANIFEST, dst / MANIFEST)
+
+
+def check(path: str | os.PathLike) -> dict:
+    """Validate everything about the artifact at ``path`` that can be validated (what
+    ``sparamx check`` runs): manifest structure and checksum, every metadata file's and
+    every tensor's checksum (when the artifact has them; an older one gets the
+    invariants only), the packed-format invariants, the config and tokenizer, then a
+    greedy step of generation whose logits must be finite. Raises ``ArtifactError``;
+    returns a summary."""
+    import time
+
+    start = time.perf_counter()
+    path = Path(path)
+    model, tokenizer, summary = _load(path, None, "checksums", require_checksums=False)
+    manifest = model.sparamx_manifest
+    storages = [lay["storage"] for lay in manifest["layers"]]
+    first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([[first]]),
+            max_new_tokens=2,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    bad = [i for i, lg in enumerate(out.logits) if not torch.isfinite(lg).all()]
+    if bad:
+        raise ArtifactError(
+            f"{path}: the model loads but its logits are not finite (generation step {bad[0]}); "
+            "the stored values hold NaN or inf"
+        )
+    return {
+        **summary,
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        "package_version": manifest.get("package_version"),
+        "model_type": model.config.model_type,
+        "layers": len(storages),
+        "bitmap_layers": storages.count("bitmap-bf16"),
+        "dense_layers": storages.count("dense-bf16"),
+        "packed_bytes": (manifest.get("totals") or {}).get("packed_bytes"),
+        "dense_bytes": (manifest.get("totals") or {}).get("dense_bytes"),
+        "kv": (manifest.get("kv") or {}).get("method", "none"),
+        "seconds": time.perf_counter() - start,
+    }
