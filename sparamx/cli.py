@@ -8,11 +8,13 @@
     sparamx generate ARTIFACT "prompt" [--max-new-tokens N] [--threads T] [--attention fast]
     sparamx info [--json]
     sparamx check ARTIFACT [--json]
+    sparamx export ARTIFACT OUT [--max-shard-gb G]
 
-``run``, ``eval``, ``bench``, ``sweep`` and ``demo`` hand their arguments unchanged to
-the ``main(argv)`` of ``sparamx.pipeline``, ``eval``, ``sparamx.bench``,
-``sparamx.sweep`` and ``sparamx.demo`` (so ``python -m sparamx.pipeline`` and
-``python -m eval`` take the same flags); ``generate``, ``info`` and ``check`` live here.
+``run``, ``eval``, ``bench``, ``sweep``, ``export`` and ``demo`` hand their arguments
+unchanged to the ``main(argv)`` of ``sparamx.pipeline``, ``eval``, ``sparamx.bench``,
+``sparamx.sweep``, ``sparamx.export`` and ``sparamx.demo`` (so ``python -m
+sparamx.pipeline`` and ``python -m eval`` take the same flags); ``generate``, ``info``
+and ``check`` live here.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ DELEGATES = {
         "a grid of pipeline runs, one results row each, with plots and a summary",
         "sparamx sweep configs/sweeps/smollm2-135m.yaml --plan\n"
         "  sparamx sweep --resume experiment_results/2026-11-27_18-00-00",
+    ),
+    "export": Delegate(
+        "sparamx.export",
+        "sparamx export",
+        "write a packed artifact as a standard Hugging Face checkpoint (weights densified)",
+        "sparamx export runs/smollm2-135m-wanda50/pack/artifact hf/smollm2-135m-wanda50\n"
+        '  python -c "from transformers import AutoModelForCausalLM as M; '
+        "M.from_pretrained('hf/smollm2-135m-wanda50')\"",
     ),
     "demo": Delegate(
         "sparamx.demo",

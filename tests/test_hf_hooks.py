@@ -159,3 +159,28 @@ def test_save_pretrained_and_resize_refused_with_the_alternative(tmp_path):
     loaded, _ = sparamx.load(tmp_path / "a")
     with pytest.raises(PackedModelError, match="sparamx export"):
         loaded.save_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
+def test_export_loads_in_stock_transformers(arch, tmp_path, capsys):
+    """``sparamx export``: a dense HF checkpoint (zeros included, a tied embedding
+    stored once and tied again) whose logits match the packed model's."""
+    from transformers import AutoModelForCausalLM
+
+    from sparamx import cli
+
+    model = pruned(arch)
+    sparamx.swap_linears(model, exclude=[])
+    sparamx.save(model, tiny_tokenizer(), tmp_path / "a", max_shard_bytes=60_000)
+    assert cli.main(["export", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    assert not any(isinstance(m, SparseLinear) for m in hf.modules())
+    q = hf.model.layers[0].self_attn.q_proj.weight
+    assert 0.45 <= float((q == 0).float().mean()) <= 0.55  # the pruned zeros, densified
+    if hf.config.tie_word_embeddings:
+        assert hf.lm_head.weight is hf.get_input_embeddings().weight
+    with torch.no_grad():
+        got, want = hf(IDS).logits.float(), model(IDS).logits.float()
+    assert float((got - want).abs().max()) <= 2**-6 * float(want.abs().max())
+    assert cli.main(["export", str(tmp_path / "a"), str(tmp_path / "hf")]) == 1
+    assert "not an empty directory" in capsys.readouterr().err
