@@ -76,7 +76,9 @@ AttnFn attention_kernel(const c10::optional<c10::string_view>& name) {
 
 const char* attention_kernel_name() {
   const AttnFn fn = attention_kernel(c10::nullopt);
-  return fn == attention_avx512 ? "avx512" : "portable";
+  if (fn == attention_avx512) return "avx512";
+  if (fn == attention_avx2) return "avx2";
+  return "portable";
 }
 
 namespace {
