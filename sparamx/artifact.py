@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .format import FORMAT_VERSION, STORAGES, PackedWeight, PackedWeightError
-from .layers import PackedEmbedding, SparseLinear, untie_config
+from .layers import PackedEmbedding, SparseLinear, set_activation_dtype, untie_config
 
 log = logging.getLogger(__name__)
 
@@ -356,12 +356,17 @@ def _replace(model: nn.Module, name: str, make, kind: type, shape: list[int], co
     setattr(model.get_submodule(parent_name) if parent_name else model, child, make())
 
 
-def load(path: str | os.PathLike, *, kv: dict | None = None):
+def load(
+    path: str | os.PathLike, *, kv: dict | None = None, dtype: str | torch.dtype | None = None
+):
     """Load a packed artifact: returns ``(model, tokenizer)``; ``model.generate`` works.
 
     ``kv`` overrides the manifest's sparse-KV-cache settings (``{}``: none); with
     ``method`` other than ``none`` the model gets the sparse KV cache
-    (``sparamx.kv.enable_sparse_kv``), which ``model.generate`` then uses."""
+    (``sparamx.kv.enable_sparse_kv``), which ``model.generate`` then uses. ``dtype``:
+    what the model's other parts (norms, embeddings, activations, attention) run in;
+    None keeps the stored dtype (the manifest's, bf16 by default). The packed weights
+    stay bf16 whatever it is (``sparamx.layers.set_activation_dtype``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -444,6 +449,11 @@ def load(path: str | os.PathLike, *, kv: dict | None = None):
         owner, _, attr = alias.rpartition(".")
         src_owner, _, src_attr = target.rpartition(".")
         setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(src_owner), src_attr))
+    if dtype is not None:
+        from .models import parse_dtype
+
+        if parse_dtype(dtype) != model.dtype:
+            set_activation_dtype(model, parse_dtype(dtype))
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
