@@ -386,12 +386,12 @@ def load(
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}: unreadable config.json ({e})") from None
-    dtype = getattr(torch, manifest.get("dtype", "bfloat16"), torch.bfloat16)
+    stored = getattr(torch, manifest.get("dtype", "bfloat16"), torch.bfloat16)
     # Built on the CPU without initialising weights: parameters are allocated but never
     # touched (no RSS), and non-persistent buffers such as rotary frequencies are
     # computed as transformers computes them.
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=stored)
     # Tied tensors are stored once; give every alias its tensor (the same object, so
     # the tie survives load_state_dict(assign=True)).
     for alias, target in manifest["tied"].items():
@@ -452,7 +452,7 @@ def load(
     if dtype is not None:
         from .models import parse_dtype
 
-        if parse_dtype(dtype) != model.dtype:
+        if parse_dtype(dtype) != stored:
             set_activation_dtype(model, parse_dtype(dtype))
     model.eval()
     try:

@@ -185,3 +185,51 @@ def test_bench_peak_rss_is_the_child_programs_own():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) < 480, out.stdout
     del ballast
+
+
+def test_compute_dtype_is_recorded_and_reruns_what_it_affects(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from sparamx import cpu
+
+    cfg = write_config(tmp_path, tiny_model_dir, eval={"tasks": ["lee_news_ppl"], "limit": 1})
+    run = tmp_path / "runs" / "tiny"
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: "avx2")  # no fast bf16 matmul: auto -> fp32
+    assert pipeline.main([str(cfg)]) == 0
+    state = json.loads((run / "state.json").read_text())
+    assert state["compute_dtype"]["requested"] == "auto"
+    assert state["compute_dtype"]["resolved"] == "float32"
+    assert "avx2" in state["compute_dtype"]["reason"]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["compute_dtype"]["resolved"] == "float32"
+    assert report["environment"]["isa"] in cpu.ISA_CLASSES
+    assert "compute dtype: **float32**" in (run / "report" / "report.md").read_text()
+    for variant in ("dense", "pruned"):
+        meta = json.loads((run / "eval" / f"{variant}.json").read_text())["meta"]
+        assert meta["dtype"] == "float32"
+    assert json.loads((run / "eval-packed" / "packed.json").read_text())["meta"]["dtype"] == (
+        "float32"
+    )
+    verify = json.loads((run / "verify" / "verify.json").read_text())
+    assert verify["passed"] and verify["compute_dtype"] == "float32"
+    # The artifact stays bf16 (weights and dense tensors) whatever the compute dtype.
+    manifest = json.loads((run / "pack" / "artifact" / "sparamx.json").read_text())
+    assert manifest["dtype"] == "bfloat16"
+    first = finished(run)
+
+    # auto resolving to the same value, or asking for it explicitly, re-runs nothing.
+    assert pipeline.main([str(cfg), "--set", "model.compute_dtype=float32"]) == 0
+    assert finished(run) == first
+
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: "amx")  # auto -> bf16 now
+    assert pipeline.main([str(cfg)]) == 0
+    second = finished(run)
+    state = json.loads((run / "state.json").read_text())
+    assert state["compute_dtype"]["resolved"] == "bfloat16"
+    # Magnitude pruning runs no forwards: load, calibrate and prune are kept.
+    assert {s: second[s] for s in ("load", "calibrate", "prune")} == {
+        s: first[s] for s in ("load", "calibrate", "prune")
+    }
+    assert all(second[s] != first[s] for s in ("eval", "verify", "eval-packed", "report"))
+    meta = json.loads((run / "eval" / "dense.json").read_text())["meta"]
+    assert meta["dtype"] == "bfloat16"
