@@ -59,6 +59,10 @@ def machine_record(threads: int | None = None) -> dict:
         "machine": platform.machine(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads() if threads is None else threads,
+        # What torch really runs with, and what OpenMP was told: a thread setting that
+        # was not applied shows here.
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "sparamx": __version__,
@@ -339,6 +343,7 @@ def run_bench(
         raise ValueError("kv settings need a packed artifact and engine 'hf' (model.generate)")
     timed = ENGINES[engine]
     compute = resolve_compute_dtype(dtype)
+    load_before = list(os.getloadavg())
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "stock":
@@ -386,6 +391,7 @@ def run_bench(
         "prompt_tokens": runs[0]["prompt_tokens"],
         "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
         "kv": kv,
+        "load_avg_before": load_before,
     }
     wbytes = weight_bytes_per_token(model)
     rec["weight_bytes_per_token"] = wbytes

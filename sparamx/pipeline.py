@@ -570,28 +570,45 @@ class Pipeline:
             # artifact asks for only runs under model.generate.
             log.warning("bench: kv.method is set, so the packed model runs model.generate")
             engine = "hf"
+        stock = str(self.source_dir())
+
+        def measure(kind: str, threads: int) -> dict:
+            src, loop = (stock, "hf") if kind == "stock" else (str(art), engine)
+            log.info("bench: %s model (%s loop), %d thread(s)", kind, loop, threads)
+            return bench_subprocess(
+                kind,
+                src,
+                threads,
+                b.prompts,
+                b.new_tokens,
+                b.repeats,
+                self.compute.resolved,
+                engine=loop,
+            )
+
         for threads in b.threads:
-            stock = str(self.source_dir())
-            runs = (("stock", stock, "hf"), ("sparse", str(art), engine))
-            for kind, src, engine in runs:
-                log.info("bench: %s model (%s loop), %d thread(s)", kind, engine, threads)
-                records.append(
-                    bench_subprocess(
-                        kind,
-                        src,
-                        threads,
-                        b.prompts,
-                        b.new_tokens,
-                        b.repeats,
-                        self.compute.resolved,
-                        engine=engine,
-                    )
+            for kind in ("stock", "sparse"):
+                records.append(measure(kind, threads))
+        # A flagged stock baseline (repeats that disagree, or slower with more threads)
+        # is measured once more in a fresh process: on a 2-core machine a burst of load
+        # from another process slows a 2-thread run several-fold (each OpenMP barrier
+        # waits for the descheduled thread), and the speed-up would rest on it. The
+        # rerun replaces it (the first attempt is kept in the record) and the flags are
+        # recomputed on what is kept: a rerun that is no better stays flagged.
+        stocks = lambda: [r for r in records if r["model"] == "stock"]  # noqa: E731
+        thread_scaling_flags(stocks(), key=lambda r: r["source"], what="stock transformers")
+        for i, r in enumerate(records):
+            if r["model"] == "stock" and r.get("flags"):
+                log.warning(
+                    "bench: stock %d thr flagged (%s); measuring again",
+                    r["threads"],
+                    "; ".join(r["flags"]),
                 )
-        thread_scaling_flags(
-            [r for r in records if r["model"] == "stock"],
-            key=lambda r: r["source"],
-            what="stock transformers",
-        )
+                again = measure("stock", r["threads"])
+                earlier = {k: v for k, v in r.items() if k not in ("texts", "earlier_attempts")}
+                again["earlier_attempts"] = [*r.get("earlier_attempts", []), earlier]
+                records[i] = again
+        thread_scaling_flags(stocks(), key=lambda r: r["source"], what="stock transformers")
         for r in records:
             for flag in r.get("flags", []):
                 log.warning("bench: FLAGGED %s %d thr: %s", r["model"], r["threads"], flag)
