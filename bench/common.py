@@ -61,15 +61,6 @@ def environment(threads: int | None = None) -> dict:
     }
 
 
-def spread_columns(times) -> dict:
-    """min / median / max of repeated timings and whether they disagree by more than
-    ``sparamx.bench.SPREAD_LIMIT`` ((max - min) / median)."""
-    from sparamx.bench import SPREAD_LIMIT, spread
-
-    s = spread(times)
-    return {**s, "flagged": s["n"] > 1 and s["rel_spread"] > SPREAD_LIMIT}
-
-
 def print_flags(rows: list[dict], label) -> None:
     """Print every row's ``flags`` as WARNING lines under a table (``label(row)`` names
     the row)."""

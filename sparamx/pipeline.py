@@ -571,6 +571,7 @@ class Pipeline:
             log.warning("bench: kv.method is set, so the packed model runs model.generate")
             engine = "hf"
         stock = str(self.source_dir())
+        stock_dtype, stock_why = self._stock_dtype()
 
         def measure(kind: str, threads: int) -> dict:
             src, loop = (stock, "hf") if kind == "stock" else (str(art), engine)
@@ -582,7 +583,7 @@ class Pipeline:
                 b.prompts,
                 b.new_tokens,
                 b.repeats,
-                self.compute.resolved,
+                stock_dtype if kind == "stock" else self.compute.resolved,
                 engine=loop,
             )
 
@@ -614,7 +615,11 @@ class Pipeline:
                 log.warning("bench: FLAGGED %s %d thr: %s", r["model"], r["threads"], flag)
         atomic_write_json(
             self.path("bench", "bench.json"),
-            {"compute_dtype": self.compute.to_dict(), "records": records},
+            {
+                "compute_dtype": self.compute.to_dict(),
+                "stock_dtype": {"dtype": stock_dtype, "reason": stock_why},
+                "records": records,
+            },
         )
         parts = []
         for t in b.threads:
@@ -629,6 +634,29 @@ class Pipeline:
             ["bench/bench.json"],
             f"sparse vs stock ({self.compute.resolved}) " + "; ".join(parts),
         )
+
+    def _stock_dtype(self) -> tuple[str, str]:
+        """The stock baseline's dtype: the compute dtype, unless that is fp32 for a
+        bf16 model whose fp32 copy would not fit in RAM (an 8B model is 32 GB in fp32:
+        the baseline then runs as loaded, in bf16, and the record says so)."""
+        c, stored = self.compute.resolved, self.cfg.model.dtype
+        if c == stored or parse_dtype(c).itemsize <= parse_dtype(stored).itemsize:
+            return c, "the compute dtype"
+        import json
+
+        from .models import available_ram_bytes
+
+        src = self.path("load", "source.json")
+        params = json.loads(src.read_text()).get("parameters", 0) if src.is_file() else 0
+        need, have = params * parse_dtype(c).itemsize, available_ram_bytes()
+        if need > 0.8 * have:
+            why = (
+                f"the compute dtype {c} would need {need / 1e9:.1f} GB for the stock model, "
+                f"{have / 1e9:.1f} GB RAM available: it runs in {stored} as loaded"
+            )
+            log.warning("bench: %s", why)
+            return stored, why
+        return c, "the compute dtype"
 
     def stage_report(self) -> StageResult:
         from .report import write_report
