@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: timing (median of repeats), memory-bandwidth probe, tables."""
+"""Shared benchmark helpers: timing (median of repeats and its spread), memory-bandwidth
+probe, the environment record every JSON carries, tables and their warnings."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
-
-def median_time_us(fn, repeats: int, inner: int = 1) -> float:
-    """Median over ``repeats`` of the mean time of ``inner`` back-to-back calls (µs)."""
+def repeat_times_us(fn, repeats: int, inner: int = 1) -> list[float]:
+    """The mean time of ``inner`` back-to-back calls (µs), ``repeats`` times."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter_ns()
         for _ in range(inner):
             fn()
         times.append((time.perf_counter_ns() - t0) / inner / 1e3)
-    return statistics.median(times)
+    return times
+
+
+def median_time_us(fn, repeats: int, inner: int = 1) -> float:
+    """Median over ``repeats`` of the mean time of ``inner`` back-to-back calls (µs)."""
+    return statistics.median(repeat_times_us(fn, repeats, inner))
 
 
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
@@ -43,17 +47,28 @@ def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> f
     return dram_read_gbps(threads, mbytes, repeats)
 
 
-def environment() -> dict:
+def environment(threads: int | None = None) -> dict:
+    """``sparamx.bench.machine_record`` (CPU model, ISA class, sparamx kernel per path,
+    threads, torch / transformers versions, command line, load average) plus the full
+    ``kernel_info()``: the one record every bench JSON carries."""
     from sparamx import kernel_info
-    from sparamx.report import _cpu_model
+    from sparamx.bench import machine_record
 
     return {
+        **machine_record(threads),
         "cpu": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
-        "torch": torch.__version__,
         "kernel_info": kernel_info(),
-        "cores": os.cpu_count(),
     }
+
+
+def print_flags(rows: list[dict], label) -> None:
+    """Print every row's ``flags`` as WARNING lines under a table (``label(row)`` names
+    the row)."""
+    flagged = [(label(r), f) for r in rows for f in r.get("flags", [])]
+    if flagged:
+        print()
+        for name, f in flagged:
+            print(f"WARNING: {name}: {f}")
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

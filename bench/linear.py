@@ -4,7 +4,9 @@ For each shape [N, K], batch rows M, sparsity and thread count, times both in th
 same run (interleaved, median of repeats) with the weights either cache-resident
 (one weight reused) or DRAM-resident (cycling through enough distinct weights to
 exceed the caches). Reports the ratio torch/ours and GB/s of bytes read against the
-measured read bandwidth.
+measured read bandwidth, the min / max of each side's repeats, and flags (``!`` in the
+table, a WARNING line under it, ``flags`` in the JSON) a case whose repeats disagree by
+more than 20% or whose torch baseline is slower with more threads.
 
     python bench/linear.py                       # the full table
     python bench/linear.py --shapes llama --m 1 --sparsity 0.5 --threads 1
@@ -25,11 +27,13 @@ from common import (  # noqa: E402
     environment,
     last_level_cache_bytes,
     median_time_us,
+    print_flags,
     print_table,
     read_bandwidth_gbps,
     write_json,
 )
 
+from sparamx.bench import spread, spread_flags, thread_scaling_flags  # noqa: E402
 from sparamx.format import pack  # noqa: E402
 from sparamx.ops import packed_linear  # noqa: E402
 
@@ -92,8 +96,13 @@ def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel, 
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(median_time_us(fn, 1, copies))
+    spreads = {name: spread(t) for name, t in times.items()}
+    flags = spread_flags("torch", spreads["torch"], "us") + spread_flags(
+        "sparamx", spreads["ours"], "us"
+    )
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     t_torch, t_ours = med["torch"], med["ours"]
+    s_torch, s_ours = spreads["torch"], spreads["ours"]
     nbytes = packed[0].nbytes
     extra = {}
     if dense32 is not None:
@@ -115,7 +124,21 @@ def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel, 
         "gbps": nbytes / t_ours / 1e3,
         "torch_gbps": n * k * 2 / t_torch / 1e3,
         "packed_mb": nbytes / 1e6,
+        "torch_us_min": s_torch["min"],
+        "torch_us_max": s_torch["max"],
+        "sparamx_us_min": s_ours["min"],
+        "sparamx_us_max": s_ours["max"],
+        "kernel": kernel or _kernel_for(m),
+        "flags": flags,
+        "flag": "!" if flags else "",
     }
+
+
+def _kernel_for(m: int) -> str:
+    from sparamx import kernel_info
+
+    info = kernel_info()
+    return info["decode"] if m <= info["decode_max_rows"] else info["prefill"]
 
 
 def main(argv=None):
@@ -167,11 +190,30 @@ def main(argv=None):
                         cols = COLUMNS + (FP32_COLUMNS if args.fp32 else [])
                         print_table([r], cols) if len(rows) == 1 else print_row(r, cols)
                 del dense, packed, dense32
+    # The torch baseline losing speed with more threads means a disturbed measurement.
+    thread_scaling_flags(
+        rows,
+        key=lambda r: (r["residency"], tuple(r["shape"]), r["m"], r["sparsity"]),
+        rate="torch_gbps",
+        what="torch baseline",
+    )
+    for r in rows:
+        r["flag"] = "!" if r["flags"] else ""
     columns = COLUMNS + (FP32_COLUMNS if args.fp32 else [])
     print()
     print_table(rows, columns)
+    print_flags(
+        rows,
+        lambda r: (
+            f"{r['shape'][0]}x{r['shape'][1]} M={r['m']} "
+            f"sp={r['sparsity']} {r['threads']} thr {r['residency']}"
+        ),
+    )
     if args.json:
-        write_json(args.json, {"env": environment(), "bandwidth_gbps": bw, "records": rows})
+        env = environment()
+        write_json(
+            args.json, {"env": env, "environment": env, "bandwidth_gbps": bw, "records": rows}
+        )
 
 
 COLUMNS = [
@@ -187,6 +229,11 @@ COLUMNS = [
     ("torch_gbps", "torch GB/s", ".1f"),
     ("gbps", "ours GB/s", ".1f"),
     ("bw_frac", "of BW", ".0%"),
+    ("torch_us_min", "torch min", ".1f"),
+    ("torch_us_max", "torch max", ".1f"),
+    ("sparamx_us_min", "ours min", ".1f"),
+    ("sparamx_us_max", "ours max", ".1f"),
+    ("flag", "!", "s"),
 ]
 FP32_COLUMNS = [
     ("torch_fp32_us", "torch32 us", ".1f"),

@@ -18,10 +18,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_table, write_json  # noqa: E402
+from common import environment, print_flags, print_table, write_json  # noqa: E402
 
 import sparamx  # noqa: E402
-from sparamx.bench import time_generate_lean  # noqa: E402
+from sparamx.bench import spread, spread_flags, time_generate_lean  # noqa: E402
 
 MODES = ("exact", "fast")
 
@@ -53,6 +53,7 @@ def main(argv=None) -> None:
             for mode in MODES:
                 times[mode].append(ms_per_token(model, ids, args.new_tokens, mode))
         exact, fast = (statistics.median(times[m]) for m in MODES)
+        spreads = {m: spread(times[m]) for m in MODES}
         rows.append(
             {
                 "context": args.context,
@@ -61,8 +62,11 @@ def main(argv=None) -> None:
                 "exact_ms_per_token": exact,
                 "fast_ms_per_token": fast,
                 "speedup": exact / fast,
+                "spread": spreads,
+                "flags": [f for m in MODES for f in spread_flags(m, spreads[m])],
             }
         )
+        rows[-1]["flag"] = "!" if rows[-1]["flags"] else ""
     print_table(
         rows,
         [
@@ -71,10 +75,14 @@ def main(argv=None) -> None:
             ("exact_ms_per_token", "exact ms/token", ".1f"),
             ("fast_ms_per_token", "fast ms/token", ".1f"),
             ("speedup", "x", ".2f"),
+            ("flag", "!", "s"),
         ],
     )
+    print_flags(rows, lambda r: f"context {r['context']}, {r['threads']} thr")
     if args.json:
-        write_json(args.json, {"env": environment(), "artifact": args.artifact, "records": rows})
+        env = environment()
+        payload = {"env": env, "environment": env, "artifact": args.artifact, "records": rows}
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,13 @@ exactly ``--new-tokens`` tokens (end-of-sequence ignored). ms/token is the decod
 time per token after the first (mean per generation, median over generations);
 tokens/s = 1000 / ms/token; TTFT is the median time to the first token. The table
 also says whether the lean engines produced the same tokens as ``model.generate`` on
-the same model (compared up to the first end-of-sequence token).
+the same model (compared up to the first end-of-sequence token), the min / max of the
+generations' ms/token, and flags (``!``, a WARNING line, ``flags`` in the JSON) a row
+whose generations disagree by more than 20% or a transformers baseline that is slower
+with more threads. Each record carries ``environment`` (CPU, ISA class, kernels,
+threads, versions, command line). ``--dtype`` is the compute dtype of the transformers
+rows and of the packed models' activations (``auto``: fp32 on CPUs without a fast bf16
+matmul; see ``sparamx.cpu``).
 
     python bench/peers.py --artifact runs/x/pack/artifact --threads 1 2 --json peers.json
     python bench/peers.py --artifact A --engines sparamx-hf,sparamx-lean --new-tokens 128
@@ -44,7 +50,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_table, write_json  # noqa: E402
+from common import environment, print_flags, print_table, write_json  # noqa: E402
 
 ENGINES = {  # name: (model, loop)
     "transformers": ("dense", "hf"),
@@ -72,17 +78,19 @@ def _load(kind: str, args):
     """(model, tokenizer, format, model_bytes) for the dense model or the artifact
     (the worker gets exactly one ``--artifact``)."""
     from sparamx.bench import model_bytes
+    from sparamx.cpu import resolve_compute_dtype
 
+    dtype = resolve_compute_dtype(args.dtype).resolved
     if kind == "dense":
         from sparamx.models import load_model
 
-        model, tok = load_model(args.dense, dtype="bfloat16")
-        return model, tok, "bf16", model_bytes(model)
+        model, tok = load_model(args.dense, dtype=dtype)
+        return model, tok, {"bfloat16": "bf16", "float32": "fp32"}[dtype], model_bytes(model)
     import sparamx
     from sparamx.artifact import read_manifest
 
     (artifact,) = args.artifact
-    model, tok = sparamx.load(artifact)
+    model, tok = sparamx.load(artifact, dtype=dtype)
     manifest = read_manifest(artifact)
     sparsity = manifest.get("recipe", {}).get("sparsity")
     if all(layer.get("storage") == "dense-bf16" for layer in manifest.get("layers", [])):
@@ -166,8 +174,16 @@ def run_worker(engine: str, args) -> dict:
     rec["warmup_s"] = time.perf_counter() - t0
     rec["compile_s"] = warm.get("compile_s")
     runs = [run(p, args.new_tokens) for _ in range(args.repeats) for p in args.prompts]
+    from sparamx.bench import spread, spread_flags
+
+    ms_spread = spread(r["ms_per_token"] for r in runs)
     ms = statistics.median(r["ms_per_token"] for r in runs)
     rec.update(
+        ms_per_token_spread=ms_spread,
+        ms_min=ms_spread["min"],
+        ms_max=ms_spread["max"],
+        flags=spread_flags("ms/token", ms_spread),
+        environment=environment(args.threads),
         ms_per_token=ms,
         tokens_per_s=1e3 / ms,
         ttft_ms=statistics.median(r["ttft_ms"] for r in runs),
@@ -183,6 +199,7 @@ def run_worker(engine: str, args) -> dict:
 def run_subprocess(engine: str, threads: int, args, artifact: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--threads", str(threads)]
     cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    cmd += ["--dtype", args.dtype]
     cmd += ["--dense", args.dense] + (["--artifact", artifact] if artifact else [])
     for p in args.prompts:
         cmd += ["--prompt", p]
@@ -220,6 +237,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", dest="prompts", action="append", default=None)
     ap.add_argument("--json", default=None, help="write the records here")
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="compute dtype (auto: float32 where the CPU has no fast bf16 matmul)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.prompts = args.prompts or DEFAULT_PROMPTS
@@ -246,11 +269,19 @@ def main(argv=None) -> int:
                 elif "failed" in rec:
                     print(f"{engine} ({threads} threads) failed:\n{rec['failed']}", file=sys.stderr)
     mark_same_tokens(records, eos=_eos_text(args))
+    from sparamx.bench import thread_scaling_flags
+
+    thread_scaling_flags(
+        [r for r in records if r["engine"] == "transformers"],
+        key=lambda r: r["engine"],
+        what="transformers baseline",
+    )
     done = [
         {
             **r,
             "model_mb": r["model_bytes"] / 1e6,
             "same": {True: "yes", False: "NO"}.get(r.get("same_as_hf"), "-"),
+            "flag": "!" if r.get("flags") else "",
         }
         for r in records
         if "tokens_per_s" in r
@@ -267,8 +298,12 @@ def main(argv=None) -> int:
             ("compile_s", "compile s", ".0f"),
             ("model_mb", "model MB", ".0f"),
             ("same", "same tokens as HF", "s"),
+            ("ms_min", "ms min", ".1f"),
+            ("ms_max", "ms max", ".1f"),
+            ("flag", "!", "s"),
         ],
     )
+    print_flags(done, lambda r: f"{r['engine']} {r['format']} {r['threads']} thr")
     if args.json:
         payload = {
             "environment": environment(),

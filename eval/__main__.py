@@ -58,7 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--batch-size", default="8", help="lm-eval batch size: an int or 'auto' (default 8)"
     )
-    p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="compute dtype (default auto: float32 where the CPU has no fast bf16 matmul, "
+        "else bfloat16; see sparamx.cpu); a packed artifact's weights stay bf16",
+    )
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("-v", "--verbose", action="store_true", help="show lm-eval's own logs")
@@ -84,7 +90,11 @@ def main(argv=None) -> int:
     try:
         # Tasks first: a typo in --tasks should not wait for the model to load.
         tasks = resolve_tasks(args.tasks)
-        model, tokenizer = load_for_eval(args.path, args.dtype)
+        from sparamx.cpu import resolve_compute_dtype
+
+        dtype = resolve_compute_dtype(args.dtype)
+        log.info("compute dtype %s (%s)", dtype.resolved, dtype.reason)
+        model, tokenizer = load_for_eval(args.path, dtype.resolved)
         out = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size)
     except (ModelLoadError, UnknownTaskError, EmptyTaskError, DataError, TaskLoadError) as e:
         print(f"error: {e}", file=sys.stderr)

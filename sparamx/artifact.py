@@ -25,7 +25,13 @@ from torch import nn
 from . import __version__
 from .format import FORMAT_VERSION, STORAGES, PackedWeight, PackedWeightError
 from .integrity import ALGORITHM, file_digest, manifest_digest, tensor_digest, tensor_record
-from .layers import PackedEmbedding, SparseLinear, guard_hf_methods, untie_config
+from .layers import (
+    PackedEmbedding,
+    SparseLinear,
+    guard_hf_methods,
+    set_activation_dtype,
+    untie_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +522,13 @@ def _as_artifact_error(what: str):
         raise ArtifactError(f"{what}: {type(e).__name__}: {e}") from e
 
 
-def load(path: str | os.PathLike, *, kv: dict | None = None, verify: str = "invariants"):
+def load(
+    path: str | os.PathLike,
+    *,
+    kv: dict | None = None,
+    verify: str = "invariants",
+    dtype: str | torch.dtype | None = None,
+):
     """Load a packed artifact: returns ``(model, tokenizer)``; ``model.generate`` works.
 
     ``verify``: ``"invariants"`` (default) checks what costs no pass over the data:
@@ -527,11 +539,20 @@ def load(path: str | os.PathLike, *, kv: dict | None = None, verify: str = "inva
 
     ``kv`` overrides the manifest's sparse-KV-cache settings (``{}``: none); with
     ``method`` other than ``none`` the model gets the sparse KV cache
-    (``sparamx.kv.enable_sparse_kv``), which ``model.generate`` then uses."""
-    return _load(Path(path), kv, verify)[:2]
+    (``sparamx.kv.enable_sparse_kv``), which ``model.generate`` then uses. ``dtype``:
+    what the model's other parts (norms, embeddings, activations, attention) run in;
+    None keeps the stored dtype (the manifest's, bf16 by default). The packed weights
+    stay bf16 whatever it is (``sparamx.layers.set_activation_dtype``)."""
+    return _load(Path(path), kv, verify, dtype=dtype)[:2]
 
 
-def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = True):
+def _load(
+    path: Path,
+    kv: dict | None,
+    verify: str,
+    require_checksums: bool = True,
+    dtype: str | torch.dtype | None = None,
+):
     """``load``, plus a summary of what was verified (for ``sparamx check``). Without
     ``require_checksums`` an artifact that has none is verified as far as it can be."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -565,16 +586,21 @@ def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = Tr
     with _as_artifact_error(f"{path / 'config.json'}: invalid config"):
         config = AutoConfig.from_pretrained(path)
     _check_config_dims(path / "config.json", config)
-    dtype = getattr(torch, manifest.get("dtype", "bfloat16"))
+    stored = getattr(torch, manifest.get("dtype", "bfloat16"))
     # Built on the CPU without initialising weights: parameters are allocated but never
     # touched (no RSS), and non-persistent buffers such as rotary frequencies are
     # computed as transformers computes them. A config whose dimensions make no model
     # (heads that do not divide the width...) fails here.
     with _as_artifact_error(f"{path / 'config.json'}: no model can be built from it"):
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=stored)
     with _as_artifact_error(f"{path}: the tensors do not fit the model of config.json"):
         _assemble(path, model, config, manifest, tensors)
+    if dtype is not None:
+        from .models import parse_dtype
+
+        if parse_dtype(dtype) != stored:
+            set_activation_dtype(model, parse_dtype(dtype))
     model.eval()
     with _as_artifact_error(f"{path}: unreadable tokenizer files"):
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -10,7 +10,13 @@ alternately, in the same pipeline run, on the same prompts.
     python -m sparamx.bench --artifact A --engine lean --context 512 --kernel portable
 
 ``--context N`` makes the prompt exactly N tokens of real text; ``--kernel`` sets
-``SPARAMX_KERNEL`` for the measurement (sweeps use both).
+``SPARAMX_KERNEL`` for the measurement (sweeps use both); ``--dtype`` is the compute
+dtype (``auto``: fp32 on CPUs without a fast bf16 matmul, see :mod:`sparamx.cpu`).
+
+Every record carries ``environment`` (:func:`machine_record`: CPU model, ISA class,
+sparamx kernel per path, threads, versions, command line, load average), the spread of
+its repeats (``ms_per_token_spread``: min / median / max) and ``flags``: warnings
+about a measurement not to trust (:func:`spread_flags`, :func:`thread_scaling_flags`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import functools
 import json
 import logging
 import os
+import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -29,6 +37,103 @@ import time
 import torch
 
 log = logging.getLogger(__name__)
+
+# A measurement whose repeats disagree by more than this, (max - min) / median, is
+# flagged: the machine was disturbed while it ran (shared cores, frequency changes).
+SPREAD_LIMIT = 0.20
+
+
+def machine_record(threads: int | None = None) -> dict:
+    """What a benchmark number depends on beside the code, for every JSON record: CPU
+    model name, ISA class (``amx``, ``avx512-bf16``, ``avx2``, ``portable``), the
+    sparamx kernel per path, thread count, versions, the command line and the load
+    average when it was taken. Shared by ``bench/*.py`` and the pipeline's report."""
+    import transformers
+
+    from . import __version__
+    from .cpu import cpu_isa, cpu_model_name
+
+    rec = {
+        "cpu_model": cpu_model_name(),
+        "isa": cpu_isa(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        # What torch really runs with, and what OpenMP was told: a thread setting that
+        # was not applied shows here.
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sparamx": __version__,
+        "python": platform.python_version(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "load_avg": list(os.getloadavg()),
+    }
+    try:
+        from .ops import kernel_info
+
+        info = kernel_info()
+        rec["kernels"] = {
+            "decode": info["decode"],
+            "prefill": info["prefill"],
+            "decode_max_rows": info.get("decode_max_rows"),
+            "forced": info.get("forced"),
+            "compiled": list(info.get("compiled", [])),
+        }
+    except ImportError:  # no native build: nothing of ours can have run
+        rec["kernels"] = None
+    return rec
+
+
+def spread(values) -> dict:
+    """min / median / max of a measurement's repeats and ``rel_spread`` =
+    (max - min) / median."""
+    v = sorted(values)
+    med = statistics.median(v)
+    return {
+        "min": v[0],
+        "median": med,
+        "max": v[-1],
+        "n": len(v),
+        "rel_spread": (v[-1] - v[0]) / med if med else 0.0,
+    }
+
+
+def spread_flags(what: str, s: dict, unit: str = "ms") -> list[str]:
+    """A warning (as a one-item list) when the repeats of ``what`` disagree by more
+    than ``SPREAD_LIMIT``, else []."""
+    if s["n"] < 2 or s["rel_spread"] <= SPREAD_LIMIT:
+        return []
+    return [
+        f"{what}: repeats disagree by {s['rel_spread']:.0%} (min {s['min']:.4g}, median "
+        f"{s['median']:.4g}, max {s['max']:.4g} {unit}; limit {SPREAD_LIMIT:.0%})"
+    ]
+
+
+def thread_scaling_flags(
+    records: list[dict], key, rate: str = "tokens_per_s", what: str = "baseline"
+) -> None:
+    """Flag (in place, ``flags`` of the record with more threads) every record of the
+    same ``key(record)`` that is slower than one with fewer threads: a baseline that
+    loses speed with a second thread on an otherwise idle 2-core machine was disturbed
+    (and would inflate a speed-up measured against it). ``rate``: higher is faster."""
+    groups: dict = {}
+    for r in records:
+        if rate in r and r.get("threads"):
+            groups.setdefault(key(r), []).append(r)
+    for group in groups.values():
+        group.sort(key=lambda r: r["threads"])
+        for i, r in enumerate(group):
+            slower = [q for q in group[:i] if q["threads"] < r["threads"] and q[rate] > r[rate]]
+            if slower:
+                q = max(slower, key=lambda q: q[rate])
+                flag = (
+                    f"{what} slower with {r['threads']} threads ({r[rate]:.4g} {rate}) than "
+                    f"with {q['threads']} ({q[rate]:.4g}): the machine was probably disturbed"
+                )
+                if flag not in r.setdefault("flags", []):
+                    r["flags"].append(flag)
 
 
 class _TokenClock:
@@ -217,7 +322,7 @@ def run_bench(
     prompts: list[str],
     new_tokens: int,
     repeats: int,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     profile_kernels: bool = True,
     engine: str = "hf",
     context: int | None = None,
@@ -226,23 +331,29 @@ def run_bench(
     """Load a model (stock dense or packed artifact) and time generation on ``prompts``
     (or on one prompt of exactly ``context`` tokens) with ``engine``: "hf"
     (``model.generate``), "lean" (``sparamx.generate``) or "lean-fast" (the same with
-    ``attention="fast"``). ``kv``: sparse KV cache settings for a packed artifact
-    (``sparamx.kv.KVSettings`` fields; engine "hf" only)."""
+    ``attention="fast"``). ``dtype``: the compute dtype (``auto``, ``bfloat16``,
+    ``float32``): the stock model's, and the packed model's activations, norms and
+    attention (its weights stay bf16). ``kv``: sparse KV cache settings for a packed
+    artifact (``sparamx.kv.KVSettings`` fields; engine "hf" only)."""
+    from .cpu import resolve_compute_dtype
+
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
     if kv is not None and (kind != "sparse" or engine != "hf"):
         raise ValueError("kv settings need a packed artifact and engine 'hf' (model.generate)")
     timed = ENGINES[engine]
+    compute = resolve_compute_dtype(dtype)
+    load_before = list(os.getloadavg())
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "stock":
         from .models import load_model
 
-        model, tok = load_model(source, dtype=dtype)
+        model, tok = load_model(source, dtype=compute.resolved)
     else:
         from .artifact import load
 
-        model, tok = load(source) if kv is None else load(source, kv=kv)
+        model, tok = load(source, kv=kv, dtype=compute.resolved)
     load_s = time.perf_counter() - t0
     if context is not None:
         prompts = [context_prompt(tok, context)]
@@ -253,12 +364,17 @@ def run_bench(
     for _ in range(repeats):
         for p in prompts:
             runs.append(timed(model, tok, p, new_tokens))
-    ms_tok = statistics.median(r["ms_per_token"] for r in runs)
+    ms_spread = spread(r["ms_per_token"] for r in runs)
+    ms_tok = ms_spread["median"]
     rec = {
         "model": kind,
         "engine": engine,
         "source": str(source),
         "threads": threads,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "compute_dtype": compute.to_dict(),
+        "ms_per_token_spread": ms_spread,
+        "flags": spread_flags(f"{kind} {threads} thr ms/token", ms_spread),
         "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
         "ms_per_token": ms_tok,
         "tokens_per_s": 1e3 / ms_tok,
@@ -275,6 +391,7 @@ def run_bench(
         "prompt_tokens": runs[0]["prompt_tokens"],
         "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
         "kv": kv,
+        "load_avg_before": load_before,
     }
     wbytes = weight_bytes_per_token(model)
     rec["weight_bytes_per_token"] = wbytes
@@ -283,6 +400,7 @@ def run_bench(
     rec["bandwidth_fraction"] = rec["weight_gb_per_s"] / rec["dram_read_gbps"]
     if kind == "sparse" and profile_kernels:
         rec["kernel_share"] = kernel_share(model, tok, prompts[0], min(32, new_tokens), timed)
+    rec["environment"] = machine_record(threads)
     return rec
 
 
@@ -293,7 +411,7 @@ def bench_subprocess(
     prompts: list[str],
     new_tokens: int,
     repeats: int,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     engine: str = "hf",
     *,
     context: int | None = None,
@@ -351,7 +469,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", action="append", default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="compute dtype (auto: float32 where the CPU has no fast bf16 matmul)",
+    )
     ap.add_argument(
         "--engine",
         choices=sorted(ENGINES),
@@ -398,8 +521,13 @@ def main(argv=None) -> int:
             f"{rec['ms_per_token']:.1f} ms/token, TTFT {rec['ttft_ms']:.0f} ms, "
             f"peak RSS {rec['peak_rss_mb']:.0f} MB, weights read at "
             f"{rec['weight_gb_per_s']:.1f} GB/s = {rec['bandwidth_fraction']:.0%} of the "
-            f"{rec['dram_read_gbps']:.1f} GB/s DRAM read probe"
+            f"{rec['dram_read_gbps']:.1f} GB/s DRAM read probe; {rec['dtype']}, "
+            f"{rec['environment']['cpu_model']} ({rec['environment']['isa']}); ms/token "
+            f"min {rec['ms_per_token_spread']['min']:.1f} / max "
+            f"{rec['ms_per_token_spread']['max']:.1f}"
         )
+        for flag in rec["flags"]:
+            print(f"WARNING: {flag}")
         if args.json:
             from .artifact import atomic_write_json
 

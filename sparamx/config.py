@@ -17,6 +17,7 @@ from .select import PatternError, check_patterns
 METHODS = ("magnitude", "wanda")
 GRANULARITIES = ("row", "layer")
 DTYPES = ("bfloat16", "float32")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")  # sparamx.cpu.COMPUTE_DTYPES
 KV_METHODS = ("none", "magnitude", "wanda")
 CALIB_SOURCES = ("wikipedia", "c4")
 STORAGES = ("auto", "bitmap-bf16", "dense-bf16")
@@ -45,7 +46,14 @@ class RandomModelConfig:
 class ModelConfig:
     source: str = "smollm2-135m"  # hub id, local HF dir, .gguf file, or a built-in name
     revision: str | None = None  # hub revision (commit, tag) for reproducibility
-    dtype: str = "bfloat16"  # weights are packed as bf16; dense eval/bench run in this
+    # Precision the weights are loaded in (bf16: the values that get packed); the dense
+    # model is then cast to compute_dtype for calibration, evaluation and the stock bench.
+    dtype: str = "bfloat16"
+    # Arithmetic dtype of calibration, dense/pruned/packed evaluation and the stock
+    # baseline (sparamx.cpu.resolve_compute_dtype). auto: float32 where the CPU has no
+    # fast bf16 matmul (no AVX-512-BF16 / AMX-BF16: ~6x slower than fp32 on a Zen 3) or
+    # model.dtype is float32; bfloat16 otherwise. Packed weights stay bf16 either way.
+    compute_dtype: str = "auto"
     # Prune + pack one decoder layer at a time from the safetensors shards (sparamx.
     # streaming) instead of in memory. auto: stream when 3x the weights (the in-memory
     # stages hold a dense and a pruned copy plus temporaries) exceed the available RAM.
@@ -142,6 +150,7 @@ class Config:
 
 CHOICES = {
     "model.dtype": DTYPES,
+    "model.compute_dtype": COMPUTE_DTYPES,
     "model.streaming": STREAMING,
     "model.random.preset": RANDOM_PRESETS,
     "prune.method": METHODS,

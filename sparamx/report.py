@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 from .artifact import atomic_write_json, atomic_write_text
@@ -25,20 +24,14 @@ def _flat_eval(res: dict | None) -> dict:
 
 
 def environment() -> dict:
-    import torch
-    import transformers
-
-    from . import __version__
+    """``sparamx.bench.machine_record`` (CPU model, ISA class, kernels, threads,
+    versions, command line) plus the CPU feature flags and lm-eval's version."""
+    from .bench import machine_record
     from .ops import kernel_info
 
     info = kernel_info()
     env = {
-        "sparamx": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
+        **machine_record(),
         "cpu_flags": {k: v for k, v in info["cpu"].items()},
         "kernel_decode": info["decode"],
         "kernel_prefill": info["prefill"],
@@ -54,16 +47,14 @@ def environment() -> dict:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .cpu import cpu_model_name
+
+    return cpu_model_name()
 
 
 def speedups(records: list[dict]) -> list[dict]:
+    """Sparse over stock per thread count; ``flags`` lists the warnings of either
+    measurement, so a speed-up resting on a disturbed number is never shown bare."""
     out = []
     for t in sorted({r["threads"] for r in records}):
         s = [r for r in records if r["threads"] == t and r["model"] == "sparse"]
@@ -75,9 +66,16 @@ def speedups(records: list[dict]) -> list[dict]:
                     "decode_speedup": s[0]["tokens_per_s"] / d[0]["tokens_per_s"],
                     "ttft_speedup": d[0]["ttft_ms"] / s[0]["ttft_ms"],
                     "memory_ratio": s[0]["model_bytes"] / d[0]["model_bytes"],
+                    "flags": [
+                        f"{r['model']}: {f}" for r in (d[0], s[0]) for f in r.get("flags", [])
+                    ],
                 }
             )
     return out
+
+
+def _flag_mark(flags) -> str:
+    return " ⚠ FLAGGED" if flags else ""
 
 
 def write_report(pipe) -> list[str]:
@@ -113,6 +111,7 @@ def write_report(pipe) -> list[str]:
         "packed_totals": manifest.get("totals", {}),
         "verify": {k: v for k, v in verify.items() if k != "layers"},
         "stages": pipe.state.data["stages"],
+        "compute_dtype": pipe.compute.to_dict(),
         "environment": environment(),
     }
     out_dir = run / "report"
@@ -136,9 +135,12 @@ def render_markdown(r: dict, eval_table: str) -> str:
         f"- pruning: {p['method']} {p['sparsity']:.0%} per {p['granularity']}, "
         f"calibration {_calibration_line(p)}, skip {p['skip']}",
         f"- artifact: `{r['artifact']}`",
-        f"- CPU: {env['cpu_model']}; kernels: decode `{env['kernel_decode']}`, prefill "
+        f"- CPU: {env['cpu_model']} (ISA class `{env.get('isa', '?')}`, "
+        f"{env.get('cores', '?')} cores); kernels: decode `{env['kernel_decode']}`, prefill "
         f"`{env['kernel_prefill']}`; torch {env['torch']}, transformers "
         f"{env['transformers']}",
+        _compute_line(r.get("compute_dtype")),
+        f"- command: `{env.get('command', '?')}`",
         "",
         "## Accuracy (lm-eval)",
         "",
@@ -180,17 +182,21 @@ def render_markdown(r: dict, eval_table: str) -> str:
             "Loop: `hf` = `model.generate`, `lean` = `sparamx.generate` (static cache, "
             "compiled decode step; compile time in the warm-up, shown apart).",
             "",
-            "| model | loop | threads | tokens/s | ms/token | TTFT ms | peak RSS MB "
+            "| model | loop | dtype | threads | tokens/s | ms/token | ms/token min–max "
+            "| TTFT ms | peak RSS MB "
             "| model MB | kernel share | compile s | weights GB/s | of DRAM |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in r["bench"]:
             ks = x.get("kernel_share")
             bw = x.get("weight_gb_per_s")
+            sp = x.get("ms_per_token_spread")
+            rng = "-" if not sp else f"{sp['min']:.1f}–{sp['max']:.1f} ({sp['rel_spread']:.0%})"
             lines.append(
-                f"| {x['model']} | {x.get('engine', 'hf')} | {x['threads']} | "
-                f"{x['tokens_per_s']:.1f} | "
-                f"{x['ms_per_token']:.1f} | {x['ttft_ms']:.0f} | {x['peak_rss_mb']:.0f} "
+                f"| {x['model']} | {x.get('engine', 'hf')} | {x.get('dtype', '?')} | "
+                f"{x['threads']} | "
+                f"{x['tokens_per_s']:.1f}{_flag_mark(x.get('flags'))} | "
+                f"{x['ms_per_token']:.1f} | {rng} | {x['ttft_ms']:.0f} | {x['peak_rss_mb']:.0f} "
                 f"| {x['model_bytes'] / 1e6:.0f} | "
                 f"{'-' if ks is None else f'{ks:.0%}'} | {x.get('compile_s', 0.0):.1f} | "
                 f"{'-' if bw is None else f'{bw:.1f}'} | "
@@ -203,10 +209,25 @@ def render_markdown(r: dict, eval_table: str) -> str:
         ]
         for s in r["speedups"]:
             lines.append(
-                f"| {s['threads']} | {s['decode_speedup']:.2f}x | "
+                f"| {s['threads']} | {s['decode_speedup']:.2f}x{_flag_mark(s.get('flags'))} | "
                 f"{s['ttft_speedup']:.2f}x | {s['memory_ratio']:.2f} |"
             )
         lines.append("")
+        warnings = [
+            f"- **{x['model']} {x.get('engine', 'hf')}, {x['threads']} thread(s)**: {f}"
+            for x in r["bench"]
+            for f in x.get("flags", [])
+        ]
+        if warnings:
+            lines += [
+                "**Warning: flagged measurements** (repeats that disagree by more than "
+                "20%, or a baseline slower with more threads): the numbers and speed-ups "
+                "marked ⚠ are not to be trusted; rerun the bench stage on a quiet machine "
+                "(`--force bench`).",
+                "",
+                *warnings,
+                "",
+            ]
     t = r["packed_totals"]
     if t:
         lines += [
@@ -229,6 +250,16 @@ def render_markdown(r: dict, eval_table: str) -> str:
     for name, st in r["stages"].items():
         lines.append(f"| {name} | {st['seconds']:.1f} | {st['summary']} |")
     return "\n".join(lines) + "\n"
+
+
+def _compute_line(c: dict | None) -> str:
+    if not c:
+        return "- compute dtype: not recorded"
+    return (
+        f"- compute dtype: **{c['resolved']}** (requested `{c['requested']}`; {c['reason']}): "
+        "calibration, dense / pruned / packed evaluation, verification and the stock "
+        "baseline compute in it; packed weights are bf16"
+    )
 
 
 def _calibration_line(p: dict) -> str:

@@ -55,6 +55,13 @@ class RunState:
         }
         atomic_write_json(self.path, self.data)
 
+    def set_meta(self, key: str, value) -> None:
+        """Run-wide facts beside the stages (e.g. the resolved compute dtype), written
+        now. Not part of any stage's hash: stages hash what they depend on themselves."""
+        if self.data.get(key) != value:
+            self.data[key] = value
+            atomic_write_json(self.path, self.data)
+
     def outputs_fingerprint(self, stage: str) -> dict:
         rec = self.data["stages"].get(stage)
         return rec["outputs"] if rec else {}

@@ -196,6 +196,7 @@ def stream_prune_pack(
     exclude: list[str] | None = None,
     storage: str = "auto",
     dtype: str | torch.dtype = "bfloat16",
+    compute_dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     batch_size: int = 8,
     tokenizer=None,
@@ -209,7 +210,10 @@ def stream_prune_pack(
     Arguments mean what they mean in :func:`pruning.prune` (method, sparsity,
     granularity, skip, ``prune_include`` = its ``include``; ``calibration_ids`` is the
     ``[samples, seqlen]`` token tensor Wanda needs) and :func:`sparamx.swap_linears`
-    (include, exclude, storage).
+    (include, exclude, storage). ``dtype``: the precision the weights are read in and
+    the artifact's dense tensors are stored in; ``compute_dtype`` (default ``dtype``):
+    what Wanda's calibration forwards run in (fp32 on CPUs without a fast bf16 matmul;
+    tensors are read in ``dtype`` first, so the values are the ones that get packed).
     """
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -231,10 +235,19 @@ def stream_prune_pack(
         raise ValueError(f"{method} needs calibration_ids (a [samples, seqlen] token tensor)")
     skip = DEFAULT_SKIP if skip is None else tuple(skip)
     dtype = parse_dtype(dtype)
+    # Magnitude runs no forwards: its tensors stay in the storage dtype (less RAM).
+    work = parse_dtype(compute_dtype or dtype) if NEEDS_ACTIVATIONS[method] else dtype
     source = Path(source)
     out = Path(out)
     ckpt = SafetensorsCheckpoint(source)
-    model = build_skeleton(source, dtype)
+    model = build_skeleton(source, work)
+
+    def read(keys) -> dict[str, torch.Tensor]:
+        tensors = ckpt.read(keys, dtype)  # rounded to the storage dtype ...
+        if work != dtype:  # ... then widened for the forwards
+            tensors = {k: t.to(work) if t.is_floating_point() else t for k, t in tensors.items()}
+        return tensors
+
     base, layers = decoder_layers(model)
     prefix = {id(m): n for n, m in model.named_modules()}[id(layers)] + "."
     expected = list(model.state_dict())
@@ -254,7 +267,7 @@ def stream_prune_pack(
     # Embeddings, final norm, head: loaded once and kept. A head tied to the embeddings is
     # not in the safetensors (save_pretrained stores it once): tie_weights restores it.
     t0 = time.perf_counter()
-    outer = ckpt.read([k for k in outer_keys if k in ckpt.weight_map], dtype)
+    outer = read([k for k in outer_keys if k in ckpt.weight_map])
     model.load_state_dict(outer, strict=False, assign=True)
     del outer
     if getattr(model.config, "tie_word_embeddings", False):
@@ -295,6 +308,8 @@ def stream_prune_pack(
         tensors, aliases = dedupe_tensors(items, seen)
         tied.update(aliases)
         for name, t in tensors.items():
+            if t.is_floating_point() and t.dtype != dtype and not name.endswith(".values"):
+                t = t.to(dtype)  # dense tensors are stored as read, not in the work dtype
             if not first_dtype and t.is_floating_point() and not name.endswith(".values"):
                 first_dtype.append(t.dtype)
             writer.add(name, t)
@@ -319,7 +334,7 @@ def stream_prune_pack(
     for i in bar:
         layer = layers[i]
         lp = f"{prefix}{i}."
-        tensors = ckpt.read(layer_keys[i], dtype)
+        tensors = read(layer_keys[i])
         layer.load_state_dict(
             {k[len(lp) :]: v for k, v in tensors.items()}, strict=True, assign=True
         )
@@ -428,8 +443,18 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="dtype of Wanda's calibration forwards (auto: by CPU, see sparamx.cpu)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    from .cpu import resolve_compute_dtype
+
+    compute = resolve_compute_dtype(args.compute_dtype)
+    log.info("compute dtype %s (%s)", compute.resolved, compute.reason)
     ids, info = None, None
     if args.method == "wanda":
         from transformers import AutoTokenizer
@@ -450,6 +475,7 @@ def main(argv=None) -> int:
         calibration_ids=ids,
         calibration_info=info,
         exclude=[],
+        compute_dtype=compute.resolved,
         max_shard_bytes=int(args.shard_gb * (1 << 30)),
         batch_size=args.batch_size,
         recipe={**recipe, "calibration": info},

@@ -529,11 +529,20 @@ class Sweep:
         name = f"{_slug(exp.model)}-{exp.method}-{exp.sparsity:g}-{_digest(recipe)}"
         return self.out / "artifacts" / name
 
+    @property
+    def compute_dtype(self) -> str:
+        """The base config's resolved ``model.compute_dtype`` (sparamx.cpu): the dense
+        evaluation and the stock timing compute in it, as the pipeline's stages do."""
+        from .cpu import resolve_compute_dtype
+
+        return resolve_compute_dtype(self.base.model.compute_dtype, self.base.model.dtype).resolved
+
     def dense_eval_path(self, model: str) -> Path:
         cfg = self.base
-        key = _digest(
-            {"model": model, "dtype": cfg.model.dtype, "eval": dataclasses.asdict(cfg.eval)}
-        )
+        key = {"model": model, "dtype": cfg.model.dtype, "eval": dataclasses.asdict(cfg.eval)}
+        if self.compute_dtype != cfg.model.dtype:  # (keeps the keys of earlier sweeps)
+            key["compute_dtype"] = self.compute_dtype
+        key = _digest(key)
         return self.out / "baseline" / f"dense-eval-{_slug(model)}-{key}.json"
 
     def dense_eval(self, model: str) -> dict:
@@ -543,9 +552,10 @@ class Sweep:
             return json.loads(path.read_text())
         import eval as sx_eval
 
-        from .models import load_model
+        from .models import load_model, parse_dtype
 
         m, tok = load_model(model, dtype=self.base.model.dtype, revision=self.base.model.revision)
+        m.to(parse_dtype(self.compute_dtype))  # bf16 weight values, computed in this dtype
         e = self.base.eval
         res = sx_eval.evaluate(m, tok, e.tasks, limit=e.limit, batch_size=e.batch_size)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -583,7 +593,7 @@ class Sweep:
             [],
             exp.new_tokens,
             self.sweep.bench.repeats,
-            self.base.model.dtype,
+            self.compute_dtype,
             # the base config's decode loop; the lean loop's static cache is dense, so
             # the sparse KV cache runs under model.generate
             self.base.bench.engine if kv is None else "hf",
@@ -599,6 +609,8 @@ class Sweep:
         if not self.sweep.bench.stock:
             return None
         key = f"{_slug(exp.model)}-t{exp.threads}-c{exp.context}-n{exp.new_tokens}"
+        if self.compute_dtype != "bfloat16":
+            key += f"-{self.compute_dtype}"
         path = self.out / "baseline" / f"stock-{key}-{_digest(exp.model)}.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -611,7 +623,7 @@ class Sweep:
             [],
             exp.new_tokens,
             self.sweep.bench.repeats,
-            self.base.model.dtype,
+            self.compute_dtype,
             context=exp.context,
         )
         atomic_write_json(path, rec)
