@@ -22,7 +22,13 @@ sources = [
     "norm_ops.cpp",
 ]
 if platform.machine().lower() in ("x86_64", "amd64"):
-    sources += ["kernel_avx512.cpp", "kernel_amx.cpp", "attention_avx512.cpp"]
+    sources += [
+        "kernel_avx2.cpp",
+        "kernel_avx512.cpp",
+        "kernel_amx.cpp",
+        "attention_avx2.cpp",
+        "attention_avx512.cpp",
+    ]
 else:  # the x86 kernels cannot be compiled here; ops.cpp refuses them at run time
     sources += ["kernel_x86_absent.cpp"]
 

@@ -64,10 +64,11 @@ def copies_for(n: int, k: int, residency: str) -> int:
     return max(2, -(-DRAM_BYTES // (n * k * 2))) if residency == "dram" else 1
 
 
-def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel):
+def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel, dense32=None):
     n, k = dense[0].shape
     copies = len(dense)
     x = torch.randn(m, k, dtype=torch.bfloat16)
+    x32 = x.float()
     torch.set_num_threads(threads)
     state = {"i": 0}
 
@@ -75,25 +76,39 @@ def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel):
         i = state["i"] = (state["i"] + 1) % copies
         F.linear(x, dense[i])
 
+    def run_torch32():
+        i = state["i"] = (state["i"] + 1) % copies
+        F.linear(x32, dense32[i])
+
     def run_ours():
         i = state["i"] = (state["i"] + 1) % copies
         packed_linear(x, packed[i], kernel=kernel)
 
     # Each timing covers a full cycle over the copies (so every weight is read from
     # DRAM once per repeat); torch and ours alternate to see the same machine state.
-    for fn in (run_torch, run_ours):
+    fns = {"torch": run_torch, "ours": run_ours}
+    if dense32 is not None:  # torch fp32: the fast torch path on CPUs without bf16 FMA
+        fns["torch32"] = run_torch32
+    for fn in fns.values():
         for _ in range(copies):
             fn()
-    t_torch, t_ours = [], []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t_torch.append(median_time_us(run_torch, 1, copies))
-        t_ours.append(median_time_us(run_ours, 1, copies))
-    s_torch, s_ours = spread(t_torch), spread(t_ours)
-    flags = spread_flags("torch", s_torch, "us") + spread_flags("sparamx", s_ours, "us")
-    t_torch = sorted(t_torch)[len(t_torch) // 2]
-    t_ours = sorted(t_ours)[len(t_ours) // 2]
+        for name, fn in fns.items():
+            times[name].append(median_time_us(fn, 1, copies))
+    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    t_torch, t_ours = med["torch"], med["ours"]
+    spreads = {name: spread(t) for name, t in times.items()}
+    flags = [f for name, sp in spreads.items() for f in spread_flags(name, sp, "us")]
     nbytes = packed[0].nbytes
+    extra = {}
+    if dense32 is not None:
+        extra = {
+            "torch_fp32_us": med["torch32"],
+            "speedup_vs_best_torch": min(med["torch32"], t_torch) / t_ours,
+        }
     return {
+        **extra,
         "shape": [n, k],
         "m": m,
         "sparsity": sparsity,
@@ -106,10 +121,10 @@ def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel):
         "gbps": nbytes / t_ours / 1e3,
         "torch_gbps": n * k * 2 / t_torch / 1e3,
         "packed_mb": nbytes / 1e6,
-        "torch_us_min": s_torch["min"],
-        "torch_us_max": s_torch["max"],
-        "sparamx_us_min": s_ours["min"],
-        "sparamx_us_max": s_ours["max"],
+        "torch_us_min": spreads["torch"]["min"],
+        "torch_us_max": spreads["torch"]["max"],
+        "sparamx_us_min": spreads["ours"]["min"],
+        "sparamx_us_max": spreads["ours"]["max"],
         "kernel": kernel or _kernel_for(m),
         "flags": flags,
         "flag": "!" if flags else "",
@@ -133,6 +148,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--kernel", default=None, help="force amx|avx512|portable|amx_emulated")
     ap.add_argument("--json", default=None, help="write records to this file")
+    ap.add_argument(
+        "--fp32",
+        action="store_true",
+        help="also time torch fp32 F.linear (fp32 weights and input) and report ours against "
+        "the faster of torch bf16 and fp32 (on CPUs without a bf16 dot product fp32 is faster)",
+    )
     args = ap.parse_args(argv)
 
     shapes = []
@@ -155,15 +176,17 @@ def main(argv=None):
         for n, k in shapes:
             for sp in sps:  # weights are made (and packed) once per shape and sparsity
                 dense, packed = make_weights(n, k, sp, copies_for(n, k, residency))
+                dense32 = [w.float() for w in dense] if args.fp32 else None
                 for m in ms:
                     for t in threads:
                         r = bench_case(
-                            dense, packed, m, sp, t, residency, args.repeats, args.kernel
+                            dense, packed, m, sp, t, residency, args.repeats, args.kernel, dense32
                         )
                         r["bw_frac"] = r["gbps"] / bw[t]
                         rows.append(r)
-                        print_table([r], COLUMNS) if len(rows) == 1 else print_row(r)
-                del dense, packed
+                        cols = COLUMNS + (FP32_COLUMNS if args.fp32 else []) + FLAG_COLUMNS
+                        print_table([r], cols) if len(rows) == 1 else print_row(r, cols)
+                del dense, packed, dense32
     # The torch baseline losing speed with more threads means a disturbed measurement.
     thread_scaling_flags(
         rows,
@@ -173,8 +196,9 @@ def main(argv=None):
     )
     for r in rows:
         r["flag"] = "!" if r["flags"] else ""
+    columns = COLUMNS + (FP32_COLUMNS if args.fp32 else []) + FLAG_COLUMNS
     print()
-    print_table(rows, COLUMNS)
+    print_table(rows, columns)
     print_flags(
         rows,
         lambda r: (
@@ -202,6 +226,12 @@ COLUMNS = [
     ("torch_gbps", "torch GB/s", ".1f"),
     ("gbps", "ours GB/s", ".1f"),
     ("bw_frac", "of BW", ".0%"),
+]
+FP32_COLUMNS = [
+    ("torch_fp32_us", "torch32 us", ".1f"),
+    ("speedup_vs_best_torch", "x best", ".2f"),
+]
+FLAG_COLUMNS = [
     ("torch_us_min", "torch min", ".1f"),
     ("torch_us_max", "torch max", ".1f"),
     ("sparamx_us_min", "ours min", ".1f"),
@@ -210,9 +240,9 @@ COLUMNS = [
 ]
 
 
-def print_row(r):
+def print_row(r, columns):
     vals = []
-    for key, _head, f in COLUMNS:
+    for key, _head, f in columns:
         v = r[key]
         s = "x".join(map(str, v)) if isinstance(v, list) else format(v, f)
         vals.append(s)

@@ -1,8 +1,10 @@
 """sparamx: unstructured-sparse LLM decoding on CPUs (bitmap-packed bf16 weights,
 AMX / AVX-512-BF16 / portable kernels).
 
-The names that need the native extension are imported on first use, so that the
-pure-Python parts (format, model loading, assets) work without a build.
+The public API is ``__all__``. The names that need the native extension are imported
+on first use, so that the pure-Python parts (format, model loading, assets) work
+without a build; using one of them without a build raises an ImportError that says
+how to build.
 """
 
 from importlib import import_module
@@ -11,14 +13,20 @@ from .format import FORMAT_VERSION, PackedWeight, PackedWeightError, pack, refer
 
 __version__ = "0.1.0"
 
+# name -> module that defines it, imported on first use
 _LAZY = {
     "SparseLinear": ".layers",
+    "DenseLinear": ".layers",
     "swap_linears": ".layers",
     "kernel_info": ".ops",
     "packed_linear": ".ops",
     "load": ".artifact",
     "save": ".artifact",
+    "ArtifactError": ".artifact",
     "generate": ".generate",
+    "Generation": ".generate",
+    "KVSettings": ".kv",
+    "enable_sparse_kv": ".kv",
 }
 
 __all__ = [
@@ -35,3 +43,7 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'sparamx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

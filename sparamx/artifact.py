@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +24,14 @@ from torch import nn
 
 from . import __version__
 from .format import FORMAT_VERSION, STORAGES, PackedWeight, PackedWeightError
-from .layers import PackedEmbedding, SparseLinear, set_activation_dtype, untie_config
+from .integrity import ALGORITHM, file_digest, manifest_digest, tensor_digest, tensor_record
+from .layers import (
+    PackedEmbedding,
+    SparseLinear,
+    guard_hf_methods,
+    set_activation_dtype,
+    untie_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +102,13 @@ class ShardWriter:
         self._cur: dict[str, torch.Tensor] = {}
         self._size = 0
         self._parts: list[tuple[Path, list[str]]] = []
+        # {name: dtype, shape, digest} of every tensor added, for the manifest: hashed
+        # here, from the tensor in memory, because this is the one place both save and
+        # the streaming writer hand every stored tensor through.
+        self.records: dict[str, dict] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.records[name] = tensor_record(tensor)
         nb = tensor.numel() * tensor.element_size()
         if self._cur and self._size + nb > self.max_bytes:
             self._flush()
@@ -194,6 +207,7 @@ def save(
         packed_embeddings=packed_embeddings,
         files=files,
         dtype=dtype,
+        tensor_records=writer.records,
         source=source,
         recipe=recipe,
         kv=kv,
@@ -213,19 +227,26 @@ def write_metadata(
     packed_embeddings: dict[str, str],
     files: dict[str, int],
     dtype: torch.dtype,
+    tensor_records: dict[str, dict],
     source: dict | None = None,
     recipe: dict | None = None,
     kv: dict | None = None,
     eval_summary: dict | None = None,
 ) -> None:
     """Write the HF config, generation config and tokenizer files, then the manifest
-    (last: its presence marks a complete artifact). Shared by ``save`` and the
-    streaming writer (:mod:`sparamx.streaming`)."""
+    (last: its presence marks a complete artifact) with the checksums of every tensor
+    (``tensor_records``, from :class:`ShardWriter`), of those files and of itself.
+    Shared by ``save`` and the streaming writer (:mod:`sparamx.streaming`)."""
     config.save_pretrained(path)
+    meta_files = ["config.json"]
     if generation_config is not None:
         generation_config.save_pretrained(path)
+        meta_files.append("generation_config.json")
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        written = tokenizer.save_pretrained(path)
+        meta_files += [Path(f).name for f in written if (path / Path(f).name).is_file()]
+    if len(files) > 1:
+        meta_files.append(INDEX)
     manifest = {
         "format": "sparamx",
         "format_version": FORMAT_VERSION,
@@ -243,12 +264,45 @@ def write_metadata(
             "packed_bytes": sum(lay["bytes"] for lay in layers),
             "dense_bytes": sum(2 * lay["shape"][0] * lay["shape"][1] for lay in layers),
         },
+        "checksums": {
+            "algorithm": ALGORITHM,
+            "tensors": tensor_records,
+            "files": {f: file_digest(path / f) for f in sorted(set(meta_files))},
+        },
     }
+    # The digest is of the manifest as it will read back (JSON turns tuples into lists).
+    manifest = json.loads(json.dumps(manifest))
+    manifest["checksums"]["manifest"] = manifest_digest(manifest)
     atomic_write_json(path / MANIFEST, manifest)
     log.info("saved artifact %s (%d packed layers, %d files)", path, len(layers), len(files))
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+VERIFY_MODES = ("invariants", "checksums")
+
+
+def _check_verify(verify: str) -> None:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}: expected one of {VERIFY_MODES}")
+
+
+def _is_str_map(obj) -> bool:
+    return isinstance(obj, dict) and all(isinstance(v, str) for v in obj.values())
+
+
+def _plain_name(name) -> bool:
+    """A file name inside the artifact directory (no path separators, no '..')."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and ("\\" not in name)
+    )
+
+
+def read_manifest(path: str | os.PathLike, *, verify: str = "invariants") -> dict:
+    """The parsed, structurally checked manifest of the artifact at ``path``.
+    ``verify="checksums"`` also checks the manifest's own checksum (and requires one)."""
+    _check_verify(verify)
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path}: not a directory (a sparamx artifact is a directory)")
@@ -257,7 +311,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"{path}: not a sparamx artifact (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{mpath}: corrupt manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "sparamx":
         raise ArtifactError(f"{mpath}: not a sparamx manifest (format field missing)")
@@ -267,16 +321,57 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"{mpath}: format_version {version!r} is not supported "
             f"(this sparamx reads version {FORMAT_VERSION})"
         )
+    # Checked before the other fields: an edited manifest is then reported as edited,
+    # rather than by whatever the edit broke.
+    sums = manifest.get("checksums")
+    if sums is not None:
+        ok = (
+            isinstance(sums, dict)
+            and sums.get("algorithm") == ALGORITHM
+            and isinstance(sums.get("tensors"), dict)
+            and all(isinstance(r, dict) for r in sums["tensors"].values())
+            and _is_str_map(sums.get("files"))
+            and all(_plain_name(f) for f in sums["files"])
+            and isinstance(sums.get("manifest"), str)
+        )
+        if not ok:
+            raise ArtifactError(
+                f"{mpath}: field 'checksums' is malformed (this sparamx writes "
+                f"{{algorithm: {ALGORITHM!r}, tensors, files, manifest}})"
+            )
+        if verify == "checksums" and manifest_digest(manifest) != sums["manifest"]:
+            raise ArtifactError(
+                f"{mpath}: checksum mismatch: the manifest was edited or corrupted after it "
+                f"was written (field checksums.manifest)"
+            )
+    elif verify == "checksums":
+        raise ArtifactError(
+            f"{mpath}: no checksums recorded (written by sparamx "
+            f"{manifest.get('package_version', '?')}, before artifacts carried them); "
+            "load it with verify='invariants' (the default), or re-save it"
+        )
     for key, kind in (("layers", list), ("files", dict), ("tied", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ArtifactError(f"{mpath}: field {key!r} missing or not a {kind.__name__}")
+    for fname, size in manifest["files"].items():
+        if not _plain_name(fname) or not isinstance(size, int) or size < 0:
+            raise ArtifactError(f"{mpath}: field 'files' is malformed at {fname!r}: {size!r}")
+    for key in ("tied", "packed_embeddings"):
+        value = manifest.get(key, {})
+        if not (_is_str_map(value) and all(isinstance(k, str) for k in value)):
+            raise ArtifactError(f"{mpath}: field {key!r} must map names to names: {value!r}")
+    dtype = manifest.get("dtype", "bfloat16")
+    if dtype not in FLOAT_DTYPES:
+        raise ArtifactError(f"{mpath}: field 'dtype' {dtype!r} is not one of {FLOAT_DTYPES}")
+    if not (manifest.get("kv") is None or isinstance(manifest["kv"], dict)):
+        raise ArtifactError(f"{mpath}: field 'kv' must be an object or null")
     for i, lay in enumerate(manifest["layers"]):
         ok = (
             isinstance(lay, dict)
             and isinstance(lay.get("name"), str)
             and isinstance(lay.get("shape"), list)
             and len(lay["shape"]) == 2
-            and all(isinstance(d, int) and d > 0 for d in lay["shape"])
+            and all(type(d) is int and d > 0 for d in lay["shape"])
             and lay.get("storage") in STORAGES
             and isinstance(lay.get("bias"), bool)
         )
@@ -285,11 +380,48 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _open_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """Memory-map every shard and return {name: tensor}; checks sizes first."""
-    from safetensors import SafetensorError
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _verify_files(path: Path, manifest: dict) -> int:
+    """Check the recorded checksums of the metadata files (config, tokenizer...);
+    returns how many were checked."""
+    for fname, digest in manifest["checksums"]["files"].items():
+        fpath = path / fname
+        if not fpath.is_file():
+            raise ArtifactError(f"{path}: missing file {fname} (listed in {MANIFEST} checksums)")
+        if file_digest(fpath) != digest:
+            raise ArtifactError(
+                f"{fpath}: checksum mismatch (the file changed after the artifact was "
+                f"written; field checksums.files.{fname})"
+            )
+    return len(manifest["checksums"]["files"])
+
+
+def _check_record(fpath: Path, key: str, t: torch.Tensor, rec: dict | None, digest: bool):
+    """Compare a stored tensor with its manifest record (dtype and shape always, the
+    digest of its bytes with ``digest``)."""
+    where = f"{fpath}: tensor {key}"
+    if rec is None:
+        raise ArtifactError(f"{where} is not recorded in {MANIFEST} (field checksums.tensors)")
+    dtype = str(t.dtype).removeprefix("torch.")
+    if rec.get("dtype") != dtype or rec.get("shape") != list(t.shape):
+        raise ArtifactError(
+            f"{where}: {dtype} {list(t.shape)}, the manifest records "
+            f"{rec.get('dtype')} {rec.get('shape')} (header edited or file replaced)"
+        )
+    if digest and tensor_digest(t) != rec.get("digest"):
+        raise ArtifactError(
+            f"{where}: checksum mismatch (its bytes changed after the artifact was written)"
+        )
+
+
+def _open_tensors(path: Path, manifest: dict, verify: str) -> dict[str, torch.Tensor]:
+    """Memory-map every shard and return {name: tensor}; checks sizes first, then each
+    tensor against its manifest record where the artifact has them."""
     from safetensors.torch import safe_open
 
+    records = (manifest.get("checksums") or {}).get("tensors")
     out: dict[str, torch.Tensor] = {}
     for fname, size in manifest["files"].items():
         fpath = path / fname
@@ -302,10 +434,19 @@ def _open_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
             )
         try:
             with safe_open(str(fpath), framework="pt") as f:
-                for key in f.keys():
-                    out[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
+                got = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ...: all unreadable)
             raise ArtifactError(f"{fpath}: unreadable safetensors file ({e})") from None
+        for key, t in got.items():
+            if key in out:
+                raise ArtifactError(f"{fpath}: tensor {key} is also stored in another file")
+            if records is not None:
+                _check_record(fpath, key, t, records.get(key), verify == "checksums")
+            out[key] = t
+    if records is not None and (absent := sorted(set(records) - set(out))):
+        raise ArtifactError(
+            f"{path}: tensors recorded in {MANIFEST} are in no safetensors file: {absent[:5]}"
+        )
     return out
 
 
@@ -320,6 +461,15 @@ def _packed_layer(lay: dict, tensors: dict[str, torch.Tensor]) -> SparseLinear:
         if t is None:
             raise ArtifactError(f"packed layer {name}: tensor {name}.{k} missing")
         got[k] = t
+    bias = got.get("bias")
+    if bias is not None and (
+        bias.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        or tuple(bias.shape) != (lay["shape"][0],)
+    ):
+        raise ArtifactError(
+            f"packed layer {name}: bias must be a float [{lay['shape'][0]}] tensor, got "
+            f"{bias.dtype} {tuple(bias.shape)}"
+        )
     try:
         packed = PackedWeight(
             tuple(lay["shape"]),
@@ -332,11 +482,11 @@ def _packed_layer(lay: dict, tensors: dict[str, torch.Tensor]) -> SparseLinear:
         raise ArtifactError(f"packed layer {name}: {e}") from None
     if "nnz" in lay and packed.nnz != lay["nnz"] and lay["storage"] == "bitmap-bf16":
         raise ArtifactError(f"packed layer {name}: nnz {packed.nnz} != manifest {lay['nnz']}")
-    return SparseLinear(packed, got.get("bias"))
+    return SparseLinear(packed, bias)
 
 
 def _replace(model: nn.Module, name: str, make, kind: type, shape: list[int], config) -> None:
-    """Put ``make()`` at ``name`` after checking the model has a ``kind`` there of ``shape``."""
+    """Put ``make(old)`` at ``name`` after checking the model has a ``kind`` there of ``shape``."""
     try:
         old = model.get_submodule(name)
     except AttributeError:
@@ -353,13 +503,39 @@ def _replace(model: nn.Module, name: str, make, kind: type, shape: list[int], co
     if not isinstance(old, kind) or old_shape != list(shape):
         raise ArtifactError(f"packed layer {name}: shape {shape} does not match the model ({old})")
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, make())
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, make(old))
+
+
+@contextmanager
+def _as_artifact_error(what: str):
+    """Re-raise any failure inside as an ArtifactError that starts with ``what`` (the
+    file or field at fault). transformers and tokenizers raise many types for a bad
+    config or tokenizer file (ValueError, KeyError, OSError, huggingface_hub's
+    StrictDataclassFieldValidationError, tokenizers' Exception): the caller sees one."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except (ImportError, MemoryError, KeyboardInterrupt):
+        raise  # not the artifact's fault
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def load(
-    path: str | os.PathLike, *, kv: dict | None = None, dtype: str | torch.dtype | None = None
+    path: str | os.PathLike,
+    *,
+    kv: dict | None = None,
+    verify: str = "invariants",
+    dtype: str | torch.dtype | None = None,
 ):
     """Load a packed artifact: returns ``(model, tokenizer)``; ``model.generate`` works.
+
+    ``verify``: ``"invariants"`` (default) checks what costs no pass over the data:
+    format version, file sizes, tensor presence, dtypes and shapes, offsets against the
+    bitmap popcounts. ``"checksums"`` also checks the recorded checksum of every tensor,
+    metadata file and of the manifest (one read of the whole artifact; fails on an
+    artifact written before checksums existed). Every problem is an ``ArtifactError``.
 
     ``kv`` overrides the manifest's sparse-KV-cache settings (``{}``: none); with
     ``method`` other than ``none`` the model gets the sparse KV cache
@@ -367,31 +543,95 @@ def load(
     what the model's other parts (norms, embeddings, activations, attention) run in;
     None keeps the stored dtype (the manifest's, bf16 by default). The packed weights
     stay bf16 whatever it is (``sparamx.layers.set_activation_dtype``)."""
+    model, tokenizer, _ = _load(Path(path), kv, verify)
+    if dtype is not None:
+        from .models import parse_dtype
+
+        set_activation_dtype(model, parse_dtype(dtype))
+    return model, tokenizer
+
+
+def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = True):
+    """``load``, plus a summary of what was verified (for ``sparamx check``). Without
+    ``require_checksums`` an artifact that has none is verified as far as it can be."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    path = Path(path)
+    _check_verify(verify)
     manifest = read_manifest(path)
+    if verify == "checksums" and (require_checksums or "checksums" in manifest):
+        manifest = read_manifest(path, verify="checksums")
+    has_sums = "checksums" in manifest
+    digests = verify == "checksums" and has_sums
+    checked_files = _verify_files(path, manifest) if digests else 0
     kv = manifest.get("kv") if kv is None else kv
     kv_settings = None
     if kv and kv.get("method", "none") != "none":
         from .kv import KVSettings
 
-        try:
-            kv_settings = KVSettings.from_dict(kv)
-        except ValueError as e:
-            raise ArtifactError(f"{path}: invalid KV cache settings: {e}") from None
-    tensors = _open_tensors(path, manifest)
-    try:
+        with _as_artifact_error(f"{path / MANIFEST}: invalid KV cache settings (field kv)"):
+            try:
+                kv_settings = KVSettings.from_dict(kv)
+            except ValueError as e:
+                raise ArtifactError(f"{path}: invalid KV cache settings: {e}") from None
+    tensors = _open_tensors(path, manifest, "checksums" if digests else "invariants")
+    summary = {
+        "files": dict(manifest["files"]),
+        "tensors": len(tensors),
+        "bytes": sum(manifest["files"].values()),
+        "checksums": "verified" if digests else "present" if has_sums else "absent",
+        "checked_files": checked_files,
+    }
+    with _as_artifact_error(f"{path / 'config.json'}: invalid config"):
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable config.json ({e})") from None
-    stored = getattr(torch, manifest.get("dtype", "bfloat16"), torch.bfloat16)
+    _check_config_dims(path / "config.json", config)
+    dtype = getattr(torch, manifest.get("dtype", "bfloat16"))
     # Built on the CPU without initialising weights: parameters are allocated but never
     # touched (no RSS), and non-persistent buffers such as rotary frequencies are
-    # computed as transformers computes them.
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=stored)
+    # computed as transformers computes them. A config whose dimensions make no model
+    # (heads that do not divide the width...) fails here.
+    with _as_artifact_error(f"{path / 'config.json'}: no model can be built from it"):
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _as_artifact_error(f"{path}: the tensors do not fit the model of config.json"):
+        _assemble(path, model, config, manifest, tensors)
+    model.eval()
+    with _as_artifact_error(f"{path}: unreadable tokenizer files"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.sparamx_manifest = manifest
+    if kv_settings is not None:
+        from .kv import enable_sparse_kv
+
+        enable_sparse_kv(model, kv_settings)
+    return model, tokenizer, summary
+
+
+# Model dimensions every decoder config has (when present): torch would fail on a bad
+# one deep inside the model's constructor, with a message that names no field.
+CONFIG_DIMS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _check_config_dims(cpath: Path, config) -> None:
+    for field in CONFIG_DIMS:
+        value = getattr(config, field, None)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ArtifactError(f"{cpath}: field {field} must be a positive integer, got {value!r}")
+
+
+def _assemble(path: Path, model: nn.Module, config, manifest: dict, tensors: dict) -> None:
+    """Put the packed layers and the stored tensors into ``model`` (built from the
+    config), checking that every tensor has its place and every place its tensor."""
     # Tied tensors are stored once; give every alias its tensor (the same object, so
     # the tie survives load_state_dict(assign=True)).
     for alias, target in manifest["tied"].items():
@@ -404,20 +644,23 @@ def load(
         _replace(
             model,
             lay["name"],
-            lambda lay=lay: _packed_layer(lay, tensors),
+            lambda old, lay=lay: _packed_layer(lay, tensors),
             nn.Linear,
             lay["shape"],
             config,
         )
     for emb_name, head_name in manifest.get("packed_embeddings", {}).items():
-        head = model.get_submodule(head_name)
+        try:
+            head = model.get_submodule(head_name)
+        except AttributeError:
+            head = None
         if not isinstance(head, SparseLinear):
             raise ArtifactError(f"packed embedding {emb_name}: {head_name} is not packed")
         tensors.pop(f"{emb_name}.values", None)
         _replace(
             model,
             emb_name,
-            lambda head=head: PackedEmbedding(head),
+            lambda old, head=head: PackedEmbedding.like(old, head),
             nn.Embedding,
             [head.out_features, head.in_features],
             config,
@@ -437,10 +680,17 @@ def load(
     if extra:
         raise ArtifactError(f"{path}: unexpected tensors in the safetensors: {extra[:5]}")
     for key, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[key].shape):
+        want = expected[key]
+        if tuple(t.shape) != tuple(want.shape):
             raise ArtifactError(
                 f"{path}: tensor {key} has shape {tuple(t.shape)}, the model "
-                f"expects {tuple(expected[key].shape)}"
+                f"expects {tuple(want.shape)}"
+            )
+        # Exact dtypes may differ (a module kept in fp32), the kind may not: an int
+        # tensor where a norm weight belongs would only fail inside the forward.
+        if t.is_floating_point() != want.is_floating_point():
+            raise ArtifactError(
+                f"{path}: tensor {key} is {t.dtype}, the model expects {want.dtype}"
             )
     model.load_state_dict(tensors, strict=False, assign=True)
     # assign=True wraps each key in its own Parameter; re-tie to one object, as
@@ -449,24 +699,7 @@ def load(
         owner, _, attr = alias.rpartition(".")
         src_owner, _, src_attr = target.rpartition(".")
         setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(src_owner), src_attr))
-    if dtype is not None:
-        from .models import parse_dtype
-
-        if parse_dtype(dtype) != stored:
-            set_activation_dtype(model, parse_dtype(dtype))
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable tokenizer files ({e})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.sparamx_manifest = manifest
-    if kv_settings is not None:
-        from .kv import enable_sparse_kv
-
-        enable_sparse_kv(model, kv_settings)
-    return model, tokenizer
+    guard_hf_methods(model)
 
 
 def copy_artifact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -478,3 +711,48 @@ def copy_artifact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         if f.name != MANIFEST and f.is_file():
             shutil.copy2(f, dst / f.name)
     shutil.copy2(src / MANIFEST, dst / MANIFEST)
+
+
+def check(path: str | os.PathLike) -> dict:
+    """Validate everything about the artifact at ``path`` that can be validated (what
+    ``sparamx check`` runs): manifest structure and checksum, every metadata file's and
+    every tensor's checksum (when the artifact has them; an older one gets the
+    invariants only), the packed-format invariants, the config and tokenizer, then a
+    greedy step of generation whose logits must be finite. Raises ``ArtifactError``;
+    returns a summary."""
+    import time
+
+    start = time.perf_counter()
+    path = Path(path)
+    model, tokenizer, summary = _load(path, None, "checksums", require_checksums=False)
+    manifest = model.sparamx_manifest
+    storages = [lay["storage"] for lay in manifest["layers"]]
+    first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([[first]]),
+            max_new_tokens=2,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    bad = [i for i, lg in enumerate(out.logits) if not torch.isfinite(lg).all()]
+    if bad:
+        raise ArtifactError(
+            f"{path}: the model loads but its logits are not finite (generation step {bad[0]}); "
+            "the stored values hold NaN or inf"
+        )
+    return {
+        **summary,
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        "package_version": manifest.get("package_version"),
+        "model_type": model.config.model_type,
+        "layers": len(storages),
+        "bitmap_layers": storages.count("bitmap-bf16"),
+        "dense_layers": storages.count("dense-bf16"),
+        "packed_bytes": (manifest.get("totals") or {}).get("packed_bytes"),
+        "dense_bytes": (manifest.get("totals") or {}).get("dense_bytes"),
+        "kv": (manifest.get("kv") or {}).get("method", "none"),
+        "seconds": time.perf_counter() - start,
+    }

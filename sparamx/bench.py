@@ -484,7 +484,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the record here ('-': stdout)")
     ap.add_argument("--context", type=int, default=None, help="prompt of exactly N tokens")
     ap.add_argument(
-        "--kernel", choices=("amx", "avx512", "portable"), default=None, help="SPARAMX_KERNEL"
+        "--kernel",
+        choices=("amx", "avx512", "avx2", "portable"),
+        default=None,
+        help="SPARAMX_KERNEL",
     )
     ap.add_argument("--no-profile", action="store_true", help="skip the kernel-share profile")
     ap.add_argument(

@@ -31,6 +31,11 @@ class SparseLinear(nn.Module):
         self.register_buffer("offsets", packed.offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    _packed_buffers = ("values", "bitmap", "offsets")
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_packed(self, fn, recurse, super()._apply)
+
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, mask: torch.Tensor | None = None, storage: str = "auto"
@@ -85,6 +90,30 @@ class SparseLinear(nn.Module):
         )
 
 
+def _apply_keeping_packed(module: nn.Module, fn, recurse: bool, base_apply, probe_dtype=None):
+    """``nn.Module._apply`` (what ``to``, ``float``, ``half``, ``cpu``... run) for a
+    module holding packed tensors, whose dtype is the format's, not the model's:
+    ``model.to(torch.float32)`` converts the rest of the model (the bias too) and leaves
+    the packed bf16 in place, still shared with a tied embedding. Moves to ``meta`` (the
+    streaming writer frees layers that way) apply; another device is refused, the
+    kernels run on the CPU. Returns the probe's result (what ``fn`` makes of a
+    ``probe_dtype`` tensor)."""
+    probe = fn(torch.zeros(1, dtype=probe_dtype or torch.bfloat16))
+    keep_as_is = probe.device.type == "cpu" and probe.dtype != torch.bfloat16
+    if probe.device.type not in ("cpu", "meta"):
+        raise RuntimeError(
+            f"{type(module).__name__}: packed weights run on the CPU only, cannot move them "
+            f"to {probe.device}"
+        )
+    held = {n: module._buffers.pop(n) for n in module._packed_buffers if n in module._buffers}
+    try:
+        base_apply(fn, recurse)
+    finally:
+        for n, t in held.items():
+            module._buffers[n] = t if t is None or keep_as_is else fn(t)
+    return probe
+
+
 class DenseLinear(SparseLinear):
     """``SparseLinear`` in the dense VNNI layout (no bitmap): our own bf16 GEMV/GEMM for
     layers that stay dense, such as ``lm_head``; streams weights faster than torch's."""
@@ -102,9 +131,18 @@ class PackedEmbedding(nn.Module):
     """Embedding lookup that reads its rows from a dense-layout ``SparseLinear`` (a tied
     ``lm_head``): the tied weight is stored once, in the kernels' VNNI layout.
 
-    Row r of the weight lives in column group r // 16 at lane r % 16 of every unit."""
+    Row r of the weight lives in column group r // 16 at lane r % 16 of every unit.
+    ``embed_scale`` (a 0-d tensor) multiplies the rows, as Gemma-3's
+    ``Gemma3TextScaledWordEmbedding`` does (in the output dtype)."""
 
-    def __init__(self, head: SparseLinear, padding_idx: int | None = None):
+    _packed_buffers = ("values",)
+
+    def __init__(
+        self,
+        head: SparseLinear,
+        padding_idx: int | None = None,
+        embed_scale: torch.Tensor | None = None,
+    ):
         super().__init__()
         if head.storage != "dense-bf16":
             raise ValueError(
@@ -113,84 +151,164 @@ class PackedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self.padding_idx = padding_idx
         self.register_buffer("values", head.values)  # the same tensor: no second copy
-        # Dtype of the rows it returns (the model's activations); None: the stored bf16.
-        self.out_dtype: torch.dtype | None = None
+        scale = None if embed_scale is None else embed_scale.detach().clone()
+        self.register_buffer("embed_scale", scale, persistent=False)
+        self.out_dtype = head.values.dtype  # follows model.to(dtype), as a weight would
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def like(cls, emb: nn.Embedding, head: SparseLinear) -> PackedEmbedding:
+        """The packed stand-in of ``emb`` (an ``nn.Embedding`` or a subclass that scales
+        its lookup by an ``embed_scale`` buffer) reading ``head``'s weight."""
+        scale = getattr(emb, "embed_scale", None)
+        out = cls(head, emb.padding_idx, scale if isinstance(scale, torch.Tensor) else None)
+        if emb.weight.is_floating_point():
+            out.out_dtype = emb.weight.dtype
+        return out
+
+    def _apply(self, fn, recurse=True):
+        probe = _apply_keeping_packed(self, fn, recurse, super()._apply, self.out_dtype)
+        if probe.is_floating_point():
+            self.out_dtype = probe.dtype
+        return self
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"PackedEmbedding expects integer ids, got {ids.dtype}")
         units = self.values.view(
             -1, self.values.numel() // (-(-self.num_embeddings // 16) * 32), 16, 2
         )  # [G, P, 16 lanes, 2]
         rows = units[ids // 16, :, ids % 16, :]  # [*ids.shape, P, 2]
-        rows = rows.reshape(*ids.shape, -1)[..., : self.embedding_dim]
-        return rows if self.out_dtype is None else rows.to(self.out_dtype)
+        return rows.reshape(*ids.shape, -1)[..., : self.embedding_dim].to(self.out_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(ids)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale.to(rows.dtype)
+        return rows
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.forward(torch.arange(self.num_embeddings))
+        """The dense (unscaled) embedding matrix, as ``nn.Embedding.weight``."""
+        return self._rows(torch.arange(self.num_embeddings))
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, shares lm_head's VNNI layout"
+        scale = "" if self.embed_scale is None else f", scale={float(self.embed_scale):g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{scale}, shares lm_head's VNNI layout"
+
+
+def _lookup_matches(emb: nn.Embedding, packed: PackedEmbedding) -> bool:
+    """Whether ``packed`` computes what ``emb`` does, on a probe of ids (first, last and
+    spread rows): an ``nn.Embedding`` subclass may do anything in its forward, and only
+    a lookup (times ``embed_scale``) can be shared."""
+    n = emb.num_embeddings
+    ids = torch.unique(torch.linspace(0, n - 1, steps=min(n, 97)).long())
+    with torch.no_grad():
+        try:
+            want = emb(ids)
+        except Exception:  # noqa: BLE001  (an exotic forward: not a plain lookup)
+            return False
+        got = packed(ids)
+    return want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got)
 
 
 def set_activation_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Run a packed model's other parts in ``dtype``: every floating parameter and
-    buffer (norms, plain embeddings, biases, rotary frequencies) is cast, and a
-    ``PackedEmbedding`` returns rows in ``dtype``; the packed weights stay bf16 (the
+    """Run a packed model's other parts in ``dtype``: ``model.to(dtype)`` casts the
+    norms, plain embeddings and biases and makes a ``PackedEmbedding`` return rows in
+    ``dtype``, while the packed weights stay bf16 (``_apply_keeping_packed``: the
     kernels read bf16 and take bf16 or fp32 input, returning the input's dtype).
+    Non-persistent buffers (rotary frequencies, which transformers computes in fp32)
+    keep their precision.
 
     float32 is the choice on CPUs without a bf16 dot product: the packed linears cost
     the same either way, and attention, norms and the residual stream then run on
     torch's fp32 paths instead of its slow bf16 emulation (a prefill's attention
-    matmuls are bf16 GEMMs, ~6x slower than fp32 on a Zen 3)."""
-    packed = {
-        id(t)
-        for m in model.modules()
-        if isinstance(m, (SparseLinear, PackedEmbedding))
-        for name, t in m.named_buffers(recurse=False)
-        if name in ("values", "bitmap", "offsets")
-    }
-    cast: dict[int, torch.Tensor] = {}  # id(old) -> new: tied tensors stay one tensor
-
-    def wanted(t: torch.Tensor | None) -> bool:
-        return t is not None and t.is_floating_point() and id(t) not in packed and t.dtype != dtype
-
-    for mod in model.modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if wanted(p):
-                if id(p) not in cast:
-                    cast[id(p)] = nn.Parameter(p.detach().to(dtype), p.requires_grad)
-                setattr(mod, name, cast[id(p)])
-        for name, b in list(mod.named_buffers(recurse=False)):
-            # Non-persistent buffers (rotary frequencies) are computed by transformers
-            # in the precision it wants (fp32) and stay as they are.
-            if wanted(b) and name not in mod._non_persistent_buffers_set:
-                if id(b) not in cast:
-                    cast[id(b)] = b.to(dtype)
-                mod.register_buffer(name, cast[id(b)])
-        if isinstance(mod, PackedEmbedding):
-            mod.out_dtype = None if dtype == mod.values.dtype else dtype
+    matmuls are bf16 GEMMs there, ~6x slower than fp32 on a Zen 3)."""
+    kept = [
+        (mod, name, b)
+        for mod in model.modules()
+        for name, b in mod._buffers.items()
+        if b is not None and b.is_floating_point() and name in mod._non_persistent_buffers_set
+    ]
+    model.to(dtype)
+    for mod, name, b in kept:
+        mod._buffers[name] = b
     if getattr(model, "config", None) is not None:
         model.config.dtype = dtype  # what transformers reads for masks and caches
 
 
 def share_tied_embedding(model: nn.Module) -> bool:
-    """If ``lm_head`` is a dense-layout ``SparseLinear`` tied to a plain ``nn.Embedding``,
-    make the input embedding read from it (one copy of the tied weight). Returns
-    whether it did."""
+    """If ``lm_head`` is a dense-layout ``SparseLinear`` tied to the input embedding (an
+    ``nn.Embedding``, or a subclass whose forward is a lookup times ``embed_scale``,
+    such as Gemma-3's), make the embedding read from it (one copy of the tied weight).
+    Returns whether it did. A packed head that cannot be shared keeps its own copy:
+    the config is untied all the same, so that ``tie_weights`` leaves both alone."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if not (
-        isinstance(head, SparseLinear)
-        and head.storage == "dense-bf16"
-        and type(emb) is nn.Embedding
-        and getattr(model.config, "tie_word_embeddings", False)
-        and tuple(emb.weight.shape) == (head.out_features, head.in_features)
+    if not isinstance(head, SparseLinear) or not getattr(
+        model.config, "tie_word_embeddings", False
     ):
         return False
-    model.set_input_embeddings(PackedEmbedding(head, emb.padding_idx))
+    ok = (
+        head.storage == "dense-bf16"
+        and isinstance(emb, nn.Embedding)
+        and tuple(emb.weight.shape) == (head.out_features, head.in_features)
+    )
+    packed = PackedEmbedding.like(emb, head) if ok else None
+    if packed is None or not _lookup_matches(emb, packed):
+        log.info(
+            "the packed lm_head and the %s input embedding keep separate copies",
+            type(emb).__name__,
+        )
+        untie_config(model)
+        return False
+    model.set_input_embeddings(packed)
     untie_config(model)
     return True
+
+
+EXPORT_HINT = (
+    "save the packed model with sparamx.save(model, tokenizer, DIR); for a standard "
+    "Hugging Face checkpoint (pruned weights densified) run `sparamx export ARTIFACT OUT`"
+)
+
+
+class PackedModelError(RuntimeError):
+    """A transformers method that cannot work on a model whose linears are packed."""
+
+
+def guard_hf_methods(model: nn.Module) -> None:
+    """Replace, on this model instance, the transformers methods that would silently do
+    the wrong thing with packed layers by ones that fail with a clear message:
+    ``save_pretrained`` (it would write ``values``/``bitmap`` tensors that
+    ``from_pretrained`` cannot read) and ``resize_token_embeddings`` (when the embedding
+    or the head is packed: it would allocate a fresh ``nn.Embedding`` and lose the
+    shared packed copy)."""
+    if not hasattr(model, "save_pretrained"):
+        return
+    name = type(model).__name__
+
+    def save_pretrained(*args, **kwargs):
+        raise PackedModelError(
+            f"{name}.save_pretrained: this model's linears are packed (sparamx "
+            f"SparseLinear), which transformers cannot save or reload; {EXPORT_HINT}"
+        )
+
+    base_resize = model.resize_token_embeddings
+
+    def resize_token_embeddings(new_num_tokens=None, *args, **kwargs):
+        packed = isinstance(model.get_input_embeddings(), PackedEmbedding) or isinstance(
+            model.get_output_embeddings(), SparseLinear
+        )
+        if new_num_tokens is None or not packed:
+            return base_resize(new_num_tokens, *args, **kwargs)
+        raise PackedModelError(
+            f"{name}.resize_token_embeddings: the embedding or lm_head is packed and cannot "
+            "be resized; resize the source model before pruning and packing, or "
+            f"{EXPORT_HINT} and resize that"
+        )
+
+    # Plain attributes on the instance shadow the class's methods.
+    model.save_pretrained = save_pretrained
+    model.resize_token_embeddings = resize_token_embeddings
 
 
 def untie_config(model: nn.Module) -> None:
@@ -234,5 +352,6 @@ def swap_linears(
         setattr(parent, child, SparseLinear.from_linear(linear, mask, storage=storage))
     if share_tied_embedding(model):
         log.info("input embedding now reads the tied lm_head's packed weight")
+    guard_hf_methods(model)
     log.info("swapped %d linears for SparseLinear", len(names))
     return names

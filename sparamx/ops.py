@@ -2,7 +2,7 @@
 ``torch.ops.sparamx.*``), gives each op a fake kernel so ``torch.compile`` can trace
 it, and exposes thin wrappers.
 
-Kernel names: ``amx``, ``avx512``, ``portable`` (``SPARAMX_KERNEL`` forces one) and
+Kernel names: ``amx``, ``avx512``, ``avx2``, ``portable`` (``SPARAMX_KERNEL`` forces one) and
 ``amx_emulated`` (the AMX kernel on emulated tiles; for tests on CPUs without AMX).
 """
 
@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - only without a build
         f"in the repository ({e})"
     ) from e
 
-KERNELS = ("amx", "avx512", "portable")
+KERNELS = ("amx", "avx512", "avx2", "portable")
 TEST_KERNELS = (*KERNELS, "amx_emulated")
 
 

@@ -404,6 +404,7 @@ def stream_prune_pack(
         packed_embeddings=packed_embeddings,
         files=files,
         dtype=first_dtype[0] if first_dtype else torch.bfloat16,
+        tensor_records=writer.records,
         source=source_record,
         recipe=recipe,
         eval_summary=None,

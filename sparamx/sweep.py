@@ -72,7 +72,7 @@ log = logging.getLogger("sparamx.sweep")
 AXES = ("model", "method", "sparsity", "kv_sparsity", "kernel", "threads", "context", "new_tokens")
 # Axes that change the pruned/packed artifact; the others are run-time settings only.
 ARTIFACT_AXES = ("model", "method", "sparsity")
-KERNELS = ("auto", "amx", "avx512", "portable")
+KERNELS = ("auto", "amx", "avx512", "avx2", "portable")
 PLAN_COLUMNS = ("id", *AXES)
 # Result columns besides the plan's and the per-metric ones (``<task>:<metric>``).
 RESULT_COLUMNS = (
@@ -400,6 +400,7 @@ def kernel_unavailable(kernel: str) -> str | None:
     if kernel not in info["compiled"]:
         return f"kernel {kernel} is not compiled into this build ({', '.join(info['compiled'])})"
     need = {
+        "avx2": ("avx2", "fma", "f16c", "bmi2", "popcnt", "os_avx"),
         "avx512": ("avx512f", "avx512bw", "avx512_bf16", "os_avx512"),
         "amx": ("amx_tile", "amx_bf16", "os_amx"),
     }[kernel]

@@ -42,3 +42,20 @@ def smollm2():
     from sparamx.models import load_model
 
     return load_model("smollm2-135m", dtype="bfloat16")
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer of 257 tokens (the 256 bytes and an end-of-text token, the
+    vocabulary of ``tiny_config``): saves and loads in milliseconds, where a real one
+    takes a model load."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )

@@ -1,5 +1,5 @@
-"""Every native kernel (portable, AVX-512, AMX where the CPU has it, and the AMX kernel on
-emulated tiles everywhere) against the pure-PyTorch reference."""
+"""Every native kernel (portable, AVX2, AVX-512 and AMX where the CPU has them, and the AMX
+kernel on emulated tiles everywhere) against the pure-PyTorch reference."""
 
 import pytest
 import torch
@@ -14,6 +14,8 @@ from sparamx.ops import packed_linear
 INFO = sparamx.kernel_info()
 CPU = INFO["cpu"]
 RUNNABLE = ["portable", "amx_emulated"]
+if all(CPU[f] for f in ("avx2", "fma", "f16c", "bmi2", "popcnt", "os_avx")):
+    RUNNABLE.append("avx2")
 if CPU["avx512f"] and CPU["avx512_bf16"] and CPU["avx512_vbmi2"] and CPU["os_avx512"]:
     RUNNABLE.append("avx512")
 if CPU["os_amx"] and CPU["amx_bf16"]:
@@ -145,13 +147,20 @@ def test_forced_kernel_env(monkeypatch):
         monkeypatch.setenv("SPARAMX_KERNEL", "amx")
         with pytest.raises(RuntimeError, match="kernel 'amx' needs AMX"):
             packed_linear(x, pack(w))
+    if "avx2" in RUNNABLE:
+        monkeypatch.setenv("SPARAMX_KERNEL", "avx2")
+        info = sparamx.kernel_info()
+        assert info["decode"] == info["prefill"] == "avx2"
+        assert_matches_reference(packed_linear(x, pack(w)), x, w)
+        x_prefill = torch.randn(40, 32)
+        assert_matches_reference(packed_linear(x_prefill, pack(w)), x_prefill, w)
 
 
 def test_kernel_info_reports_features_and_paths():
     info = sparamx.kernel_info()
     assert {"cpu", "compiled", "decode", "prefill", "threads"} <= set(info)
     assert "portable" in info["compiled"] and "amx_emulated" in info["compiled"]
-    assert info["decode"] in ("amx", "avx512", "portable")
+    assert info["decode"] in ("amx", "avx512", "avx2", "portable")
 
 
 def test_opcheck_custom_ops():

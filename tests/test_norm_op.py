@@ -1,6 +1,9 @@
 """sparamx::rms_norm gives bitwise the eager output of transformers' RMSNorm modules,
 and the lean decode loop uses it only where it does."""
 
+import os
+from contextlib import contextmanager
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,6 +22,8 @@ def _module(cls, width: int, dtype: torch.dtype, seed: int):
     return mod
 
 
+# Both builds of the fused loops: the portable one and (on CPUs with AVX2) the AVX2 one.
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
 @settings(max_examples=25, deadline=None)
 @given(
     width=st.integers(1, 700),
@@ -27,13 +32,27 @@ def _module(cls, width: int, dtype: torch.dtype, seed: int):
     gemma=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_rms_norm_is_bitwise_eager(width, rows, dtype, gemma, seed):
+def test_rms_norm_is_bitwise_eager(kernel, width, rows, dtype, gemma, seed):
     mod = _module(GemmaRMSNorm if gemma else LlamaRMSNorm, width, dtype, seed)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    got = torch.ops.sparamx.rms_norm(x, mod.weight, 1e-5, gemma)
+    with _kernel_env(kernel):
+        got = torch.ops.sparamx.rms_norm(x, mod.weight, 1e-5, gemma)
     want = mod(x)
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
+
+
+@contextmanager
+def _kernel_env(kernel: str):
+    old = os.environ.get("SPARAMX_KERNEL")
+    os.environ["SPARAMX_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SPARAMX_KERNEL"]
+        else:
+            os.environ["SPARAMX_KERNEL"] = old
 
 
 def test_native_norm_picks_the_matching_form():

@@ -53,7 +53,8 @@ def in_memory_artifact(src, out, method, calib, shard_bytes):
 
 def assert_same_artifact(a, b):
     ma, mb = (json.loads((p / MANIFEST).read_text()) for p in (a, b))
-    assert ma == mb
+    assert ma == mb  # the checksums included: the same tensors, hashed alike
+    assert set(ma["checksums"]["tensors"]) == {k for f in ma["files"] for k in load_file(a / f)}
     assert len(ma["files"]) > 1  # sharded: the index path is exercised
     assert json.loads((a / INDEX).read_text()) == json.loads((b / INDEX).read_text())
     for fname in ma["files"]:
@@ -89,7 +90,7 @@ def test_streamed_artifact_equals_in_memory(tmp_path, tokenizer, method, tie):
     )
     assert_same_artifact(ref, res.path)
     assert len(res.stats) == 3 * 7 and all(abs(s["sparsity"] - 0.5) < 1e-3 for s in res.stats)
-    model, tok = sparamx.load(res.path)
+    model, tok = sparamx.load(res.path, verify="checksums")
     ids = tok("The history of the printing press", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 4

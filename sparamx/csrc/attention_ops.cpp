@@ -28,6 +28,7 @@
 
 #include "attention.h"
 #include "cpu_features.h"
+#include "paths.h"
 
 namespace sparamx {
 namespace {
@@ -50,17 +51,37 @@ AttnFn attention_kernel(const c10::optional<c10::string_view>& name) {
   const auto& f = cpu_features();
   // The attention kernel has no AMX version: decode attention is a matrix-vector product
   // per KV head, bound by memory, with too few query rows (G <= 8) to fill a tile.
-  if (want.empty() || want == "auto" || want == "amx")
-    return f.can_avx512() ? attention_avx512 : attention_portable;
+  if (want.empty() || want == "auto" || want == "amx") {
+    if (f.can_avx512()) return attention_avx512;
+    return f.can_avx2() ? attention_avx2 : attention_portable;
+  }
   if (want == "portable" || want == "amx_emulated") return attention_portable;
   if (want == "avx512") {
     TORCH_CHECK(f.can_avx512(),
                 "sparamx: kernel 'avx512' needs AVX-512 F/BW/VL/DQ/BF16/VBMI2, which this CPU "
-                "(or OS) does not provide; use kernel 'portable'");
+                "(or OS) does not provide; use kernel 'avx2' or 'portable'");
     return attention_avx512;
   }
-  TORCH_CHECK(false, "sparamx: unknown attention kernel '", want, "'; allowed: avx512, portable");
+  if (want == "avx2") {
+    TORCH_CHECK(f.can_avx2(),
+                "sparamx: kernel 'avx2' needs AVX2, FMA, F16C, BMI2 and POPCNT (and OS support "
+                "for ymm state), which this CPU does not provide; use kernel 'portable'");
+    return attention_avx2;
+  }
+  TORCH_CHECK(false, "sparamx: unknown attention kernel '", want,
+              "'; allowed: auto, amx, avx512, avx2, portable, amx_emulated");
 }
+
+}  // namespace
+
+const char* attention_kernel_name() {
+  const AttnFn fn = attention_kernel(c10::nullopt);
+  if (fn == attention_avx512) return "avx512";
+  if (fn == attention_avx2) return "avx2";
+  return "portable";
+}
+
+namespace {
 
 void check_side(const char* name, const at::Tensor& vals, const c10::optional<at::Tensor>& bits,
                 const at::Tensor& win, int64_t B, int64_t H, int64_t D, int64_t n_comp,

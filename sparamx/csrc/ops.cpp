@@ -17,6 +17,7 @@
 
 #include "cpu_features.h"
 #include "kernels.h"
+#include "paths.h"
 
 namespace sparamx {
 namespace {
@@ -47,24 +48,30 @@ Kernel kernel_by_name(const std::string& name) {
   if (name == "portable") return {"portable", linear_portable};
   if (name == "amx_emulated") return {"amx_emulated", linear_amx_emulated};
 #if defined(__x86_64__) || defined(_M_X64)
+  if (name == "avx2") {
+    TORCH_CHECK(f.can_avx2(),
+                "sparamx: kernel 'avx2' needs AVX2/FMA/F16C/BMI2/POPCNT, which this CPU (or OS) "
+                "does not provide; use SPARAMX_KERNEL=portable or leave it unset");
+    return {"avx2", linear_avx2};
+  }
   if (name == "avx512") {
     TORCH_CHECK(f.can_avx512(),
                 "sparamx: kernel 'avx512' needs AVX-512 F/BW/VL/DQ/BF16/VBMI2, which this CPU "
-                "(or OS) does not provide; use SPARAMX_KERNEL=portable or leave it unset");
+                "(or OS) does not provide; use SPARAMX_KERNEL=avx2|portable or leave it unset");
     return {"avx512", linear_avx512};
   }
   if (name == "amx") {
     TORCH_CHECK(f.can_amx(),
                 "sparamx: kernel 'amx' needs AMX-TILE/AMX-BF16 (and OS permission), which this "
-                "CPU does not provide; use SPARAMX_KERNEL=avx512|portable or leave it unset");
+                "CPU does not provide; use SPARAMX_KERNEL=avx512|avx2|portable or leave it unset");
     return {"amx", linear_amx};
   }
 #else
-  TORCH_CHECK(name != "avx512" && name != "amx", "sparamx: kernel '", name,
+  TORCH_CHECK(name != "avx512" && name != "amx" && name != "avx2", "sparamx: kernel '", name,
               "' is x86-only and was not compiled for this CPU architecture");
 #endif
   TORCH_CHECK(false, "sparamx: unknown kernel '", name,
-              "'; allowed: amx, avx512, portable, amx_emulated");
+              "'; allowed: amx, avx512, avx2, portable, amx_emulated");
 }
 
 const char* forced_kernel() {
@@ -72,15 +79,17 @@ const char* forced_kernel() {
   return (env && *env && std::string(env) != "auto") ? env : nullptr;
 }
 
-// The kernel for a call with m rows: SPARAMX_KERNEL if set, else the best the CPU has
-// (decode prefers AVX-512, which streams bytes with less overhead than tile loads;
-// prefill prefers AMX's 16x32x16 tile multiply).
+// The kernel for a call with m rows: SPARAMX_KERNEL if set, else the best the CPU has:
+// AMX > AVX-512-BF16 > AVX2 > portable, except that decode prefers AVX-512, which
+// streams bytes with less overhead than tile loads (prefill prefers AMX's 16x32x16 tile
+// multiply).
 Kernel choose_kernel(int64_t m) {
   if (const char* env = forced_kernel()) return kernel_by_name(env);
   const auto& f = cpu_features();
   if (m > kDecodeRows && f.can_amx()) return kernel_by_name("amx");
   if (f.can_avx512()) return kernel_by_name("avx512");
   if (f.can_amx()) return kernel_by_name("amx");
+  if (f.can_avx2()) return kernel_by_name("avx2");
   return kernel_by_name("portable");
 }
 
@@ -194,6 +203,12 @@ py::dict kernel_info() {
   const auto& f = cpu_features();
   py::dict cpu;
   cpu["x86"] = f.x86;
+  cpu["avx2"] = f.avx2;
+  cpu["fma"] = f.fma;
+  cpu["f16c"] = f.f16c;
+  cpu["bmi2"] = f.bmi2;
+  cpu["popcnt"] = f.popcnt;
+  cpu["os_avx"] = f.os_avx;
   cpu["avx512f"] = f.avx512f;
   cpu["avx512bw"] = f.avx512bw;
   cpu["avx512vl"] = f.avx512vl;
@@ -208,6 +223,7 @@ py::dict kernel_info() {
   compiled.append("portable");
   compiled.append("amx_emulated");
   if (compiled_x86()) {
+    compiled.append("avx2");
     compiled.append("avx512");
     compiled.append("amx");
   }
@@ -218,6 +234,16 @@ py::dict kernel_info() {
   info["forced"] = env ? py::cast(std::string(env)) : py::none();
   info["decode"] = choose_kernel(1).name;
   info["prefill"] = choose_kernel(kDecodeRows + 1).name;
+  // Every native path and the kernel it runs now (the linear ops serve both the bitmap
+  // and the dense layout, so DenseLinear, lm_head and a tied embedding follow them).
+  py::dict paths;
+  paths["linear_decode"] = choose_kernel(1).name;
+  paths["linear_prefill"] = choose_kernel(kDecodeRows + 1).name;
+  paths["dense_decode"] = choose_kernel(1).name;
+  paths["dense_prefill"] = choose_kernel(kDecodeRows + 1).name;
+  paths["attention"] = attention_kernel_name();
+  paths["norm"] = norm_kernel_name();
+  info["paths"] = paths;
   info["decode_max_rows"] = kDecodeRows;
   info["threads"] = at::get_num_threads();
   return info;
