@@ -96,13 +96,10 @@ def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel, 
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(median_time_us(fn, 1, copies))
-    spreads = {name: spread(t) for name, t in times.items()}
-    flags = spread_flags("torch", spreads["torch"], "us") + spread_flags(
-        "sparamx", spreads["ours"], "us"
-    )
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     t_torch, t_ours = med["torch"], med["ours"]
-    s_torch, s_ours = spreads["torch"], spreads["ours"]
+    spreads = {name: spread(t) for name, t in times.items()}
+    flags = [f for name, sp in spreads.items() for f in spread_flags(name, sp, "us")]
     nbytes = packed[0].nbytes
     extra = {}
     if dense32 is not None:
@@ -124,10 +121,10 @@ def bench_case(dense, packed, m, sparsity, threads, residency, repeats, kernel, 
         "gbps": nbytes / t_ours / 1e3,
         "torch_gbps": n * k * 2 / t_torch / 1e3,
         "packed_mb": nbytes / 1e6,
-        "torch_us_min": s_torch["min"],
-        "torch_us_max": s_torch["max"],
-        "sparamx_us_min": s_ours["min"],
-        "sparamx_us_max": s_ours["max"],
+        "torch_us_min": spreads["torch"]["min"],
+        "torch_us_max": spreads["torch"]["max"],
+        "sparamx_us_min": spreads["ours"]["min"],
+        "sparamx_us_max": spreads["ours"]["max"],
         "kernel": kernel or _kernel_for(m),
         "flags": flags,
         "flag": "!" if flags else "",
@@ -187,7 +184,7 @@ def main(argv=None):
                         )
                         r["bw_frac"] = r["gbps"] / bw[t]
                         rows.append(r)
-                        cols = COLUMNS + (FP32_COLUMNS if args.fp32 else [])
+                        cols = COLUMNS + (FP32_COLUMNS if args.fp32 else []) + FLAG_COLUMNS
                         print_table([r], cols) if len(rows) == 1 else print_row(r, cols)
                 del dense, packed, dense32
     # The torch baseline losing speed with more threads means a disturbed measurement.
@@ -199,7 +196,7 @@ def main(argv=None):
     )
     for r in rows:
         r["flag"] = "!" if r["flags"] else ""
-    columns = COLUMNS + (FP32_COLUMNS if args.fp32 else [])
+    columns = COLUMNS + (FP32_COLUMNS if args.fp32 else []) + FLAG_COLUMNS
     print()
     print_table(rows, columns)
     print_flags(
@@ -229,15 +226,17 @@ COLUMNS = [
     ("torch_gbps", "torch GB/s", ".1f"),
     ("gbps", "ours GB/s", ".1f"),
     ("bw_frac", "of BW", ".0%"),
+]
+FP32_COLUMNS = [
+    ("torch_fp32_us", "torch32 us", ".1f"),
+    ("speedup_vs_best_torch", "x best", ".2f"),
+]
+FLAG_COLUMNS = [
     ("torch_us_min", "torch min", ".1f"),
     ("torch_us_max", "torch max", ".1f"),
     ("sparamx_us_min", "ours min", ".1f"),
     ("sparamx_us_max", "ours max", ".1f"),
     ("flag", "!", "s"),
-]
-FP32_COLUMNS = [
-    ("torch_fp32_us", "torch32 us", ".1f"),
-    ("speedup_vs_best_torch", "x best", ".2f"),
 ]
 
 

@@ -543,16 +543,15 @@ def load(
     what the model's other parts (norms, embeddings, activations, attention) run in;
     None keeps the stored dtype (the manifest's, bf16 by default). The packed weights
     stay bf16 whatever it is (``sparamx.layers.set_activation_dtype``)."""
-    return _load(Path(path), kv, verify, dtype=dtype)[:2]
+    model, tokenizer, _ = _load(Path(path), kv, verify)
+    if dtype is not None:
+        from .models import parse_dtype
+
+        set_activation_dtype(model, parse_dtype(dtype))
+    return model, tokenizer
 
 
-def _load(
-    path: Path,
-    kv: dict | None,
-    verify: str,
-    require_checksums: bool = True,
-    dtype: str | torch.dtype | None = None,
-):
+def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = True):
     """``load``, plus a summary of what was verified (for ``sparamx check``). Without
     ``require_checksums`` an artifact that has none is verified as far as it can be."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -586,21 +585,16 @@ def _load(
     with _as_artifact_error(f"{path / 'config.json'}: invalid config"):
         config = AutoConfig.from_pretrained(path)
     _check_config_dims(path / "config.json", config)
-    stored = getattr(torch, manifest.get("dtype", "bfloat16"))
+    dtype = getattr(torch, manifest.get("dtype", "bfloat16"))
     # Built on the CPU without initialising weights: parameters are allocated but never
     # touched (no RSS), and non-persistent buffers such as rotary frequencies are
     # computed as transformers computes them. A config whose dimensions make no model
     # (heads that do not divide the width...) fails here.
     with _as_artifact_error(f"{path / 'config.json'}: no model can be built from it"):
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=stored)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with _as_artifact_error(f"{path}: the tensors do not fit the model of config.json"):
         _assemble(path, model, config, manifest, tensors)
-    if dtype is not None:
-        from .models import parse_dtype
-
-        if parse_dtype(dtype) != stored:
-            set_activation_dtype(model, parse_dtype(dtype))
     model.eval()
     with _as_artifact_error(f"{path}: unreadable tokenizer files"):
         tokenizer = AutoTokenizer.from_pretrained(path)

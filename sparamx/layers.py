@@ -196,47 +196,6 @@ class PackedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}{scale}, shares lm_head's VNNI layout"
 
 
-def set_activation_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Run a packed model's other parts in ``dtype``: every floating parameter and
-    buffer (norms, plain embeddings, biases, rotary frequencies) is cast, and a
-    ``PackedEmbedding`` returns rows in ``dtype``; the packed weights stay bf16 (the
-    kernels read bf16 and take bf16 or fp32 input, returning the input's dtype).
-
-    float32 is the choice on CPUs without a bf16 dot product: the packed linears cost
-    the same either way, and attention, norms and the residual stream then run on
-    torch's fp32 paths instead of its slow bf16 emulation (a prefill's attention
-    matmuls are bf16 GEMMs, ~6x slower than fp32 on a Zen 3)."""
-    packed = {
-        id(t)
-        for m in model.modules()
-        if isinstance(m, (SparseLinear, PackedEmbedding))
-        for name, t in m.named_buffers(recurse=False)
-        if name in ("values", "bitmap", "offsets")
-    }
-    cast: dict[int, torch.Tensor] = {}  # id(old) -> new: tied tensors stay one tensor
-
-    def wanted(t: torch.Tensor | None) -> bool:
-        return t is not None and t.is_floating_point() and id(t) not in packed and t.dtype != dtype
-
-    for mod in model.modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if wanted(p):
-                if id(p) not in cast:
-                    cast[id(p)] = nn.Parameter(p.detach().to(dtype), p.requires_grad)
-                setattr(mod, name, cast[id(p)])
-        for name, b in list(mod.named_buffers(recurse=False)):
-            # Non-persistent buffers (rotary frequencies) are computed by transformers
-            # in the precision it wants (fp32) and stay as they are.
-            if wanted(b) and name not in mod._non_persistent_buffers_set:
-                if id(b) not in cast:
-                    cast[id(b)] = b.to(dtype)
-                mod.register_buffer(name, cast[id(b)])
-        if isinstance(mod, PackedEmbedding):
-            mod.out_dtype = dtype
-    if getattr(model, "config", None) is not None:
-        model.config.dtype = dtype  # what transformers reads for masks and caches
-
-
 def _lookup_matches(emb: nn.Embedding, packed: PackedEmbedding) -> bool:
     """Whether ``packed`` computes what ``emb`` does, on a probe of ids (first, last and
     spread rows): an ``nn.Embedding`` subclass may do anything in its forward, and only
@@ -250,6 +209,31 @@ def _lookup_matches(emb: nn.Embedding, packed: PackedEmbedding) -> bool:
             return False
         got = packed(ids)
     return want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got)
+
+
+def set_activation_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run a packed model's other parts in ``dtype``: ``model.to(dtype)`` casts the
+    norms, plain embeddings and biases and makes a ``PackedEmbedding`` return rows in
+    ``dtype``, while the packed weights stay bf16 (``_apply_keeping_packed``: the
+    kernels read bf16 and take bf16 or fp32 input, returning the input's dtype).
+    Non-persistent buffers (rotary frequencies, which transformers computes in fp32)
+    keep their precision.
+
+    float32 is the choice on CPUs without a bf16 dot product: the packed linears cost
+    the same either way, and attention, norms and the residual stream then run on
+    torch's fp32 paths instead of its slow bf16 emulation (a prefill's attention
+    matmuls are bf16 GEMMs there, ~6x slower than fp32 on a Zen 3)."""
+    kept = [
+        (mod, name, b)
+        for mod in model.modules()
+        for name, b in mod._buffers.items()
+        if b is not None and b.is_floating_point() and name in mod._non_persistent_buffers_set
+    ]
+    model.to(dtype)
+    for mod, name, b in kept:
+        mod._buffers[name] = b
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = dtype  # what transformers reads for masks and caches
 
 
 def share_tied_embedding(model: nn.Module) -> bool:

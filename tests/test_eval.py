@@ -352,7 +352,10 @@ def test_cli_on_a_real_sparamx_artifact_matches_dense(tmp_path, tiny_model, smol
     swap_linears(packed)
     art = save(packed, smollm2_tokenizer, tmp_path / "artifact")
     out = tmp_path / "packed.json"
-    assert main([str(art), "--tasks", "lee_news_ppl", "--limit", "2", "--output", str(out)]) == 0
+    # bf16 like the dense run (the CLI's default, auto, is fp32 on CPUs without a fast
+    # bf16 matmul).
+    args = [str(art), "--tasks", "lee_news_ppl", "--limit", "2", "--dtype", "bfloat16"]
+    assert main([*args, "--output", str(out)]) == 0
     packed_out = json.loads(out.read_text())
     ppl = [r["results"]["lee_news_ppl"]["word_perplexity"] for r in (dense_out, packed_out)]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-2)
