@@ -354,18 +354,26 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int nch_rt, int words, i
   for (int g = 0; g < G; ++g) lv[g] = _mm256_setzero_ps();
   for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
     const int nc = static_cast<int>(n - c0 < kBlock ? n - c0 : kBlock);
-    // The block's V rows (and masks) on their way to L2 while K is read: both streams
-    // stay in flight, and the V passes below re-read the rows from cache.
-    for (int i = 0; i < nc; ++i) {
-      const char* vp = reinterpret_cast<const char*>(vr.vals + (c0 + i) * vr.stride);
-      for (int64_t j = 0; j < vrow_bytes; j += 64) _mm_prefetch(vp + j, _MM_HINT_T1);
-    }
+    // Each token's V row (and the block's V masks) on its way to L2 while the same
+    // token's K row is read: both streams stay in flight, and the V passes below
+    // re-read the rows from cache. (Per token, as the AVX-512 kernel measured best: one
+    // burst of a block's prefetches at its start, or a block ahead, streamed no faster
+    // here.)
     if constexpr (VL == kToken)
       _mm_prefetch(reinterpret_cast<const char*>(vr.bits + c0 * words), _MM_HINT_T1);
+    auto prefetch_v = [&](int64_t t) {
+      const char* vp = reinterpret_cast<const char*>(vr.vals + t * vr.stride);
+      for (int64_t x = 0; x < vrow_bytes; x += 64) _mm_prefetch(vp + x, _MM_HINT_T1);
+    };
     int i = 0;
-    for (; i + TB <= nc; i += TB)
+    for (; i + TB <= nc; i += TB) {
+      for (int j = 0; j < TB; ++j) prefetch_v(c0 + i + j);
       score_tokens<G, TB, NCH, KL>(kr, c0 + i, nch, words, d, q, sbuf, i);
-    for (; i < nc; ++i) score_tokens<G, 1, NCH, KL>(kr, c0 + i, nch, words, d, q, sbuf, i);
+    }
+    for (; i < nc; ++i) {
+      prefetch_v(c0 + i);
+      score_tokens<G, 1, NCH, KL>(kr, c0 + i, nch, words, d, q, sbuf, i);
+    }
     for (; i < kBlock; ++i)
       for (int g = 0; g < G; ++g) _mm256_store_ps(sbuf[g][i], _mm256_setzero_ps());
     const __m256 live_lo = _mm256_castsi256_ps(lanes_below(nc));
