@@ -641,21 +641,33 @@ def test_decode_perplexity_at_sparsity_zero_matches_a_full_forward():
 
 @pytest.mark.slow
 def test_smollm2_generation_at_sparsity_zero_equals_the_dense_cache(smollm2):
-    """SmolLM2, greedy: the sparse cache at sparsity 0 (with compaction) generates the
-    tokens of our dense cache, and agrees step by step with stock transformers' cache +
-    SDPA. Stock greedy tokens themselves can differ: at a near-tie (bf16 logits 18.25 vs
-    18.125 for this prompt, 19 tokens in) stock decode SDPA picks the token that the fp32
-    model and a bf16 prefill both rank second, and our kernel the first."""
+    """SmolLM2, greedy: the sparse cache at sparsity 0 (with compaction) generates exactly
+    the tokens of our dense cache (same kernel, same values: exact by construction), and
+    step by step (teacher-forced on stock's tokens) its logits stay as close to stock
+    transformers' cache + SDPA as stock's own eager attention does.
+
+    Why not a fixed bound or argmax agreement: two correct bf16 attentions differ by
+    rounding, which 30 layers amplify, and how much depends on the CPU (without a bf16
+    dot product torch's bf16 paths round differently). Greedy tokens flip at near-ties:
+    e.g. 3 of 48 steps (ref top-2 margins 0, 0 and one bf16 ulp) with the portable kernel
+    on Zen 3, where even the fp32 model disagrees with stock bf16 on 2 steps. So the
+    tolerance is measured in the same run: stock eager vs stock SDPA is the same math
+    rounded differently. On Zen 3 the mean |Δlogit| is 0.107 for eager and 0.107 / 0.110
+    for ours (avx2 / portable), max 0.69 / 0.69 / 0.73 (logits up to 38). A softmax scale
+    off by 5% gives 2.3x eager's mean, dropping the newest token 12x, a sink token 43x."""
     from transformers import DynamicCache
 
     model, tok = smollm2
     ids = tok("The history of the printing press begins", return_tensors="pt").input_ids
     old = model.config._attn_implementation
-    with torch.inference_mode():
-        stock = model.generate(ids, max_new_tokens=48, do_sample=False)
-        ref_logits = _step_logits(model, stock, DynamicCache(config=model.config))
-    outs = {}
     try:
+        with torch.inference_mode():
+            stock = model.generate(ids, max_new_tokens=48, do_sample=False)
+            ref_logits = _step_logits(model, stock, DynamicCache(config=model.config))
+            model.config._attn_implementation = "eager"
+            eager_logits = _step_logits(model, stock, DynamicCache(config=model.config))
+            model.config._attn_implementation = old
+        outs = {}
         for method in ("none", "magnitude"):
             kv.enable_sparse_kv(model, kv.KVSettings(method, 0.0, 0.0, recent_window=16))
             with torch.inference_mode():
@@ -664,8 +676,11 @@ def test_smollm2_generation_at_sparsity_zero_equals_the_dense_cache(smollm2):
     finally:
         kv.disable_sparse_kv(model, old)
     assert outs["magnitude"] == outs["none"]
-    assert (got_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.95
-    assert float((got_logits - ref_logits).abs().max()) <= 0.05 * float(ref_logits.abs().max())
+    assert got_logits.shape == ref_logits.shape == eager_logits.shape
+    ours, noise = (got_logits - ref_logits).abs(), (eager_logits - ref_logits).abs()
+    assert float(noise.mean()) > 0  # two roundings: the floor is never zero
+    assert float(ours.mean()) <= 1.5 * float(noise.mean()), (float(ours.mean()), noise.mean())
+    assert float(ours.max()) <= 2 * float(noise.max()), (float(ours.max()), noise.max())
 
 
 def test_artifact_with_kv_settings_loads_with_the_sparse_cache(tmp_path):

@@ -199,8 +199,9 @@ inline __m256 exp2_ps(__m256 x) {
 // when a score beats the running max; writes each weight broadcast to pb[16][8] (the V
 // loops take it as a memory operand); lv sums the weights per lane until the segment
 // ends (then added to l).
-inline void softmax_step(__m256 lo, __m256 hi, float& m, float& l, __m256& lv, float* acc,
-                         int n_acc, float (*pb)[8]) {
+__attribute__((always_inline)) inline void softmax_step(__m256 lo, __m256 hi, float& m,
+                                                        float& l, __m256& lv, float* acc,
+                                                        int n_acc, float (*pb)[8]) {
   const __m256 mx = _mm256_max_ps(lo, hi);
   if (_mm256_movemask_ps(_mm256_cmp_ps(mx, _mm256_set1_ps(m), _CMP_GT_OQ))) {
     const float m_new = hmax(mx);
@@ -223,10 +224,19 @@ inline void softmax_step(__m256 lo, __m256 hi, float& m, float& l, __m256& lv, f
 
 // ---- Dense rows and a mask per token
 
+// A value in a register from here on: keeps gcc from folding its load into every FMA
+// that uses it (each folded copy is one more load; the loops below are bound by the
+// two 256-bit loads Zen 2/3 issue per cycle as much as by the FMAs).
+inline __m256 in_reg(__m256 x) {
+  asm("" : "+x"(x));
+  return x;
+}
+
 // Chunk c (16 dimensions) of a K or V row as two fp32 vectors in the layout's lane
 // order (see the file comment). Per-token masks: `mb` the row's mask bytes and `off`
-// the value offset of byte 2c (advanced past chunk c).
-template <int L>
+// the value offset of byte 2c (advanced past chunk c). FULL: every chunk is whole
+// (head_dim a multiple of 16), no tail checks.
+template <int L, bool FULL>
 inline void load_chunk(const uint16_t* row, int c, int64_t d, const uint8_t* mb, int& off,
                        __m256& x0, __m256& x1) {
   if constexpr (L == kToken) {
@@ -236,7 +246,9 @@ inline void load_chunk(const uint16_t* row, int c, int64_t d, const uint8_t* mb,
     x1 = expand8(row, off, b1);
     off += _mm_popcnt_u32(b1);
   } else {
-    const __m256i raw = load_row16(row + 16 * c, d - 16 * c);
+    const __m256i raw =
+        FULL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * c))
+             : load_row16(row + 16 * c, d - 16 * c);
     x0 = even_f32(raw);
     x1 = odd_f32(raw);
   }
@@ -249,7 +261,7 @@ inline void load_chunk(const uint16_t* row, int c, int64_t d, const uint8_t* mb,
 template <int G, int TB, int NCH, int KL>
 inline void score_tokens(const Rows& kr, int64_t t, int nch_rt, int words, int64_t d,
                          const float* q, float (*sbuf)[kBlock][8], int i) {
-  constexpr int NA = G == 1 ? 2 : 1;  // one head: two sums per token (more FMA chains)
+  constexpr int NA = G <= 2 ? 2 : 1;  // small groups: two sums per token (more FMA chains)
   const int nch = NCH > 0 ? NCH : nch_rt;
   __m256 s[NA][TB][G];
   for (int a = 0; a < NA; ++a)
@@ -270,13 +282,16 @@ inline void score_tokens(const Rows& kr, int64_t t, int nch_rt, int words, int64
     }
   }
   _Pragma("GCC unroll 16") for (int c = 0; c < nch; ++c) {
-    for (int j = 0; j < TB; ++j) {
-      __m256 x0, x1;
-      load_chunk<KL>(row[j], c, d, mb[j], off[j], x0, x1);
-      for (int g = 0; g < G; ++g) {
-        const float* qg = q + g * kMaxD + 16 * c;
-        s[0][j][g] = _mm256_fmadd_ps(x0, _mm256_load_ps(qg), s[0][j][g]);
-        s[NA - 1][j][g] = _mm256_fmadd_ps(x1, _mm256_load_ps(qg + 8), s[NA - 1][j][g]);
+    __m256 x0[TB], x1[TB];
+    for (int j = 0; j < TB; ++j)
+      load_chunk<KL, (NCH > 0)>(row[j], c, d, mb[j], off[j], x0[j], x1[j]);
+    for (int g = 0; g < G; ++g) {  // each q vector loaded once for the TB tokens
+      const float* qg = q + g * kMaxD + 16 * c;
+      const __m256 q0 = TB > 1 ? in_reg(_mm256_load_ps(qg)) : _mm256_load_ps(qg);
+      const __m256 q1 = TB > 1 ? in_reg(_mm256_load_ps(qg + 8)) : _mm256_load_ps(qg + 8);
+      for (int j = 0; j < TB; ++j) {
+        s[0][j][g] = _mm256_fmadd_ps(x0[j], q0, s[0][j][g]);
+        s[NA - 1][j][g] = _mm256_fmadd_ps(x1[j], q1, s[NA - 1][j][g]);
       }
     }
   }
@@ -290,7 +305,7 @@ inline void score_tokens(const Rows& kr, int64_t t, int nch_rt, int words, int64
 
 // One V pass: chunks c0 .. c0+WB-1 of the block's nc rows into the accumulators of query
 // heads g0 .. g0+GB-1 (2 * WB * GB of them in registers).
-template <int GB, int WB, int VL>
+template <int GB, int WB, int VL, bool FULL>
 inline void v_pass(const uint16_t* const* vrow, const uint8_t* const* vmb, const int (*voff)[33],
                    int nc, int c0, int64_t d, const float (*pb)[kBlock][8], float* acc, int g0) {
   __m256 a[WB][GB][2];
@@ -302,9 +317,9 @@ inline void v_pass(const uint16_t* const* vrow, const uint8_t* const* vmb, const
     for (int b = 0; b < WB; ++b) {
       int off = VL == kToken ? voff[i][2 * (c0 + b)] : 0;
       __m256 x0, x1;
-      load_chunk<VL>(vrow[i], c0 + b, d, VL == kToken ? vmb[i] : nullptr, off, x0, x1);
+      load_chunk<VL, FULL>(vrow[i], c0 + b, d, VL == kToken ? vmb[i] : nullptr, off, x0, x1);
       for (int g = 0; g < GB; ++g) {
-        const __m256 p = _mm256_load_ps(pb[g0 + g][i]);
+        const __m256 p = in_reg(_mm256_load_ps(pb[g0 + g][i]));  // one load, two FMAs
         a[b][g][0] = _mm256_fmadd_ps(x0, p, a[b][g][0]);
         a[b][g][1] = _mm256_fmadd_ps(x1, p, a[b][g][1]);
       }
@@ -316,15 +331,17 @@ inline void v_pass(const uint16_t* const* vrow, const uint8_t* const* vmb, const
         _mm256_store_ps(acc + (g0 + g) * kMaxD + 16 * (c0 + b) + 8 * h, a[b][g][h]);
 }
 
-// NCH > 0: the number of 16-dimension chunks as a constant (head_dims 64 and 128);
-// 0: nch_rt at run time. q [G][kMaxD] and acc [G][kMaxD] in the lane orders of the K and
-// V layouts.
+// NCH > 0: head_dim = 16 NCH, a constant (64 and 128: loops unrolled, no row tails);
+// 0: nch_rt chunks at run time, the last one possibly partial. q [G][kMaxD] and acc
+// [G][kMaxD] in the lane orders of the K and V layouts.
 template <int G, int NCH, int KL, int VL>
 void segment(const Rows& kr, const Rows& vr, int64_t n, int nch_rt, int words, int64_t d,
              float scale, const float* q, float* m, float* l, float* acc) {
-  constexpr int TB = G <= 2 ? 4 : G <= 4 ? 2 : 1;  // tokens per score step: ~8 FMA chains
-  constexpr int WB = G == 1 ? 4 : G == 2 ? 2 : 1;  // V chunks per pass
-  constexpr int GB = G <= 4 ? G : (G + 1) / 2;     // V query heads per pass
+  // Tokens per score step and V chunks / heads per pass: 8-12 FMA chains in registers
+  // (measured on Zen 3 with L2-resident rows: 90-97% of 2 FMAs per cycle for G = 2..8).
+  constexpr int TB = G == 1 ? 4 : G <= 4 ? 2 : 1;
+  constexpr int WB = G == 1 ? 4 : G == 2 ? 2 : 1;
+  constexpr int GB = G <= 4 ? G : (G + 1) / 2;
   const int nch = NCH > 0 ? NCH : nch_rt;
   alignas(32) float sbuf[G][kBlock][8];
   alignas(32) float pb[G][kBlock][8];
@@ -337,18 +354,26 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int nch_rt, int words, i
   for (int g = 0; g < G; ++g) lv[g] = _mm256_setzero_ps();
   for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
     const int nc = static_cast<int>(n - c0 < kBlock ? n - c0 : kBlock);
-    // The block's V rows (and masks) on their way to L2 while K is read: both streams
-    // stay in flight, and the V passes below re-read the rows from cache.
-    for (int i = 0; i < nc; ++i) {
-      const char* vp = reinterpret_cast<const char*>(vr.vals + (c0 + i) * vr.stride);
-      for (int64_t j = 0; j < vrow_bytes; j += 64) _mm_prefetch(vp + j, _MM_HINT_T1);
-    }
+    // Each token's V row (and the block's V masks) on its way to L2 while the same
+    // token's K row is read: both streams stay in flight, and the V passes below
+    // re-read the rows from cache. (Per token, as the AVX-512 kernel measured best: one
+    // burst of a block's prefetches at its start, or a block ahead, streamed no faster
+    // here.)
     if constexpr (VL == kToken)
       _mm_prefetch(reinterpret_cast<const char*>(vr.bits + c0 * words), _MM_HINT_T1);
+    auto prefetch_v = [&](int64_t t) {
+      const char* vp = reinterpret_cast<const char*>(vr.vals + t * vr.stride);
+      for (int64_t x = 0; x < vrow_bytes; x += 64) _mm_prefetch(vp + x, _MM_HINT_T1);
+    };
     int i = 0;
-    for (; i + TB <= nc; i += TB)
+    for (; i + TB <= nc; i += TB) {
+      for (int j = 0; j < TB; ++j) prefetch_v(c0 + i + j);
       score_tokens<G, TB, NCH, KL>(kr, c0 + i, nch, words, d, q, sbuf, i);
-    for (; i < nc; ++i) score_tokens<G, 1, NCH, KL>(kr, c0 + i, nch, words, d, q, sbuf, i);
+    }
+    for (; i < nc; ++i) {
+      prefetch_v(c0 + i);
+      score_tokens<G, 1, NCH, KL>(kr, c0 + i, nch, words, d, q, sbuf, i);
+    }
     for (; i < kBlock; ++i)
       for (int g = 0; g < G; ++g) _mm256_store_ps(sbuf[g][i], _mm256_setzero_ps());
     const __m256 live_lo = _mm256_castsi256_ps(lanes_below(nc));
@@ -378,13 +403,15 @@ void segment(const Rows& kr, const Rows& vr, int64_t n, int nch_rt, int words, i
     // block's rows from L1.
     int c = 0;
     for (; c + WB <= nch; c += WB) {
-      v_pass<GB, WB, VL>(vrow, vmb, voff, nc, c, d, pb, acc, 0);
-      if constexpr (G > GB) v_pass<G - GB, WB, VL>(vrow, vmb, voff, nc, c, d, pb, acc, GB);
+      v_pass<GB, WB, VL, (NCH > 0)>(vrow, vmb, voff, nc, c, d, pb, acc, 0);
+      if constexpr (G > GB)
+        v_pass<G - GB, WB, VL, (NCH > 0)>(vrow, vmb, voff, nc, c, d, pb, acc, GB);
     }
     if constexpr (NCH == 0 || NCH % WB != 0)  // (a dead loop here upsets gcc's analysis)
       for (; c < nch; ++c) {
-        v_pass<GB, 1, VL>(vrow, vmb, voff, nc, c, d, pb, acc, 0);
-        if constexpr (G > GB) v_pass<G - GB, 1, VL>(vrow, vmb, voff, nc, c, d, pb, acc, GB);
+        v_pass<GB, 1, VL, (NCH > 0)>(vrow, vmb, voff, nc, c, d, pb, acc, 0);
+        if constexpr (G > GB)
+          v_pass<G - GB, 1, VL, (NCH > 0)>(vrow, vmb, voff, nc, c, d, pb, acc, GB);
       }
   }
   for (int g = 0; g < G; ++g) l[g] += hsum(lv[g]);
@@ -625,9 +652,9 @@ void attend(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, int64_t t0, int
         to_eo(acc[g], tmp, nch);
         for (int j = 0; j < 16 * nch; ++j) acc[g][j] = tmp[j];
       }
-    if (nch == 8)
+    if (d == 128)
       segment<G, 8, KL, VL>(kr, vr, n, nch, words, d, a.scale_log2e, q, m, l, &acc[0][0]);
-    else if (nch == 4)
+    else if (d == 64)
       segment<G, 4, KL, VL>(kr, vr, n, nch, words, d, a.scale_log2e, q, m, l, &acc[0][0]);
     else
       segment<G, 0, KL, VL>(kr, vr, n, nch, words, d, a.scale_log2e, q, m, l, &acc[0][0]);

@@ -50,7 +50,8 @@ AttnFn attention_kernel(const c10::optional<c10::string_view>& name) {
   }
   const auto& f = cpu_features();
   // The attention kernel has no AMX version: decode attention is a matrix-vector product
-  // per KV head, bound by memory, with too few query rows (G <= 8) to fill a tile.
+  // per KV head, bound by memory, with too few query rows (G <= 8) to fill a tile. So
+  // auto (and amx): AVX-512-BF16, else AVX2+FMA, else portable.
   if (want.empty() || want == "auto" || want == "amx") {
     if (f.can_avx512()) return attention_avx512;
     return f.can_avx2() ? attention_avx2 : attention_portable;

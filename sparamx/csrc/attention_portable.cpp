@@ -1,7 +1,7 @@
 // Portable decode attention over the sparse KV cache (any CPU): the fallback where
-// AVX-512-BF16 is missing, and a second implementation the AVX-512 kernel is tested
-// against. Same math: bf16 q and K/V, fp32 products and sums, online softmax in the
-// log2 domain.
+// neither AVX-512-BF16 nor AVX2+FMA is available, and a second implementation the
+// x86 kernels are tested against. Same math: bf16 q and K/V, fp32 products and sums,
+// online softmax in the log2 domain.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
