@@ -23,18 +23,14 @@
 #include <string>
 
 #include "cpu_features.h"
+#include "kernels.h"
 
 namespace sparamx {
 namespace {
 
-// bf16 bits <-> fp32 as c10::BFloat16 converts: widening is a shift; narrowing rounds to
-// nearest even (a NaN becomes 0x7FC0). Branch-free, so the loops below vectorise.
-inline float bf16_bits_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+// fp32 -> bf16 bits as c10::BFloat16 rounds: to nearest even, a NaN becomes 0x7FC0
+// (kernels.h's float_to_bf16 keeps a NaN's payload instead, so it cannot serve here);
+// widening is kernels.h's bf16_to_float. Branch-free, so the loops below vectorise.
 inline uint16_t float_to_bf16_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -49,7 +45,7 @@ inline uint16_t float_to_bf16_bits(float f) {
 __attribute__((always_inline)) inline void squares_body(const uint16_t* x, float* sq,
                                                         int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const float h = bf16_bits_to_float(x[i]);
+    const float h = bf16_to_float(x[i]);
     sq[i] = h * h;
   }
 }
@@ -64,13 +60,13 @@ __attribute__((always_inline)) inline void scale_body(const uint16_t* x, const u
     uint16_t* o = out + r * d;
     if (offset_weight) {
       for (int64_t j = 0; j < d; ++j)
-        o[j] = float_to_bf16_bits(bf16_bits_to_float(xr[j]) * inv *
-                                  (bf16_bits_to_float(w[j]) + 1.0f));
+        o[j] = float_to_bf16_bits(bf16_to_float(xr[j]) * inv *
+                                  (bf16_to_float(w[j]) + 1.0f));
     } else {
       for (int64_t j = 0; j < d; ++j)
         o[j] = float_to_bf16_bits(
-            bf16_bits_to_float(w[j]) *
-            bf16_bits_to_float(float_to_bf16_bits(bf16_bits_to_float(xr[j]) * inv)));
+            bf16_to_float(w[j]) *
+            bf16_to_float(float_to_bf16_bits(bf16_to_float(xr[j]) * inv)));
     }
   }
 }
