@@ -135,7 +135,7 @@ def load_models(artifact: str | Path, stock: bool, stock_source: str | None, dty
     from .models import load_model
 
     manifest = read_manifest(artifact)
-    sparse, tok = load(artifact)
+    sparse, tok = load(artifact, dtype=dtype)
     recipe = manifest.get("recipe") or {}
     desc = f"{recipe.get('method', '?')} {recipe.get('sparsity', 0):.0%}"
     dense = None
@@ -312,11 +312,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-stock", action="store_true", help="the sparse model only")
     ap.add_argument("--no-live", action="store_true", help="print the final texts and speeds")
     ap.add_argument("--stock-source", default=None, help="dense model (default: the source)")
-    ap.add_argument("--dtype", default="bfloat16", help="stock model dtype")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="compute dtype of the stock model and of the packed model's activations "
+        "(auto: float32 where the CPU has no fast bf16 matmul; see sparamx.cpu)",
+    )
     ap.add_argument(
         "--no-compile", action="store_true", help="eager sparse decode step (no compile wait)"
     )
     args = ap.parse_args(argv)
+    from .cpu import resolve_compute_dtype
+
+    args.dtype = resolve_compute_dtype(args.dtype).resolved
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.tokens < 2:

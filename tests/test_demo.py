@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config
 
 from sparamx import demo
+from sparamx.cpu import resolve_compute_dtype
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,9 @@ def test_no_live_prints_both_texts_and_speeds(tiny_artifact, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == f"prompt: {demo.DEFAULT_PROMPT}"
-    stock = [ln for ln in lines if ln.startswith("== stock transformers (bfloat16): 5 tokens, ")]
+    # the stock lane names the compute dtype ``auto`` resolved to on this CPU
+    dtype = resolve_compute_dtype("auto").resolved
+    stock = [ln for ln in lines if ln.startswith(f"== stock transformers ({dtype}): 5 tokens, ")]
     sparse = [ln for ln in lines if ln.startswith("== sparamx packed (magnitude 50%, ")]
     assert len(stock) == 1 and len(sparse) == 1
     assert stock[0].endswith("tokens/s") and sparse[0].endswith("tokens/s")
