@@ -67,7 +67,8 @@ def machine_record(threads: int | None = None) -> dict:
         "transformers": transformers.__version__,
         "sparamx": __version__,
         "python": platform.python_version(),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        # orig_argv: the command as typed (``sparamx run`` rewrites argv[0] for its parsers)
+        "command": shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]),
         "load_avg": list(os.getloadavg()),
     }
     try:

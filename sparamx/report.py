@@ -178,7 +178,8 @@ def render_markdown(r: dict, eval_table: str) -> str:
             "",
             f"{len(b['prompts'])} prompts x {b['repeats']} repeats, {b['new_tokens']} new "
             "tokens each, medians; one warm-up generation per process is not timed. "
-            "`stock` = transformers bf16 dense (unpruned); `sparse` = packed artifact. "
+            "`stock` = transformers dense (unpruned), computing in the `dtype` column's dtype; "
+            "`sparse` = packed artifact (bf16 weights, activations in that dtype). "
             "Loop: `hf` = `model.generate`, `lean` = `sparamx.generate` (static cache, "
             "compiled decode step; compile time in the warm-up, shown apart).",
             "",
