@@ -63,7 +63,7 @@ def owl_sparsities(
         return [target] * len(ratios)
     centred = r - (r * n).sum() / n.sum()
     spread = centred[n > 0].abs().max() if (n > 0).any() else torch.tensor(0.0)
-    if spread == 0:
+    if spread < 1e-12:  # equal ratios up to rounding (ratios are shares in [0, 1])
         return [target] * len(ratios)
     out = torch.where(n > 0, target - lam * centred / spread, torch.tensor(target))
     if out.min() < 0 or out.max() >= 1:

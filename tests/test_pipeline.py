@@ -54,7 +54,20 @@ def finished(run_dir):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["prune.method=sparsegpt"], "prune.method: 'sparsegpt' is not one of magnitude, wanda"),
+        (
+            ["prune.method=obs"],
+            "prune.method: 'obs' is not one of magnitude, wanda, ria, sparsegpt",
+        ),
+        (["prune.allocation=even"], "prune.allocation: 'even' is not one of uniform, owl"),
+        (["prune.owl.lambda=1.2"], r"prune.owl.lambda: 1.2 is invalid; allowed: 0 <= lambda < 1"),
+        (["prune.owl.m=0"], "prune.owl.m: 0.0 is invalid; must be > 0"),
+        (["prune.owl.lamda=0.1"], "unknown field prune.owl.lamda .prune.owl allows: lambda, m"),
+        (
+            ["prune.allocation=owl", "prune.sparsity=0.95"],
+            r"prune.owl.lambda: 0.08 is invalid; with allocation owl, sparsity 0.95",
+        ),
+        (["prune.sparsegpt.percdamp=-0.1"], "prune.sparsegpt.percdamp: -0.1 is invalid"),
+        (["prune.sparsegpt.block_size=0"], "prune.sparsegpt.block_size: 0 is invalid"),
         (["prune.sparsity=1"], "prune.sparsity"),
         (["prune.colour=red"], "unknown field prune.colour"),
         (["colour=red"], "unknown field colour"),
