@@ -1,7 +1,9 @@
-"""Unstructured pruning of a transformers causal LM's linear weights (magnitude, Wanda).
+"""Unstructured pruning of a transformers causal LM's linear weights: magnitude, Wanda,
+RIA and SparseGPT, with a uniform or an OWL (outlier-weighted) allocation over layers.
 
     from pruning import prune
     result = prune(model, "wanda", 0.5, tokenizer=tokenizer)   # weights masked in place
+    result = prune(model, "sparsegpt", 0.7, tokenizer=tokenizer, allocation="owl")
     print(result.table())
 
 See :mod:`pruning.layerwise` for the one-layer entry point used by streaming callers.
@@ -17,12 +19,16 @@ from .layerwise import (
     decoder_layers,
     prune_decoder_layer,
 )
-from .scores import magnitude_score, mask_from_scores, wanda_score
+from .owl import ALLOCATIONS, OWL, owl_sparsities
+from .scores import magnitude_score, mask_from_scores, ria_score, wanda_score
+from .sparsegpt import SingularHessianError, sparsegpt_prune
 
 __all__ = [
+    "ALLOCATIONS",
     "C4_PAPER",
     "DEFAULT_SKIP",
     "METHODS",
+    "OWL",
     "Calibration",
     "LayerInputs",
     "PruneResult",
@@ -33,7 +39,11 @@ __all__ = [
     "magnitude_score",
     "mask_from_scores",
     "prune",
+    "owl_sparsities",
     "prune_decoder_layer",
+    "ria_score",
+    "SingularHessianError",
+    "sparsegpt_prune",
     "strip_wikitext",
     "wanda_score",
 ]

@@ -22,16 +22,20 @@ from .calibration import Calibration, resolve_calibration
 from .layerwise import (
     DEFAULT_SKIP,
     NEEDS_ACTIVATIONS,
+    LayerInputs,
+    calibration_statistics,
     capture_layer_inputs,
     check_method,
     decoder_layers,
-    input_sq_norms,
     is_skipped,
+    layer_outlier_ratio,
     linear_stats,
     prune_decoder_layer,
     prune_linear,
 )
+from .owl import OWL, owl_sparsities, resolve_allocation
 from .scores import GRANULARITIES, check_sparsity
+from .sparsegpt import BLOCK_SIZE, PERCDAMP
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ class PruneResult:
     calibration: dict | None  # settings of the calibration set (None for magnitude)
     seconds: float
     masks: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # "uniform", or OWL's settings with per decoder layer: outlier ratio, target, realised
+    allocation: dict = field(default_factory=lambda: {"method": "uniform"})
+    statistics_mb: float = 0.0  # largest calibration statistics of one layer (Hessians)
 
     def table(self) -> str:
         return format_table(self.stats)
@@ -57,6 +64,8 @@ class PruneResult:
             "granularity": self.granularity,
             "calibration": self.calibration,
             "seconds": self.seconds,
+            "allocation": self.allocation,
+            "statistics_mb": self.statistics_mb,
             "layers": self.stats,
         }
 
@@ -116,23 +125,88 @@ def prune_outer_linears(
     sparsity: float,
     granularity: str,
     return_masks: bool = False,
+    percdamp: float = PERCDAMP,
+    block_size: int = BLOCK_SIZE,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Prune the linears outside the decoder layers (see ``_outer_targets``); with
     calibration ``states`` (the last layer's outputs) a head sees them through the final
     norm, as in the model's forward. Shared with the streaming path."""
     stats, masks = [], {}
     for name, lin in outer.items():
-        with torch.no_grad(), input_sq_norms({name: lin}) as sq:
+        wanted = method if states is not None else "magnitude"
+        with torch.no_grad(), calibration_statistics({name: lin}, wanted) as stat:
             if states is not None:
                 final_norm = getattr(base, "norm", None)
                 final_norm = nn.Identity() if final_norm is None else final_norm
                 for h in states:
                     lin(final_norm(h))
-        keep = prune_linear(lin, method, sparsity, granularity, sq[name] if states else None)
+        keep = prune_linear(
+            lin,
+            method,
+            sparsity,
+            granularity,
+            stat.get(name),
+            name=name,
+            percdamp=percdamp,
+            block_size=block_size,
+        )
         stats.append(linear_stats(name, lin, method, sparsity, granularity, None))
         if return_masks:
             masks[name] = keep
     return stats, masks
+
+
+def owl_allocation(
+    layers: nn.ModuleList,
+    inputs: LayerInputs,
+    owl: OWL,
+    sparsity: float,
+    *,
+    skip: Sequence[str],
+    include: Sequence[str] | None,
+    prefix: str,
+    progress: bool = True,
+) -> dict:
+    """OWL's per-layer sparsities from one pass of the calibration states through the
+    dense layers (``inputs.states`` is left as it was)."""
+    states = [h.clone() for h in inputs.states]
+    ratios, numels = [], []
+    bar = tqdm(layers, desc="owl outlier ratios", unit="layer", disable=not progress)
+    for i, layer in enumerate(bar):
+        r, n = layer_outlier_ratio(
+            layer,
+            states,
+            inputs.kwargs[i],
+            m=owl.m,
+            skip=skip,
+            include=include,
+            prefix=f"{prefix}{i}.",
+        )
+        ratios.append(r)
+        numels.append(n)
+    targets = owl_sparsities(ratios, numels, sparsity, owl.lam)
+    return owl_record(owl, ratios, targets)
+
+
+def owl_record(owl: OWL, ratios: Sequence[float], targets: Sequence[float]) -> dict:
+    return {
+        "method": "owl",
+        "lambda": owl.lam,
+        "m": owl.m,
+        "layers": [
+            {"layer": i, "outlier_ratio": r, "target": t}
+            for i, (r, t) in enumerate(zip(ratios, targets, strict=True))
+        ],
+    }
+
+
+def add_realised(allocation: dict, stats: Sequence[dict]) -> dict:
+    """Each decoder layer's realised sparsity (zeros over its pruned weights)."""
+    for rec in allocation.get("layers", []):
+        mine = [s for s in stats if s["layer"] == rec["layer"]]
+        numel = sum(s["shape"][0] * s["shape"][1] for s in mine)
+        rec["sparsity"] = 1 - sum(s["nnz"] for s in mine) / numel if numel else 0.0
+    return allocation
 
 
 def prune(
@@ -143,17 +217,25 @@ def prune(
     tokenizer=None,
     calibration: Calibration | str | torch.Tensor | None = None,
     granularity: str = "row",
+    allocation: str | OWL = "uniform",
     skip: Sequence[str] | None = None,
     include: Sequence[str] | None = None,
     return_masks: bool = False,
     batch_size: int = 8,
+    percdamp: float = PERCDAMP,
+    block_size: int = BLOCK_SIZE,
     progress: bool = True,
 ) -> PruneResult:
     """Prune the linear weights of a transformers causal LM in place, layer by layer.
 
-    method: "magnitude" (|W|) or "wanda" (|W| * ||X||, calibration needed).
+    method: "magnitude" (|W|), "wanda" (|W| * ||X||), "ria" (relative importance x
+        ||X||^0.5) or "sparsegpt" (OBS updates from X^T X); all but magnitude need
+        calibration.
     sparsity: fraction of zeros in [0, 1), exact per comparison group.
     granularity: "row" (each output row; Wanda's default) or "layer" (whole matrix).
+    allocation: "uniform" (every decoder layer at ``sparsity``) or "owl" / an
+        :class:`~pruning.owl.OWL` (per-layer sparsities from outlier ratios, mean
+        ``sparsity``; needs calibration whatever the method).
     calibration: None (offline Wikipedia set, tokenized with ``tokenizer``), a source name
         ("wikipedia", "c4"), a :class:`Calibration`, or a LongTensor ``[samples, seqlen]``.
     skip: module patterns (exact, dotted suffix, glob or ``re:`` regex; see
@@ -162,9 +244,11 @@ def prune(
         e.g. ``["*.mlp.*"]`` for the MLP projections only.
     return_masks: also return the boolean keep-masks (True = kept) by module name.
     batch_size: calibration samples per layer call; bounds activation memory.
+    percdamp, block_size: sparsegpt's damping (fraction of mean diag H) and column block.
     """
     check_method(method)
     sparsity = check_sparsity(sparsity)
+    owl = resolve_allocation(allocation)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES}")
     skip = DEFAULT_SKIP if skip is None else tuple(skip)
@@ -184,31 +268,48 @@ def prune(
     model.eval()
     try:
         calib_info, inputs = None, None
-        if NEEDS_ACTIVATIONS[method]:
+        alloc = {"method": "uniform"}
+        if NEEDS_ACTIVATIONS[method] or owl is not None:
             ids, calib_info = resolve_calibration(calibration, tokenizer)
-            inputs = capture_layer_inputs(model, ids, batch_size)
-        states = inputs.states if inputs else None
-        stats, masks = [], {}
+            inputs = capture_layer_inputs(model, ids, batch_size)  # once, for every pass
+        targets = [sparsity] * len(layers)
+        if owl is not None:
+            alloc = owl_allocation(
+                layers,
+                inputs,
+                owl,
+                sparsity,
+                skip=skip,
+                include=include,
+                prefix=prefix,
+                progress=progress,
+            )
+            targets = [rec["target"] for rec in alloc["layers"]]
+        states = inputs.states if inputs and NEEDS_ACTIVATIONS[method] else None
+        stats, masks, held = [], {}, 0
         bar = tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="layer", disable=not progress)
         for i, layer in enumerate(bar):
             res = prune_decoder_layer(
                 layer,
                 states,
-                inputs.kwargs[i] if inputs else None,
+                inputs.kwargs[i] if states is not None else None,
                 method=method,
-                sparsity=sparsity,
+                sparsity=targets[i],
                 granularity=granularity,
                 skip=skip,
                 prefix=f"{prefix}{i}.",
                 layer_index=i,
                 return_masks=return_masks,
                 include=include,
+                percdamp=percdamp,
+                block_size=block_size,
             )
             states = res.states
             stats += res.stats
             masks.update(res.masks or {})
+            held = max(held, res.statistics_bytes)
         outer_stats, outer_masks = prune_outer_linears(
-            base, outer, states, method, sparsity, granularity, return_masks
+            base, outer, states, method, sparsity, granularity, return_masks, percdamp, block_size
         )
         stats += outer_stats
         masks.update(outer_masks)
@@ -216,12 +317,21 @@ def prune(
         model.train(was_training)
     seconds = time.perf_counter() - start
     result = PruneResult(
-        method, sparsity, granularity, stats, calib_info, seconds, masks if return_masks else None
+        method,
+        sparsity,
+        granularity,
+        stats,
+        calib_info,
+        seconds,
+        masks if return_masks else None,
+        add_realised(alloc, stats),
+        held / 2**20,
     )
     log.info(
-        "pruned %d linears with %s at %.0f%% (%s) in %.1f s\n%s",
+        "pruned %d linears with %s (%s) at %.0f%% (%s) in %.1f s\n%s",
         len(stats),
         method,
+        alloc["method"],
         100 * sparsity,
         granularity,
         seconds,

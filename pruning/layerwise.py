@@ -19,11 +19,14 @@ from torch import nn
 
 from sparamx.select import is_selected, matches_any
 
-from .scores import magnitude_score, mask_from_scores, wanda_score
+from .owl import outlier_ratio
+from .scores import magnitude_score, mask_from_scores, ria_score, wanda_score
+from .sparsegpt import BLOCK_SIZE, PERCDAMP, input_hessians, sparsegpt_prune
 
-# Score functions by name; the driver passes explicit arguments, never an options bag.
-METHODS = ("magnitude", "wanda")
-NEEDS_ACTIVATIONS = {"magnitude": False, "wanda": True}
+# Methods by name; the driver passes explicit arguments, never an options bag. Score
+# methods rank weights once; sparsegpt also updates the kept weights (OBS).
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+NEEDS_ACTIVATIONS = {"magnitude": False, "wanda": True, "ria": True, "sparsegpt": True}
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
 
 
@@ -142,23 +145,55 @@ def input_sq_norms(linears: dict[str, nn.Linear]) -> Iterator[dict[str, torch.Te
             h.remove()
 
 
+@contextlib.contextmanager
+def calibration_statistics(
+    linears: dict[str, nn.Linear], method: str
+) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, gather what ``method`` needs from each linear's inputs: squared
+    column norms (wanda, ria), the Hessian X^T X (sparsegpt), nothing (magnitude)."""
+    if method == "sparsegpt":
+        with input_hessians(linears) as hs:
+            yield hs
+    elif NEEDS_ACTIVATIONS[method]:
+        with input_sq_norms(linears) as sq:
+            yield sq
+    else:
+        yield {}
+
+
 def prune_linear(
     linear: nn.Linear,
     method: str,
     sparsity: float,
     granularity: str = "row",
-    input_sq_norm: torch.Tensor | None = None,
+    statistic: torch.Tensor | None = None,
+    *,
+    name: str = "linear",
+    percdamp: float = PERCDAMP,
+    block_size: int = BLOCK_SIZE,
 ) -> torch.Tensor:
-    """Mask ``linear.weight`` in place; return the keep-mask (bool, weight's shape)."""
+    """Prune ``linear.weight`` in place; return the keep-mask (bool, weight's shape).
+
+    ``statistic``: from :func:`calibration_statistics` (squared input norms, or the
+    Hessian for sparsegpt); ``percdamp`` and ``block_size`` are sparsegpt's.
+    """
+    check_method(method)
     w = linear.weight
+    if NEEDS_ACTIVATIONS[method] and statistic is None:
+        raise ValueError(f"{name}: {method} needs the calibration statistics of the linear")
+    if method == "sparsegpt":
+        pruned, keep = sparsegpt_prune(
+            w, statistic, sparsity, granularity, percdamp=percdamp, block_size=block_size, name=name
+        )
+        with torch.no_grad():
+            w.copy_(pruned)
+        return keep
     if method == "magnitude":
         scores = magnitude_score(w)
     elif method == "wanda":
-        if input_sq_norm is None:
-            raise ValueError("wanda needs the squared input norms of the linear")
-        scores = wanda_score(w, input_sq_norm)
+        scores = wanda_score(w, statistic)
     else:
-        check_method(method)
+        scores = ria_score(w, statistic)
     keep = mask_from_scores(scores, sparsity, granularity)
     with torch.no_grad():
         w.masked_fill_(~keep, 0)
@@ -193,6 +228,47 @@ class LayerResult:
     states: list[torch.Tensor] | None
     stats: list[dict]
     masks: dict[str, torch.Tensor] | None
+    statistics_bytes: int = 0  # calibration statistics held at once (sparsegpt: Hessians)
+
+
+def selected_linears(
+    layer: nn.Module, prefix: str, skip: Sequence[str], include: Sequence[str] | None
+) -> dict[str, nn.Linear]:
+    """The linears of ``layer`` to prune, by global name."""
+    return {
+        prefix + n: m
+        for n, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and is_selected(prefix + n, include, skip)
+    }
+
+
+def _batch_kwargs(kwargs, states: list) -> list[dict]:
+    kw = list(kwargs) if isinstance(kwargs, (list, tuple)) else [kwargs or {}] * len(states)
+    if len(kw) != len(states):
+        raise ValueError(f"{len(states)} state batches but {len(kw)} kwargs dicts")
+    return kw
+
+
+def layer_outlier_ratio(
+    layer: nn.Module,
+    states: list[torch.Tensor],
+    kwargs: dict | Sequence[dict] | None,
+    *,
+    m: float,
+    skip: Sequence[str] = DEFAULT_SKIP,
+    include: Sequence[str] | None = None,
+    prefix: str = "",
+) -> tuple[float, int]:
+    """OWL's (outlier ratio, prunable weights) of ONE dense decoder layer; ``states`` is
+    overwritten in place with the dense layer's outputs, the next layer's inputs."""
+    linears = selected_linears(layer, prefix, skip, include)
+    kw = _batch_kwargs(kwargs, states)
+    device = next(layer.parameters()).device
+    with torch.no_grad(), input_sq_norms(linears) as sq:
+        for b, (h, k) in enumerate(zip(states, kw, strict=True)):
+            states[b] = _hidden(layer(h.to(device), **k))
+    scores = [wanda_score(lin.weight, sq[n]) for n, lin in linears.items()]
+    return outlier_ratio(scores, m), sum(lin.weight.numel() for lin in linears.values())
 
 
 def prune_decoder_layer(
@@ -208,6 +284,8 @@ def prune_decoder_layer(
     layer_index: int | None = None,
     return_masks: bool = False,
     include: Sequence[str] | None = None,
+    percdamp: float = PERCDAMP,
+    block_size: int = BLOCK_SIZE,
 ) -> LayerResult:
     """Prune the linears of ONE decoder layer and return the states for the next layer.
 
@@ -217,32 +295,36 @@ def prune_decoder_layer(
     dict for all batches or one per batch (see :class:`LayerInputs`). Magnitude needs
     neither: pass ``states=None``. ``prefix`` makes the names in the statistics global
     ("model.layers.3."). ``include``: patterns choosing the linears to prune (None: all
-    but ``skip``).
+    but ``skip``). ``percdamp``, ``block_size``: sparsegpt's damping and column block.
     """
     check_method(method)
-    linears = {
-        prefix + n: m
-        for n, m in layer.named_modules()
-        if isinstance(m, nn.Linear) and is_selected(prefix + n, include, skip)
-    }
+    linears = selected_linears(layer, prefix, skip, include)
     if states is not None:
-        kw = list(kwargs) if isinstance(kwargs, (list, tuple)) else [kwargs or {}] * len(states)
-        if len(kw) != len(states):
-            raise ValueError(f"{len(states)} state batches but {len(kw)} kwargs dicts")
+        kw = _batch_kwargs(kwargs, states)
         device = next(layer.parameters()).device
     elif NEEDS_ACTIVATIONS[method]:
         raise ValueError(f"{method} needs the layer's calibration input states")
     with torch.no_grad():
-        sq = {}
+        stat = {}
         if NEEDS_ACTIVATIONS[method]:
-            # Pass 1: the dense layer on the incoming states, recording input norms.
-            with input_sq_norms(linears) as sq:
+            # Pass 1: the dense layer on the incoming states, recording input statistics.
+            with calibration_statistics(linears, method) as stat:
                 for h, k in zip(states, kw, strict=True):
                     layer(h.to(device), **k)
+        held = sum(t.numel() * t.element_size() for t in stat.values())
         masks = {}
         stats = []
         for name, lin in linears.items():
-            keep = prune_linear(lin, method, sparsity, granularity, sq.get(name))
+            keep = prune_linear(
+                lin,
+                method,
+                sparsity,
+                granularity,
+                stat.pop(name, None),  # freed as soon as its linear is done
+                name=name,
+                percdamp=percdamp,
+                block_size=block_size,
+            )
             stats.append(linear_stats(name, lin, method, sparsity, granularity, layer_index))
             if return_masks:
                 masks[name] = keep
@@ -250,4 +332,6 @@ def prune_decoder_layer(
             # Pass 2: the pruned layer produces what the next layer will see.
             for b, (h, k) in enumerate(zip(states, kw, strict=True)):
                 states[b] = _hidden(layer(h.to(device), **k))
-    return LayerResult(states=states, stats=stats, masks=masks if return_masks else None)
+    return LayerResult(
+        states=states, stats=stats, masks=masks if return_masks else None, statistics_bytes=held
+    )

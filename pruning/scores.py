@@ -13,6 +13,7 @@ import math
 import torch
 
 GRANULARITIES = ("row", "layer")
+RIA_POWER = 0.5  # exponent of the activation norm in RIA (the paper's a)
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -37,13 +38,33 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
 def wanda_score(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||_2, with ``input_sq_norm[j] = sum over calibration tokens of X_j^2``
     (Sun et al., 2023, "A Simple and Effective Pruning Approach for LLMs", eq. 1)."""
+    _check_norm(weight, input_sq_norm)
+    dtype = _score_dtype(weight)
+    return weight.detach().to(dtype).abs() * input_sq_norm.to(dtype).sqrt()[None, :]
+
+
+def _check_norm(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> None:
     if input_sq_norm.shape != (weight.shape[1],):
         raise ValueError(
             f"input norm has shape {tuple(input_sq_norm.shape)}, expected "
             f"({weight.shape[1]},) for a weight of shape {tuple(weight.shape)}"
         )
+
+
+def ria_score(
+    weight: torch.Tensor, input_sq_norm: torch.Tensor, power: float = RIA_POWER
+) -> torch.Tensor:
+    """Relative importance and activations (Zhang et al., 2024, "Plug-and-Play: An
+    Efficient Post-training Pruning Method for LLMs"): ``(|W_ij| / sum_k |W_ik| +
+    |W_ij| / sum_k |W_kj|) * ||X_j||_2 ** power``. A weight counts relative to both the
+    output row and the input column it connects, so no row or column is pruned away."""
+    _check_norm(weight, input_sq_norm)
     dtype = _score_dtype(weight)
-    return weight.detach().to(dtype).abs() * input_sq_norm.to(dtype).sqrt()[None, :]
+    a = weight.detach().to(dtype).abs()
+    # Tiny floor: an all-zero row or column has relative importance 0, not nan.
+    tiny = torch.finfo(dtype).tiny
+    rel = a / a.sum(1, keepdim=True).clamp_min(tiny) + a / a.sum(0, keepdim=True).clamp_min(tiny)
+    return rel * input_sq_norm.to(dtype).sqrt().pow(power)[None, :]
 
 
 def prune_count(sparsity: float, size: int) -> int:
@@ -66,7 +87,12 @@ def mask_from_scores(
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
     groups = scores if granularity == "row" else scores.reshape(1, -1)
-    k = prune_count(sparsity, groups.shape[1])
+    return drop_lowest(groups, prune_count(sparsity, groups.shape[1])).reshape(scores.shape)
+
+
+def drop_lowest(groups: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask of ``groups`` [R, C] without the k lowest scores of each row, ties broken
+    by lower index first."""
     keep = torch.ones_like(groups, dtype=torch.bool)
     if k and groups.dtype == torch.float32 and not groups.isnan().any():
         # Same result as the stable sort below, 2-3x faster at 8B shapes (a selection,
@@ -76,7 +102,7 @@ def mask_from_scores(
     elif k:
         order = torch.sort(groups, dim=1, stable=True).indices[:, :k]
         keep.scatter_(1, order, False)
-    return keep.reshape(scores.shape)
+    return keep
 
 
 def _drop_smallest_keys(groups: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ import yaml
 
 from .select import PatternError, check_patterns
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt")  # pruning.METHODS (kept import-free)
+ALLOCATIONS = ("uniform", "owl")  # pruning.ALLOCATIONS
 GRANULARITIES = ("row", "layer")
 DTYPES = ("bfloat16", "float32")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")  # sparamx.cpu.COMPUTE_DTYPES
@@ -71,10 +72,30 @@ class CalibrationConfig:
 
 
 @dataclass
+class OwlConfig:
+    # OWL (pruning.owl): layer sparsities within sparsity +/- lambda, more outliers (Wanda
+    # scores above m x the layer mean) = sparser never; the paper's values. YAML key
+    # "lambda" (a Python keyword, hence the attribute name).
+    lambda_: float = field(default=0.08, metadata={"key": "lambda"})
+    m: float = 5.0
+
+
+@dataclass
+class SparseGPTConfig:
+    percdamp: float = 0.01  # damping of diag(X^T X), as a fraction of its mean (paper)
+    block_size: int = 128  # columns per lazy-update block (paper)
+
+
+@dataclass
 class PruneConfig:
     method: str = "wanda"
     sparsity: float = 0.5
     granularity: str = "row"  # Wanda's per-output-row comparison group
+    # uniform: every decoder layer at `sparsity`; owl: per-layer sparsities from outlier
+    # ratios with the same overall sparsity (needs calibration for any method)
+    allocation: str = "uniform"
+    owl: OwlConfig = field(default_factory=OwlConfig)
+    sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
     # Which linears are pruned: include minus skip, as module patterns (exact name,
     # dotted suffix, glob, or "re:" regex; sparamx/select.py), the language pack.* uses.
     include: list[str] = field(default_factory=lambda: ["*"])
@@ -145,7 +166,40 @@ class Config:
         return Path(self.output_dir) / self.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return as_dict(self)
+
+
+def as_dict(obj) -> dict:
+    """``dataclasses.asdict`` with the YAML keys (``owl.lambda``, not ``lambda_``)."""
+    return {
+        f.metadata.get("key", f.name): _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+    }
+
+
+def prune_recipe(prune: PruneConfig) -> dict:
+    """The prune section without the settings its method and allocation ignore (OWL's
+    with a uniform allocation, SparseGPT's with another method): what identifies a
+    pruned model, so a change to an unused setting re-runs nothing (and hashes from
+    before those settings existed stay valid)."""
+    d = as_dict(prune)
+    if d["allocation"] == "uniform":
+        del d["allocation"], d["owl"]
+    if d["method"] != "sparsegpt":
+        del d["sparsegpt"]
+    return d
+
+
+def needs_calibration(prune: PruneConfig) -> bool:
+    """Every method but magnitude reads calibration inputs, and so does OWL."""
+    return prune.method != "magnitude" or prune.allocation != "uniform"
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return as_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 CHOICES = {
@@ -155,6 +209,7 @@ CHOICES = {
     "model.random.preset": RANDOM_PRESETS,
     "prune.method": METHODS,
     "prune.granularity": GRANULARITIES,
+    "prune.allocation": ALLOCATIONS,
     "prune.calibration.source": CALIB_SOURCES,
     "kv.method": KV_METHODS,
     "pack.storage": STORAGES,
@@ -215,17 +270,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 def _build(cls, data: dict, prefix: str = ""):
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    attr = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(attr) - set(attr.values()))
     if unknown:
         where = prefix or "top level"
         raise ConfigError(
             f"unknown field {prefix + '.' if prefix else ''}{unknown[0]} "
-            f"({where} allows: {', '.join(names)})"
+            f"({where} allows: {', '.join(attr)})"
         )
-    kwargs = {
-        k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()
-    }
+    kwargs = {}
+    for k, v in data.items():
+        name = attr.get(k, k)
+        key = next(key for key, a in attr.items() if a == name)
+        kwargs[name] = _coerce(v, hints[name], f"{prefix + '.' if prefix else ''}{key}")
     return cls(**kwargs)
 
 
@@ -240,6 +297,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{path}: {_get(cfg, path)!r} is invalid; {what}")
 
     need(0.0 <= cfg.prune.sparsity < 1.0, "prune.sparsity", "allowed: 0 <= sparsity < 1")
+    _validate_allocation(cfg, need)
+    need(cfg.prune.sparsegpt.percdamp >= 0, "prune.sparsegpt.percdamp", "must be >= 0")
+    need(cfg.prune.sparsegpt.block_size > 0, "prune.sparsegpt.block_size", "must be > 0")
     need(cfg.prune.calibration.samples > 0, "prune.calibration.samples", "must be > 0")
     need(cfg.prune.calibration.seqlen > 0, "prune.calibration.seqlen", "must be > 0")
     need(cfg.prune.calibration.batch_size > 0, "prune.calibration.batch_size", "must be > 0")
@@ -290,6 +350,19 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_allocation(cfg: Config, need) -> None:
+    owl = cfg.prune.owl
+    need(0.0 <= owl.lambda_ < 1.0, "prune.owl.lambda", "allowed: 0 <= lambda < 1")
+    need(owl.m > 0, "prune.owl.m", "must be > 0")
+    if cfg.prune.allocation == "owl":
+        s = cfg.prune.sparsity
+        need(
+            0.0 <= s - owl.lambda_ and s + owl.lambda_ < 1.0,
+            "prune.owl.lambda",
+            f"with allocation owl, sparsity {s} +/- lambda must stay in [0, 1)",
+        )
+
+
 def _looks_remote(source: str) -> bool:
     """A hub id (owner/name) rather than a local path."""
     return (
@@ -302,7 +375,8 @@ def _looks_remote(source: str) -> bool:
 def _get(cfg, path: str):
     obj = cfg
     for part in path.split("."):
-        obj = getattr(obj, part)
+        keys = {f.metadata.get("key"): f.name for f in dataclasses.fields(obj)}
+        obj = getattr(obj, keys.get(part, part))
     return obj
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .artifact import atomic_write_json
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, needs_calibration, prune_recipe
 from .cpu import resolve_compute_dtype
 from .models import parse_dtype
 from .runstate import RunState, hash_inputs
@@ -45,7 +45,7 @@ UPSTREAM = {
 # Which config sections each stage reads.
 SECTIONS = {
     "load": ("model",),
-    "calibrate": ("prune.method", "prune.calibration"),
+    "calibrate": ("prune.method", "prune.allocation", "prune.calibration"),
     "prune": ("prune",),
     "eval": ("eval", "model.dtype"),
     "pack": ("pack", "kv"),
@@ -96,15 +96,17 @@ class Pipeline:
         # auto to the value auto resolves to re-runs nothing, and hashes of runs made
         # before the field existed stay valid); the resolved one enters below.
         cfg["model"].pop("compute_dtype")
+        cfg["prune"] = prune_recipe(self.cfg.prune)  # only the settings in use
         sections = {}
         for s in SECTIONS[stage]:
             node = cfg
             for part in s.split("."):
-                node = node[part]
-            sections[s] = node
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:  # absent: a setting the recipe does not use
+                sections[s] = node
         upstream = {u: self.state.outputs_fingerprint(u) for u in UPSTREAM[stage]}
         inputs = {"stage": stage, "config": sections, "upstream": upstream}
-        if stage in COMPUTE_STAGES or (stage == "prune" and self.cfg.prune.method == "wanda"):
+        if stage in COMPUTE_STAGES or (stage == "prune" and needs_calibration(self.cfg.prune)):
             inputs["compute_dtype"] = self.compute.resolved
         return hash_inputs(inputs)
 
@@ -272,7 +274,7 @@ class Pipeline:
 
         c = self.cfg.prune.calibration
         out = self.path("calibrate", "calibration.json")
-        if self.cfg.prune.method == "magnitude":
+        if not needs_calibration(self.cfg.prune):
             atomic_write_json(out, {"needed": False, "reason": "magnitude uses no data"})
             return StageResult(["calibrate/calibration.json"], "not needed for magnitude")
         ids = load_calibration(self.tokenizer(), Calibration(c.source, c.samples, c.seqlen, c.seed))
@@ -293,20 +295,20 @@ class Pipeline:
         p = self.cfg.prune
         if self.streaming:
             # Pruning happens inside the pack stage, layer by layer; this records the
-            # recipe (and, for Wanda, the compute dtype of its forwards) so that a change
-            # of it re-runs pack (through this output's hash).
-            plan = {"streaming": True, "prune": asdict(p)}
-            if p.method == "wanda":
+            # recipe (and, with calibration, the compute dtype of its forwards) so that a
+            # change of it re-runs pack (through this output's hash).
+            plan = {"streaming": True, "prune": prune_recipe(p)}
+            if needs_calibration(p):
                 plan["compute_dtype"] = self.compute.resolved
             atomic_write_json(self.path("prune", "plan.json"), plan)
             return StageResult(
                 ["prune/plan.json"],
                 f"{p.method} {p.sparsity:.0%}: streamed with pack, one layer at a time",
             )
-        # Wanda's statistics and the layer forwards run in the compute dtype.
+        # Calibration statistics and the layer forwards run in the compute dtype.
         model, tok = self.dense_model()
         ids_path = self.path("calibrate", "ids.safetensors")
-        calib = load_file(ids_path)["input_ids"] if p.method == "wanda" else None
+        calib = load_file(ids_path)["input_ids"] if needs_calibration(p) else None
         res = pruning.prune(
             model,
             p.method,
@@ -314,14 +316,18 @@ class Pipeline:
             tokenizer=tok,
             calibration=calib,
             granularity=p.granularity,
+            allocation=_allocation(p),
             skip=p.skip,
             batch_size=p.calibration.batch_size,
             include=p.include,
+            percdamp=p.sparsegpt.percdamp,
+            block_size=p.sparsegpt.block_size,
         )
         log.info("per-layer sparsity:\n%s", res.table())
         names = [s["name"] for s in res.stats]
         # Stored in model.dtype: the values are that dtype's (loaded so, masked in the
-        # compute dtype), so this is exact and an fp32 compute does not double the file.
+        # compute dtype), so this is exact and an fp32 compute does not double the file;
+        # SparseGPT's updated weights are rounded to it here, the values that get packed.
         store = parse_dtype(self.cfg.model.dtype)
         weights = {n: model.get_submodule(n).weight.detach().to(store).contiguous() for n in names}
         tmp = self.path("prune", ".weights.part")
@@ -396,7 +402,7 @@ class Pipeline:
             tok,
             art,
             source=src,
-            recipe=asdict(p),
+            recipe=prune_recipe(p),
             kv=asdict(self.cfg.kv) if self.cfg.kv.method != "none" else None,
             eval_summary=evals,
             max_shard_bytes=int(pk.max_shard_gb * (1 << 30)),
@@ -421,7 +427,7 @@ class Pipeline:
 
         pk, p = self.cfg.pack, self.cfg.prune
         calib, calib_info = None, None
-        if p.method == "wanda":
+        if needs_calibration(p):
             calib = load_file(self.path("calibrate", "ids.safetensors"))["input_ids"]
             calib_info = json.loads(self.path("calibrate", "calibration.json").read_text())
         src = json.loads(self.path("load", "source.json").read_text())
@@ -435,6 +441,9 @@ class Pipeline:
             method=p.method,
             sparsity=p.sparsity,
             granularity=p.granularity,
+            allocation=_allocation(p),
+            percdamp=p.sparsegpt.percdamp,
+            block_size=p.sparsegpt.block_size,
             skip=p.skip,
             prune_include=p.include,
             calibration_ids=calib,
@@ -447,7 +456,7 @@ class Pipeline:
             max_shard_bytes=int(pk.max_shard_gb * (1 << 30)),
             batch_size=p.calibration.batch_size,
             source_record=src,
-            recipe=asdict(p),
+            recipe=prune_recipe(p),
         )
         layers = {
             "method": p.method,
@@ -455,6 +464,7 @@ class Pipeline:
             "granularity": p.granularity,
             "calibration": calib_info,
             "seconds": res.seconds,
+            "allocation": res.allocation,
             "streaming": {"peak_rss_mb": res.peak_rss_mb, **res.timings},
             "layers": res.stats,
         }
@@ -663,6 +673,13 @@ class Pipeline:
 
         outputs = write_report(self)
         return StageResult(outputs, f"report at {self.run_dir / 'report' / 'report.md'}")
+
+
+def _allocation(p):
+    """The prune section's allocation as :func:`pruning.prune` takes it."""
+    from pruning import OWL
+
+    return OWL(p.owl.lambda_, p.owl.m) if p.allocation == "owl" else "uniform"
 
 
 def _metric_line(res: dict) -> str:

@@ -9,10 +9,12 @@ The model skeleton is built without initialising its weights (allocated, never t
 it costs address space but no RSS). The tensors outside the decoder layers (embeddings,
 final norm, head) are loaded once; then, per decoder layer: its tensors are copied out of
 the memory-mapped shards, the layer is pruned with :func:`pruning.prune_decoder_layer`
-(Wanda's calibration states carried forward from the pruned layer before), its linears are
+(calibration states carried forward from the pruned layer before), its linears are
 packed, the packed tensors go to a :class:`~sparamx.artifact.ShardWriter`, and the layer
 moves to the meta device (freed). Peak RSS is about: outer tensors + one layer and its
-fp32 scores + one artifact shard + the calibration states.
+fp32 scores (SparseGPT: and its Hessians, ``timings["statistics_peak_mb"]``) + one
+artifact shard + the calibration states. An OWL allocation first reads every layer once
+more, dense, to measure its outlier ratio.
 
 The artifact is the one ``sparamx.save`` writes for the same model and recipe (same
 tensors, same order, same shards, same manifest), and ``sparamx.load`` memory-maps it.
@@ -153,6 +155,7 @@ class StreamResult:
     peak_rss_mb: float  # of this process, since it started
     calibration: dict | None = None
     timings: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=lambda: {"method": "uniform"})
 
 
 def peak_rss_mb() -> float:
@@ -188,6 +191,9 @@ def stream_prune_pack(
     method: str,
     sparsity: float,
     granularity: str = "row",
+    allocation="uniform",
+    percdamp: float | None = None,
+    block_size: int | None = None,
     skip: Sequence[str] | None = None,
     prune_include: Sequence[str] | None = None,
     calibration_ids: torch.Tensor | None = None,
@@ -208,8 +214,9 @@ def stream_prune_pack(
     and write the packed artifact to ``out``.
 
     Arguments mean what they mean in :func:`pruning.prune` (method, sparsity,
-    granularity, skip, ``prune_include`` = its ``include``; ``calibration_ids`` is the
-    ``[samples, seqlen]`` token tensor Wanda needs) and :func:`sparamx.swap_linears`
+    granularity, allocation, percdamp, block_size, skip, ``prune_include`` = its
+    ``include``; ``calibration_ids`` is the ``[samples, seqlen]`` token tensor that
+    every method but magnitude, and OWL, need) and :func:`sparamx.swap_linears`
     (include, exclude, storage). ``dtype``: the precision the weights are read in and
     the artifact's dense tensors are stored in; ``compute_dtype`` (default ``dtype``):
     what Wanda's calibration forwards run in (fp32 on CPUs without a fast bf16 matmul;
@@ -217,7 +224,7 @@ def stream_prune_pack(
     """
     from transformers import AutoTokenizer, GenerationConfig
 
-    from pruning.driver import _outer_targets, prune_outer_linears
+    from pruning.driver import _outer_targets, add_realised, prune_outer_linears
     from pruning.layerwise import (
         DEFAULT_SKIP,
         NEEDS_ACTIVATIONS,
@@ -226,17 +233,28 @@ def stream_prune_pack(
         decoder_layers,
         prune_decoder_layer,
     )
+    from pruning.owl import resolve_allocation
     from pruning.scores import check_sparsity
+    from pruning.sparsegpt import BLOCK_SIZE, PERCDAMP
 
     start = time.perf_counter()
     check_method(method)
     check_sparsity(sparsity)
-    if NEEDS_ACTIVATIONS[method] and calibration_ids is None:
-        raise ValueError(f"{method} needs calibration_ids (a [samples, seqlen] token tensor)")
+    owl = resolve_allocation(allocation)
+    calibrated = NEEDS_ACTIVATIONS[method] or owl is not None
+    if calibrated and calibration_ids is None:
+        raise ValueError(
+            f"{method}{' with owl' if owl else ''} needs calibration_ids "
+            "(a [samples, seqlen] token tensor)"
+        )
+    sgpt = {
+        "percdamp": PERCDAMP if percdamp is None else percdamp,
+        "block_size": BLOCK_SIZE if block_size is None else block_size,
+    }
     skip = DEFAULT_SKIP if skip is None else tuple(skip)
     dtype = parse_dtype(dtype)
     # Magnitude runs no forwards: its tensors stay in the storage dtype (less RAM).
-    work = parse_dtype(compute_dtype or dtype) if NEEDS_ACTIVATIONS[method] else dtype
+    work = parse_dtype(compute_dtype or dtype) if calibrated else dtype
     source = Path(source)
     out = Path(out)
     ckpt = SafetensorsCheckpoint(source)
@@ -282,11 +300,26 @@ def stream_prune_pack(
         raise CheckpointError(f"{source}: tensor(s) {absent} missing from the safetensors files")
 
     inputs = None
-    if NEEDS_ACTIVATIONS[method]:
+    if calibrated:
         inputs = capture_layer_inputs(model, calibration_ids, batch_size)
-    states = inputs.states if inputs else None
     timings = {"load_outer_and_capture_s": time.perf_counter() - t0}
     outer_targets = _outer_targets(model, layers, skip, method, prune_include)
+
+    def load_layer(i: int) -> nn.Module:
+        lp = f"{prefix}{i}."
+        tensors = read(layer_keys[i])
+        layers[i].load_state_dict(
+            {k[len(lp) :]: v for k, v in tensors.items()}, strict=True, assign=True
+        )
+        return layers[i]
+
+    alloc, targets = {"method": "uniform"}, [sparsity] * len(layers)
+    if owl is not None:
+        t0 = time.perf_counter()
+        alloc = _stream_owl(layers, load_layer, inputs, owl, sparsity, skip, prune_include, prefix)
+        targets = [rec["target"] for rec in alloc["layers"]]
+        timings["owl_s"] = time.perf_counter() - t0
+    states = inputs.states if inputs and NEEDS_ACTIVATIONS[method] else None
 
     # A head tied to the embeddings is never pruned (_outer_targets refuses); packing it
     # now lets the embedding share its packed copy before the embedding is written.
@@ -324,6 +357,7 @@ def stream_prune_pack(
 
     stats: list[dict] = []
     records: dict[str, dict] = {}
+    held = 0
     t0 = time.perf_counter()
     bar = tqdm(
         range(len(layers)),
@@ -332,27 +366,24 @@ def stream_prune_pack(
         disable=not progress,
     )
     for i in bar:
-        layer = layers[i]
+        layer = load_layer(i)
         lp = f"{prefix}{i}."
-        tensors = read(layer_keys[i])
-        layer.load_state_dict(
-            {k[len(lp) :]: v for k, v in tensors.items()}, strict=True, assign=True
-        )
-        del tensors
         res = prune_decoder_layer(
             layer,
             states,
-            inputs.kwargs[i] if inputs else None,
+            inputs.kwargs[i] if states is not None else None,
             method=method,
-            sparsity=sparsity,
+            sparsity=targets[i],
             granularity=granularity,
             skip=skip,
             include=prune_include,
             prefix=lp,
             layer_index=i,
+            **sgpt,
         )
         states = res.states
         stats += res.stats
+        held = max(held, res.statistics_bytes)
         for n, m in list(layer.named_modules()):
             if isinstance(m, nn.Linear) and lp + n in selected:
                 records[lp + n] = layer_record(lp + n, _swap(layer, n, storage))
@@ -362,8 +393,11 @@ def stream_prune_pack(
         layer.to("meta")
         bar.set_postfix(peak_rss=f"{peak_rss_mb() / 1024:.1f}G")
     timings["layers_s"] = time.perf_counter() - t0
+    timings["statistics_peak_mb"] = held / 2**20
 
-    outer_stats, _ = prune_outer_linears(base, outer_targets, states, method, sparsity, granularity)
+    outer_stats, _ = prune_outer_linears(
+        base, outer_targets, states, method, sparsity, granularity, False, **sgpt
+    )
     stats += outer_stats
     del states, inputs
     for name in sorted(selected):
@@ -411,7 +445,15 @@ def stream_prune_pack(
     )
     seconds = time.perf_counter() - start
     result = StreamResult(
-        out, stats, layer_list, files, seconds, peak_rss_mb(), calibration_info, timings
+        out,
+        stats,
+        layer_list,
+        files,
+        seconds,
+        peak_rss_mb(),
+        calibration_info,
+        timings,
+        add_realised(alloc, stats),
     )
     log.info(
         "streamed %d decoder layers of %s into %s in %.0f s (peak RSS %.2f GiB)",
@@ -422,6 +464,30 @@ def stream_prune_pack(
         result.peak_rss_mb / 1024,
     )
     return result
+
+
+def _stream_owl(layers, load_layer, inputs, owl, sparsity, skip, include, prefix) -> dict:
+    """OWL's allocation from one dense pass, each layer read from the shards and freed."""
+    from pruning.driver import owl_record
+    from pruning.layerwise import layer_outlier_ratio
+    from pruning.owl import owl_sparsities
+
+    states = [h.clone() for h in inputs.states]
+    ratios, numels = [], []
+    for i in tqdm(range(len(layers)), desc="owl outlier ratios", unit="layer"):
+        r, n = layer_outlier_ratio(
+            load_layer(i),
+            states,
+            inputs.kwargs[i],
+            m=owl.m,
+            skip=skip,
+            include=include,
+            prefix=f"{prefix}{i}.",
+        )
+        layers[i].to("meta")
+        ratios.append(r)
+        numels.append(n)
+    return owl_record(owl, ratios, owl_sparsities(ratios, numels, sparsity, owl.lam))
 
 
 def main(argv=None) -> int:
@@ -435,10 +501,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Stream-prune and pack a safetensors model.")
     ap.add_argument("source", help="local HF model directory with safetensors weights")
     ap.add_argument("out", help="artifact directory to write")
-    ap.add_argument("--method", default="magnitude", choices=("magnitude", "wanda"))
+    ap.add_argument(
+        "--method", default="magnitude", choices=("magnitude", "wanda", "ria", "sparsegpt")
+    )
+    ap.add_argument("--allocation", default="uniform", choices=("uniform", "owl"))
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--granularity", default="row", choices=("row", "layer"))
-    ap.add_argument("--calib-source", default="wikipedia", help="wanda: wikipedia or c4")
+    ap.add_argument("--calib-source", default="wikipedia", help="wikipedia or c4")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -447,7 +516,7 @@ def main(argv=None) -> int:
         "--compute-dtype",
         default="auto",
         choices=("auto", "bfloat16", "float32"),
-        help="dtype of Wanda's calibration forwards (auto: by CPU, see sparamx.cpu)",
+        help="dtype of the calibration forwards (auto: by CPU, see sparamx.cpu)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -456,7 +525,7 @@ def main(argv=None) -> int:
     compute = resolve_compute_dtype(args.compute_dtype)
     log.info("compute dtype %s (%s)", compute.resolved, compute.reason)
     ids, info = None, None
-    if args.method == "wanda":
+    if args.method != "magnitude" or args.allocation != "uniform":
         from transformers import AutoTokenizer
 
         from pruning.calibration import Calibration, load_calibration
@@ -465,12 +534,15 @@ def main(argv=None) -> int:
         ids = load_calibration(AutoTokenizer.from_pretrained(args.source), calib)
         info = {"source": args.calib_source, "samples": ids.shape[0], "seqlen": ids.shape[1]}
     recipe = {"method": args.method, "sparsity": args.sparsity, "granularity": args.granularity}
+    if args.allocation != "uniform":
+        recipe["allocation"] = args.allocation
     res = stream_prune_pack(
         args.source,
         args.out,
         method=args.method,
         sparsity=args.sparsity,
         granularity=args.granularity,
+        allocation=args.allocation,
         skip=["lm_head"],
         calibration_ids=ids,
         calibration_info=info,
@@ -482,7 +554,12 @@ def main(argv=None) -> int:
     )
     atomic_write_json(
         Path(args.out).parent / f"{Path(args.out).name}.stream.json",
-        {"seconds": res.seconds, "peak_rss_mb": res.peak_rss_mb, "timings": res.timings},
+        {
+            "seconds": res.seconds,
+            "peak_rss_mb": res.peak_rss_mb,
+            "timings": res.timings,
+            "allocation": res.allocation,
+        },
     )
     print(
         f"{len(res.layers)} linears packed into {args.out} in {res.seconds:.0f} s, "

@@ -9,9 +9,9 @@ prune -> eval -> pack -> verify -> timed decode, with results appended row by ro
 
 A sweep file names a pipeline config (``base``) for everything that is not a grid axis
 (calibration, eval tasks and limit, pack settings, module patterns), optional ``set``
-overrides of it, and the ``grid``: model, method, sparsity, kv_sparsity, kernel,
-threads, context (prompt tokens) and new_tokens. The grid expands into
-``experiments.csv`` (one row per combination), which may be edited and run again.
+overrides of it, and the ``grid``: model, method, allocation (uniform or owl),
+sparsity, kv_sparsity, kernel, threads, context (prompt tokens) and new_tokens. The
+grid expands into ``experiments.csv`` (one row per combination), which may be edited and run again.
 
 A run writes ``experiment_results/YYYY-MM-DD_HH-MM-SS/``:
 
@@ -19,7 +19,7 @@ A run writes ``experiment_results/YYYY-MM-DD_HH-MM-SS/``:
 - ``results.csv``: one line per finished experiment, appended (write + fsync) as soon
   as it finishes; ``--resume DIR`` skips the rows already there, drops a partial last
   line left by a crash and retries rows that were skipped or failed;
-- ``artifacts/<model>-<method>-<sparsity>-<patterns hash>/``: a pipeline run directory
+- ``artifacts/<model>-<method>[+owl]-<sparsity>-<patterns hash>/``: a pipeline run directory
   (load, calibrate, prune, eval, pack, verify, with its ``state.json``) shared by every
   experiment that differs only in run-time settings (kernel, threads, context, new
   tokens) and resumable like any pipeline run;
@@ -56,12 +56,14 @@ from pathlib import Path
 
 from .artifact import atomic_write_json, atomic_write_text
 from .config import (
+    ALLOCATIONS,
     METHODS,
     Config,
     ConfigError,
     _build,
     apply_overrides,
     load_config,
+    prune_recipe,
     read_yaml_mapping,
     validate,
 )
@@ -69,9 +71,21 @@ from .pipeline import Pipeline, StageResult, _metric_line, setup_logging
 
 log = logging.getLogger("sparamx.sweep")
 
-AXES = ("model", "method", "sparsity", "kv_sparsity", "kernel", "threads", "context", "new_tokens")
+AXES = (
+    "model",
+    "method",
+    "allocation",
+    "sparsity",
+    "kv_sparsity",
+    "kernel",
+    "threads",
+    "context",
+    "new_tokens",
+)
 # Axes that change the pruned/packed artifact; the others are run-time settings only.
-ARTIFACT_AXES = ("model", "method", "sparsity")
+ARTIFACT_AXES = ("model", "method", "allocation", "sparsity")
+# Axes a plan or results file may omit (written before they existed): their value then.
+AXIS_DEFAULTS = {"allocation": "uniform"}
 KERNELS = ("auto", "amx", "avx512", "avx2", "portable")
 PLAN_COLUMNS = ("id", *AXES)
 # Result columns besides the plan's and the per-metric ones (``<task>:<metric>``).
@@ -113,6 +127,9 @@ class SweepError(ValueError):
 class GridConfig:
     model: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     method: list[str] = field(default_factory=lambda: ["wanda"])
+    # uniform, or owl (layer sparsities from outlier ratios; lambda and m from the base
+    # config's prune.owl)
+    allocation: list[str] = field(default_factory=lambda: ["uniform"])
     sparsity: list[float] = field(default_factory=lambda: [0.5])
     # KV-cache sparsity (K and V); > 0 decodes with the sparse KV cache (method and
     # other settings from the base config's kv section; magnitude when it says none)
@@ -145,6 +162,7 @@ class Experiment:
     id: str
     model: str
     method: str
+    allocation: str
     sparsity: float
     kv_sparsity: float
     kernel: str
@@ -181,6 +199,10 @@ def check_value(axis: str, raw, where: str):
     if axis == "method":
         if text not in METHODS:
             raise SweepError(f"{f}: {raw!r} is not one of {', '.join(METHODS)}")
+        return text
+    if axis == "allocation":
+        if text not in ALLOCATIONS:
+            raise SweepError(f"{f}: {raw!r} is not one of {', '.join(ALLOCATIONS)}")
         return text
     if axis == "kernel":
         if text not in KERNELS:
@@ -287,7 +309,7 @@ def read_plan(path: Path) -> list[Experiment]:
     if not rows:
         raise SweepError(f"{path}: empty (expected a header: {','.join(PLAN_COLUMNS)})")
     header = [h.strip() for h in rows[0]]
-    missing = [c for c in AXES if c not in header]
+    missing = [c for c in AXES if c not in header and c not in AXIS_DEFAULTS]
     unknown = [c for c in header if c not in PLAN_COLUMNS]
     if missing or unknown:
         raise SweepError(
@@ -305,6 +327,7 @@ def read_plan(path: Path) -> list[Experiment]:
         where = f"{path.name} line {n} (id {eid})"
         if eid in ids:
             raise SweepError(f"{where}: id {eid!r} is used twice")
+        cells = {**AXIS_DEFAULTS, **cells}
         parsed = {a: check_value(a, cells[a], f"{where} column {a}") for a in AXES}
         exp = Experiment(id=eid, **parsed)
         if exp.key() in keys:
@@ -485,6 +508,7 @@ class Sweep:
         cfg = _build(Config, self.base.to_dict())
         cfg.model.source = exp.model
         cfg.prune.method = exp.method
+        cfg.prune.allocation = exp.allocation
         cfg.prune.sparsity = exp.sparsity
         cfg.bench.enabled = False
         cfg.kv.method = "none"  # artifacts carry no KV settings: rows set them (kv_settings)
@@ -524,9 +548,10 @@ class Sweep:
         cfg = self.base_for(exp)
         # The patterns and every other artifact-shaping setting go into the name's hash,
         # so experiments share a directory exactly when they share an artifact.
-        recipe = {"prune": dataclasses.asdict(cfg.prune), "pack": dataclasses.asdict(cfg.pack)}
+        recipe = {"prune": prune_recipe(cfg.prune), "pack": dataclasses.asdict(cfg.pack)}
         recipe["model"] = dataclasses.asdict(cfg.model)
-        name = f"{_slug(exp.model)}-{exp.method}-{exp.sparsity:g}-{_digest(recipe)}"
+        method = exp.method + ("" if exp.allocation == "uniform" else f"+{exp.allocation}")
+        name = f"{_slug(exp.model)}-{method}-{exp.sparsity:g}-{_digest(recipe)}"
         return self.out / "artifacts" / name
 
     @property
@@ -709,7 +734,8 @@ class Sweep:
             bar = tqdm(pending, desc="sweep", unit="exp", disable=not progress, dynamic_ncols=True)
             for exp in bar:
                 bar.set_postfix_str(
-                    f"{exp.id} {exp.method} {exp.sparsity:g} t{exp.threads} {exp.kernel}"
+                    f"{exp.id} {exp.method} {exp.allocation} {exp.sparsity:g} t{exp.threads} "
+                    f"{exp.kernel}"
                 )
                 try:
                     row = self.run_one(exp)
@@ -740,6 +766,7 @@ def _auto() -> str:
 
 def _row_key(row: dict) -> str:
     try:
+        row = {**AXIS_DEFAULTS, **{k: v for k, v in row.items() if v not in (None, "")}}
         values = {a: check_value(a, row[a], f"results.csv {a}") for a in AXES}
         exp = Experiment(id=row["id"], **values)
     except (KeyError, SweepError):

@@ -373,6 +373,9 @@ def write_sweep_report(out: Path) -> list[Path]:
 
     out = Path(out)
     all_rows = read_results(out / "results.csv")
+    for r in all_rows:  # tables and plots tell "wanda" and "wanda+owl" apart
+        if r.get("allocation") not in (None, "", "uniform"):
+            r["method"] = f"{r['method']}+{r['allocation']}"
     rows = [r for r in all_rows if r.get("status") == "ok"]
     failed = [r for r in all_rows if r.get("status") != "ok"]
     # Plots and budgets compare weight sparsity: rows with the sparse KV cache (whose

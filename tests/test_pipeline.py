@@ -54,7 +54,20 @@ def finished(run_dir):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["prune.method=sparsegpt"], "prune.method: 'sparsegpt' is not one of magnitude, wanda"),
+        (
+            ["prune.method=obs"],
+            "prune.method: 'obs' is not one of magnitude, wanda, ria, sparsegpt",
+        ),
+        (["prune.allocation=even"], "prune.allocation: 'even' is not one of uniform, owl"),
+        (["prune.owl.lambda=1.2"], r"prune.owl.lambda: 1.2 is invalid; allowed: 0 <= lambda < 1"),
+        (["prune.owl.m=0"], "prune.owl.m: 0.0 is invalid; must be > 0"),
+        (["prune.owl.lamda=0.1"], "unknown field prune.owl.lamda .prune.owl allows: lambda, m"),
+        (
+            ["prune.allocation=owl", "prune.sparsity=0.95"],
+            r"prune.owl.lambda: 0.08 is invalid; with allocation owl, sparsity 0.95",
+        ),
+        (["prune.sparsegpt.percdamp=-0.1"], "prune.sparsegpt.percdamp: -0.1 is invalid"),
+        (["prune.sparsegpt.block_size=0"], "prune.sparsegpt.block_size: 0 is invalid"),
         (["prune.sparsity=1"], "prune.sparsity"),
         (["prune.colour=red"], "unknown field prune.colour"),
         (["colour=red"], "unknown field colour"),
@@ -273,3 +286,39 @@ def test_bench_measures_a_flagged_baseline_again(
     assert stock2["earlier_attempts"][0]["tokens_per_s"] == 3.6
     assert bool(stock2["flags"]) is still_flagged
     assert ("FLAGGED" in res.summary.split("2 thr:")[1]) is still_flagged
+
+
+def test_prune_hash_follows_the_settings_in_use(tmp_path):
+    """Changing the method, allocation or an OWL / SparseGPT setting in use re-runs prune
+    (and calibrate where calibration becomes needed); settings not in use change nothing."""
+
+    def hashes(*overrides):
+        cfg = load_config(None, ["prune.method=magnitude", *overrides])
+        pipe = pipeline.Pipeline(cfg, tmp_path / "run")
+        return pipe.inputs_hash("calibrate"), pipe.inputs_hash("prune")
+
+    base = hashes()
+    assert hashes("prune.owl.lambda=0.05") == base  # uniform: OWL's settings unused
+    assert hashes("prune.sparsegpt.percdamp=0.1") == base  # not sparsegpt
+    owl = hashes("prune.allocation=owl")
+    assert owl[0] != base[0] and owl[1] != base[1]  # magnitude + owl needs calibration
+    assert hashes("prune.allocation=owl", "prune.owl.m=7")[1] != owl[1]
+    sgpt = hashes("prune.method=sparsegpt")
+    assert sgpt[1] != hashes("prune.method=sparsegpt", "prune.sparsegpt.percdamp=0.1")[1]
+
+
+def test_pipeline_prunes_with_sparsegpt_and_owl(tmp_path, tiny_model_dir):
+    cfg = write_config(
+        tmp_path,
+        tiny_model_dir,
+        prune={"method": "sparsegpt", "sparsity": 0.6, "allocation": "owl"},
+    )
+    for stage in ("load", "calibrate", "prune"):
+        assert (
+            pipeline.main([str(cfg), "--set", "prune.calibration.samples=4", "--only", stage]) == 0
+        )
+    layers = json.loads((tmp_path / "runs" / "tiny" / "prune" / "layers.json").read_text())
+    assert layers["method"] == "sparsegpt" and layers["allocation"]["method"] == "owl"
+    recs = layers["allocation"]["layers"]
+    assert len(recs) == 2 and sum(r["target"] for r in recs) / 2 == pytest.approx(0.6)
+    assert all(abs(r["sparsity"] - r["target"]) <= 1 / 64 for r in recs)

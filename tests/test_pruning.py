@@ -382,8 +382,8 @@ def test_sparsity_of_wrong_type_is_rejected(tiny_llama):
 
 
 def test_unknown_method_is_rejected(tiny_llama):
-    with pytest.raises(ValueError, match="unknown pruning method 'sparsegpt'"):
-        pruning.prune(tiny_llama, "sparsegpt", 0.5, progress=False)
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'"):
+        pruning.prune(tiny_llama, "obs", 0.5, progress=False)
 
 
 def test_unknown_granularity_is_rejected(tiny_llama):

@@ -124,15 +124,33 @@ def test_grid_expands_every_combination_artifact_axes_outermost(tmp_path):
     assert settings == sorted(settings, key=settings.index)
     assert [e.threads for e in exps[:2]] == [1, 2]
     assert exps[0].model == "smollm2-135m" and exps[0].kernel == "auto"
+    assert exps[0].allocation == "uniform"
     assert base.eval.limit == 2  # `set` reached the base config
+
+
+def test_allocation_axis_gives_its_own_artifacts_and_old_plans_read_as_uniform(tmp_path):
+    sweep, _ = sw.load_sweep(write_sweep(tmp_path))
+    sweep.grid.allocation = ["uniform", "owl"]
+    exps = sw.expand_grid(sweep)
+    assert len(exps) == 16 and {e.allocation for e in exps} == {"uniform", "owl"}
+    assert len({e.artifact_settings() for e in exps}) == 8
+    plan = tmp_path / "old.csv"
+    cols = [c for c in sw.PLAN_COLUMNS if c != "allocation"]
+    plan.write_text(",".join(cols) + "\n" + ",".join(exps[0].as_row()[c] for c in cols) + "\n")
+    (old,) = sw.read_plan(plan)
+    assert old.allocation == "uniform" and old.key() == exps[0].key()
 
 
 @pytest.mark.parametrize(
     "grid, message",
     [
         (
-            {"method": ["sparsegpt"]},
-            r"grid.method\[0\]: 'sparsegpt' is not one of magnitude, wanda",
+            {"method": ["obs"]},
+            r"grid.method\[0\]: 'obs' is not one of magnitude, wanda, ria, sparsegpt",
+        ),
+        (
+            {"allocation": ["even"]},
+            r"grid.allocation\[0\]: 'even' is not one of uniform, owl",
         ),
         ({"sparsity": [0.5, 1.0]}, r"grid.sparsity\[1\]: 1.0 is out of range"),
         ({"sparsity": ["half"]}, r"grid.sparsity\[0\]: expected a number"),
@@ -274,9 +292,9 @@ def test_plan_edit_then_run_runs_exactly_the_edited_rows(tmp_path, fakes):
     # Artifacts: one per (model, method, sparsity), not per row.
     assert len([c for c in fakes if c[0] == "artifact"]) == len(got)  # the fake is uncached
     assert {c[1] for c in fakes if c[0] == "artifact"} == {
-        ("smollm2-135m", "wanda", 0.7),
-        ("smollm2-135m", "wanda", 0.3),
-        ("smollm2-135m", "wanda", 0.6),
+        ("smollm2-135m", "wanda", "uniform", 0.7),
+        ("smollm2-135m", "wanda", "uniform", 0.3),
+        ("smollm2-135m", "wanda", "uniform", 0.6),
     }
     # Speed-up against the stock timing of the same thread count.
     r = got[1]
@@ -290,13 +308,14 @@ def test_plan_edit_then_run_runs_exactly_the_edited_rows(tmp_path, fakes):
     "edit, message",
     [
         (
-            lambda t: t.replace("magnitude,0.3", "magnitud,0.3", 1),
+            lambda t: t.replace("magnitude,uniform,0.3", "magnitud,uniform,0.3", 1),
             r"line 2 \(id e01\) column method",
         ),
         (lambda t: t.replace(",0.3,0,", ",0.3,1.5,", 1), r"line 2 \(id e01\) column kv_sparsity"),
         (lambda t: t.replace("e02", "e01"), r"id 'e01' is used twice"),
         (lambda t: t.replace("threads", "thread"), r"misses threads.*unknown columns thread"),
-        (lambda t: t.replace(",1,32,64\n", ",1,32\n", 1), r"line 2: 8 fields, the header has 9"),
+        (lambda t: t.replace(",1,32,64\n", ",1,32\n", 1), r"line 2: 9 fields, the header has 10"),
+        (lambda t: t.replace("uniform", "even", 1), r"line 2 \(id e01\) column allocation"),
     ],
 )
 def test_edited_plan_errors_name_line_and_column(tmp_path, edit, message):
