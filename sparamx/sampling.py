@@ -271,6 +271,7 @@ class StopText:
         self.tokenizer, self.stop, self.stream = tokenizer, tuple(stop), stream
         self.ids: list[int] = []
         self.text = ""
+        self.decoded = ""  # the latest decode, possibly ending in an incomplete character
         self.sent = 0  # characters of text already streamed
         self.stopped = False
 
@@ -278,9 +279,12 @@ class StopText:
         if self.stopped:
             return True
         self.ids.append(tid)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.decoded = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return False  # an incomplete UTF-8 sequence: wait for the next token
+        return self._update(text)
+
+    def _update(self, text: str) -> bool:
         cut = self._first_stop(text)
         if cut is not None:
             self.text, self.stopped = text[:cut], True
@@ -291,7 +295,10 @@ class StopText:
         return False
 
     def finish(self) -> None:
-        """Send what is held back (generation ended without a stop string)."""
+        """Send what is held back (generation ended without a stop string), an
+        incomplete last character included (as the replacement character)."""
+        if not self.stopped and len(self.decoded) > len(self.text) and self._update(self.decoded):
+            return
         self._send(len(self.text))
 
     def _first_stop(self, text: str) -> int | None:

@@ -215,8 +215,9 @@ def test_stop_string_ends_the_text_before_it(tiny, tok):
     stop = text[5:7]
     first = text.find(stop)
     pieces = []
-    res = generate(tiny, tok, "hello", N_NEW, compile=False, stop=[stop, "\x00never"],
-                   stream=pieces.append)  # fmt: skip
+    res = generate(
+        tiny, tok, "hello", N_NEW, compile=False, stop=[stop, "\x00never"], stream=pieces.append
+    )
     assert res.stop_reason == "stop"
     assert res.text == text[:first] == "".join(pieces)
     assert len(res.ids) < len(free.ids) and res.ids == free.ids[: len(res.ids)]
@@ -241,8 +242,14 @@ def test_stop_token_ids_end_the_generation(tiny):
 
 def test_should_stop_cancels(tiny):
     calls = []
-    res = generate(tiny, None, _prompt(), N_NEW, compile=False,
-                   should_stop=lambda: len(calls.append(0) or calls) >= 4)  # fmt: skip
+    res = generate(
+        tiny,
+        None,
+        _prompt(),
+        N_NEW,
+        compile=False,
+        should_stop=lambda: len(calls.append(0) or calls) >= 4,
+    )
     assert res.stop_reason == "cancelled" and len(res.ids) == 4
 
 
