@@ -34,6 +34,7 @@ class Job:
     max_new_tokens: int
     on_event: Callable[[str, object], None]
     sampling: dict = field(default_factory=dict)  # sparamx.generate's sampling options
+    stop_at_eos: bool = True  # False: always max_new_tokens tokens (benchmarks)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -127,13 +128,13 @@ class Engine:
         t0 = time.perf_counter()
         for sampling in ({"do_sample": False}, {"do_sample": True, "seed": 0}):
             try:
-                self._decode([0], 2, sampling, None, None)
+                self._decode([0], 2, sampling, None, None, True)
             except Exception:  # noqa: BLE001  (a warm-up failure must not kill the server)
                 log.exception("warm-up generation failed; requests will compile on first use")
         self.warm_up_s = time.perf_counter() - t0
         log.info("decode steps ready in %.1f s", self.warm_up_s)
 
-    def _decode(self, ids, max_new_tokens, sampling, stream, should_stop):
+    def _decode(self, ids, max_new_tokens, sampling, stream, should_stop, stop_at_eos):
         from .generate import generate
 
         return generate(
@@ -146,6 +147,7 @@ class Engine:
             attention=self.attention,
             max_cache_len=self.context,
             should_stop=should_stop,
+            stop_at_eos=stop_at_eos,
             **sampling,
         )
 
@@ -155,7 +157,12 @@ class Engine:
 
         try:
             out = self._decode(
-                job.prompt_ids, job.max_new_tokens, job.sampling, piece, job.cancelled.is_set
+                job.prompt_ids,
+                job.max_new_tokens,
+                job.sampling,
+                piece,
+                job.cancelled.is_set,
+                job.stop_at_eos,
             )
         except Exception as e:  # noqa: BLE001  (reported to the request; the worker lives on)
             log.exception("generation failed")

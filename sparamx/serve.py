@@ -15,9 +15,9 @@ Every malformed request gets a 4xx with OpenAI's error body (``{"error": {"messa
 
 Sampling: ``temperature`` 0 is greedy, > 0 samples; without ``temperature`` the
 model's ``generation_config`` decides (greedy unless it sets ``do_sample``), except
-that ``top_p``/``top_k``/``min_p`` alone ask for sampling. ``top_k``, ``min_p`` and
-``repetition_penalty`` are accepted as extra fields (the openai client's
-``extra_body``); names and defaults otherwise as in ``sparamx.generate``.
+that ``top_p``/``top_k``/``min_p`` alone ask for sampling. ``top_k``, ``min_p``,
+``repetition_penalty`` and ``ignore_eos`` are accepted as extra fields (the openai
+client's ``extra_body``); names and defaults otherwise as in ``sparamx.generate``.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class _Request(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # always max_tokens tokens (benchmarks)
 
 
 class ChatRequest(_Request):
@@ -260,7 +261,8 @@ class Server:
         def on_event(event: str, data) -> None:  # on the decode thread
             loop.call_soon_threadsafe(job_events.put_nowait, (event, data))
 
-        job = Job(ids, self.max_new_tokens(req, len(ids)), on_event, self.sampling(req))
+        n_new = self.max_new_tokens(req, len(ids))
+        job = Job(ids, n_new, on_event, self.sampling(req), stop_at_eos=not req.ignore_eos)
         try:
             self.engine.submit(job)
         except QueueFull as e:
