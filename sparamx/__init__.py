@@ -25,6 +25,8 @@ _LAZY = {
     "ArtifactError": ".artifact",
     "generate": ".generate",
     "Generation": ".generate",
+    "SamplingParams": ".sampling",
+    "chat": ".conversation",
     "KVSettings": ".kv",
     "enable_sparse_kv": ".kv",
 }

@@ -596,6 +596,7 @@ def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = Tr
     with _as_artifact_error(f"{path}: the tensors do not fit the model of config.json"):
         _assemble(path, model, config, manifest, tensors)
     model.eval()
+    _load_generation_config(path, model)
     with _as_artifact_error(f"{path}: unreadable tokenizer files"):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
@@ -606,6 +607,17 @@ def _load(path: Path, kv: dict | None, verify: str, require_checksums: bool = Tr
 
         enable_sparse_kv(model, kv_settings)
     return model, tokenizer, summary
+
+
+def _load_generation_config(path: Path, model) -> None:
+    """The artifact's ``generation_config.json`` (saved from the source model) as the
+    model's: ``from_config`` builds one from config.json alone, which would drop the
+    source's sampling defaults (``sparamx.generate`` reads them)."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        with _as_artifact_error(f"{path / 'generation_config.json'}: invalid generation config"):
+            model.generation_config = GenerationConfig.from_pretrained(path)
 
 
 # Model dimensions every decoder config has (when present): torch would fail on a bad

@@ -9,12 +9,13 @@
     sparamx info [--json]
     sparamx check ARTIFACT [--json]
     sparamx export ARTIFACT OUT [--max-shard-gb G]
+    sparamx serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--threads T]
 
-``run``, ``eval``, ``bench``, ``sweep``, ``export`` and ``demo`` hand their arguments
-unchanged to the ``main(argv)`` of ``sparamx.pipeline``, ``eval``, ``sparamx.bench``,
-``sparamx.sweep``, ``sparamx.export`` and ``sparamx.demo`` (so ``python -m
-sparamx.pipeline`` and ``python -m eval`` take the same flags); ``generate``, ``info``
-and ``check`` live here.
+``run``, ``eval``, ``bench``, ``sweep``, ``export``, ``demo`` and ``serve`` hand their
+arguments unchanged to the ``main(argv)`` of ``sparamx.pipeline``, ``eval``,
+``sparamx.bench``, ``sparamx.sweep``, ``sparamx.export``, ``sparamx.demo`` and
+``sparamx.serve`` (so ``python -m sparamx.pipeline`` and ``python -m eval`` take the
+same flags); ``generate``, ``info`` and ``check`` live here.
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ DELEGATES = {
         "python -m sparamx.demo",
         "stock transformers and the packed model generating side by side",
         "sparamx demo runs/smollm2-135m-wanda50/pack/artifact --threads 2 --tokens 96",
+    ),
+    "serve": Delegate(
+        "sparamx.serve",
+        "python -m sparamx.serve",
+        "an OpenAI-compatible HTTP server for a packed artifact (chat, completions, streaming)",
+        "sparamx serve runs/smollm2-135m-wanda50/pack/artifact --port 8000 --threads 2\n"
+        "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"model": "smollm2-135m-wanda50", "messages": '
+        '[{"role": "user", "content": "Hi"}]}\'',
     ),
 }
 

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import sampling as sampling_mod
+
 log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this (one compiled graph per length)
@@ -69,9 +71,9 @@ INDUCTOR_OPTIONS = {
     "alignment_asserts": False,
     "scalar_asserts": False,
 }
-# generation_config fields that would make model.generate differ from plain argmax.
+# generation_config fields that would make model.generate differ from what the lean path
+# does (the sampling fields and repetition_penalty are applied: sparamx.sampling).
 _PROCESSOR_FIELDS = {
-    "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "bad_words_ids": None,
     "suppress_tokens": None,
@@ -92,7 +94,7 @@ class Generation:
     ttft_s: float  # prompt ready -> first new token (prefill + argmax)
     token_times_s: list[float]  # time of each further token (tokens 2..n)
     compile_s: float  # compile + warm-up step before this call's clock started; 0 if none
-    stop_reason: str  # "eos" or "length"
+    stop_reason: str  # "eos", "length", "stop" (stop string / token id), "cancelled"
     backend: str | None  # torch.compile backend of the decode step; None: eager
     cache_len: int  # KV cache length in tokens
     cache_reused: bool  # the cache of an earlier call was reset and reused
@@ -286,12 +288,14 @@ def _opaque_norms(wrappers):
 # ------------------------------------------------------------ decoding steps
 
 
-def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, cache, choose: Callable | None = None) -> torch.Tensor:
     """Run the prompt ``[1, T]`` through the model (eager), filling the cache; return
-    the first new token ``[1, 1]``. Only the last position's logits are computed, as in
-    ``model.generate``."""
+    the first new token ``[1, 1]`` (the argmax, or ``choose(logits [1, vocab])``). Only
+    the last position's logits are computed, as in ``model.generate``."""
     kw = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
     logits = model(input_ids, cache=cache, use_cache=True, **kw).logits
+    if choose is not None:
+        return choose(logits[:, -1])
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -306,6 +310,16 @@ def decode_one_token(
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
+def decode_one_logits(
+    model, token: torch.Tensor, position: torch.Tensor, cache, kv_positions=None
+) -> torch.Tensor:
+    """``decode_one_token`` returning the last position's logits ``[1, vocab]``: the
+    step compiled for sampling (the token is chosen outside, by a ``TokenChooser``)."""
+    extra = {} if kv_positions is None else {"kv_positions": kv_positions}
+    logits = model(token, position_ids=position, cache=cache, use_cache=True, **extra).logits
+    return logits[:, -1]
+
+
 def decode_n_tokens(
     step: Callable,
     model,
@@ -314,19 +328,22 @@ def decode_n_tokens(
     n: int,
     sess: DecodeSession,
     eos_ids: set[int],
-    on_token: Callable[[int], None],
+    on_token: Callable[[int], str | None],
 ) -> str:
     """Feed ``token`` (at position ``start``) and up to ``n - 1`` further tokens through
     ``step``, calling ``on_token`` with each new id; stop early at an end-of-sequence
-    token. Returns the stop reason, ``"eos"`` or ``"length"``."""
+    token, or when ``on_token`` returns a stop reason. Returns the stop reason:
+    ``"eos"``, ``"length"`` or ``on_token``'s."""
     for i in range(n):
         pos = start + i
         kv = sess.kv_positions(pos + 1, dynamic=step is not decode_one_token)
         token = step(model, token, torch.tensor([[pos]]), sess.cache, kv)
         tid = int(token)
-        on_token(tid)
+        why = on_token(tid)
         if tid in eos_ids:
             return "eos"
+        if why:
+            return why
     return "length"
 
 
@@ -409,15 +426,16 @@ def _backend(compile: bool | str) -> str | None:
     raise ValueError(f"compile must be True, False or one of {BACKENDS}, got {compile!r}")
 
 
-def _own_step() -> Callable:
-    """A copy of ``decode_one_token`` with its own code object: dynamo keeps compiled
+def _own_step(f: Callable = decode_one_token) -> Callable:
+    """A copy of ``f`` (a decode step) with its own code object: dynamo keeps compiled
     graphs per code object, so each session's graphs stay apart (its guards need not
     tell models apart; see ``_compiled_step``)."""
-    f = decode_one_token
     return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__)
 
 
-def _compiled_step(sess: DecodeSession, backend: str, attention: str) -> Callable:
+def _compiled_step(
+    sess: DecodeSession, backend: str, attention: str, logits: bool = False
+) -> Callable:
     """The session's compiled decode step. Dynamo checks guards before every call; on a
     packed model the guards on its modules cost ~2.7 ms per token (SmolLM2-135M), so
     they are skipped: the step is the session's own (one model), and the modules it
@@ -425,15 +443,15 @@ def _compiled_step(sess: DecodeSession, backend: str, attention: str) -> Callabl
     tensors (the cache, its length) stay. Each attention mode has its own step (the
     mode is a model-config setting, which the skipped guards would not see change).
     (Inductor's ``cpp_wrapper`` would cut the Python wrapper's per-kernel cost too, but
-    compiling SmolLM2's step with it took 326 s instead of 38 s here.)"""
-    key = (backend, attention)
+    compiling SmolLM2's step with it took 326 s instead of 38 s here.) ``logits``: the
+    step that returns the logits (``decode_one_logits``, for sampling), keyed apart."""
+    key = (backend, attention, "logits") if logits else (backend, attention)
     if key not in sess.steps:
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if backend == "inductor":
             options.update(INDUCTOR_OPTIONS)
-        sess.steps[key] = torch.compile(
-            _own_step(), fullgraph=True, backend=backend, options=options
-        )
+        fn = _own_step(decode_one_logits if logits else decode_one_token)
+        sess.steps[key] = torch.compile(fn, fullgraph=True, backend=backend, options=options)
     return sess.steps[key]
 
 
@@ -448,15 +466,21 @@ def _step_context(model, sess: DecodeSession, backend: str | None, attention: st
     return _opaque_norms(sess.norms)
 
 
-def _warm_up(model, sess: DecodeSession, backend: str, attention: str) -> float:
+def _warm_key(backend: str, attention: str, cache_len: int, logits: bool) -> tuple:
+    return (backend, attention, cache_len, "logits") if logits else (backend, attention, cache_len)
+
+
+def _warm_up(
+    model, sess: DecodeSession, backend: str, attention: str, logits: bool = False
+) -> float:
     """Compile the decode step for the session's cache (one dummy prefill and step,
     then reset the cache); returns the seconds spent."""
-    step = _compiled_step(sess, backend, attention)
+    step = _compiled_step(sess, backend, attention, logits)
     t0 = time.perf_counter()
     token = prefill(model, torch.zeros((1, 1), dtype=torch.long), sess.cache)
     step(model, token, torch.tensor([[1]]), sess.cache, sess.kv_positions(2, dynamic=True))
     sess.cache.reset()
-    sess.warm.add((backend, attention, sess.cache_len))
+    sess.warm.add(_warm_key(backend, attention, sess.cache_len, logits))
     return time.perf_counter() - t0
 
 
@@ -540,23 +564,58 @@ def _warn_processors(model) -> None:
         )
 
 
-class _TextStream:
-    """Calls ``stream`` with each new piece of decoded text (held back while the text
-    ends in an incomplete multi-byte character)."""
+class _StopWatch:
+    """The per-token checks of ``generate`` beyond end-of-sequence: stop strings and
+    streaming (``sampling.StopText``), stop token ids, ``should_stop``."""
 
-    def __init__(self, tokenizer, stream: Callable[[str], object]):
-        self.tokenizer, self.stream = tokenizer, stream
-        self.ids: list[int] = []
-        self.sent = 0
+    def __init__(self, tokenizer, params, stream, should_stop):
+        self.tokenizer = tokenizer
+        self.stop_ids = set(params.stop_token_ids)
+        self.should_stop = should_stop
+        self.text = None
+        if stream is not None or params.stop:
+            self.text = sampling_mod.StopText(tokenizer, params.stop, stream)
 
-    def put(self, tid: int) -> None:
-        self.ids.append(tid)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        if len(text) > self.sent:
-            self.stream(text[self.sent :])
-            self.sent = len(text)
+    def put(self, tid: int) -> str | None:
+        if self.text is not None and self.text.put(tid):
+            return "stop"
+        if tid in self.stop_ids:
+            return "stop"
+        if self.should_stop is not None and self.should_stop():
+            return "cancelled"
+        return None
+
+    def finish(self, stop: str) -> None:
+        if self.text is not None and stop != "stop":
+            self.text.finish()
+
+    def final_text(self, ids: list[int], stop: str) -> str | None:
+        """``tokenizer.decode(ids)``; after a stop string, the text before it (decoded
+        without special tokens, as streamed)."""
+        if self.tokenizer is None:
+            return None
+        if stop == "stop" and self.text is not None and self.text.stopped:
+            return self.text.text
+        return self.tokenizer.decode(ids)
+
+
+def _default_max_new_tokens(model) -> int:
+    value = getattr(model.generation_config, "max_new_tokens", None)
+    return value if value is not None else sampling_mod.DEFAULT_MAX_NEW_TOKENS
+
+
+def _choose_step(sess, backend, attention, chooser) -> Callable:
+    """The decode step: token in, next token out. Greedy: ``decode_one_token`` (the
+    argmax inside the compiled graph); sampling: ``decode_one_logits`` then
+    ``chooser`` on its logits, outside the graph."""
+    if chooser is None:
+        return _compiled_step(sess, backend, attention) if backend else decode_one_token
+    raw = _compiled_step(sess, backend, attention, logits=True) if backend else decode_one_logits
+
+    def step(model, token, position, cache, kv_positions=None):
+        return chooser(raw(model, token, position, cache, kv_positions))
+
+    return step
 
 
 # ------------------------------------------------------------------ generate
@@ -566,15 +625,18 @@ def generate(
     model,
     tokenizer,
     prompt: str | Sequence[int] | torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     *,
     stream: Callable[[str], object] | None = None,
     compile: bool | str = True,
     max_cache_len: int | None = None,
     stop_at_eos: bool = True,
     attention: str = "exact",
+    should_stop: Callable[[], bool] | None = None,
+    **sampling,
 ) -> Generation:
-    """Greedy decoding of one prompt with a static KV cache and a compiled decode step.
+    """Greedy decoding (or sampling) of one prompt with a static KV cache and a
+    compiled decode step.
 
     ``prompt``: text (needs ``tokenizer``) or token ids. ``stream``: called with each
     new piece of text as it is decoded. ``compile``: compile the decode step (compile
@@ -587,54 +649,69 @@ def generate(
     the tokens are ``model.generate``'s bitwise; ``"fast"`` uses our decode attention
     kernel (faster; its sums run in another order, so a greedy near-tie can differ).
     Both apply to models set up for ``sdpa`` attention; others keep their own.
+
+    ``**sampling``: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+    ``repetition_penalty``, ``seed``, ``stop`` (strings; the text ends before the
+    first), ``stop_token_ids`` (``sparamx.sampling.SamplingParams``; transformers'
+    names and defaults, unset ones from ``model.generation_config``). Greedy (the
+    default unless the generation config asks for sampling) is the plain argmax; a
+    given ``seed`` makes sampling reproducible. ``max_new_tokens`` None: the generation
+    config's, else ``DEFAULT_MAX_NEW_TOKENS``. ``should_stop``: checked after every
+    token; True ends the generation (``stop_reason`` ``"cancelled"``).
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {sorted(ATTENTION_MODES)}, got {attention!r}")
+    params = sampling_mod.SamplingParams.resolve(model.generation_config, **sampling)
+    if max_new_tokens is None:
+        max_new_tokens = _default_max_new_tokens(model)
     _check_positive_int("max_new_tokens", max_new_tokens)
     if max_cache_len is not None:
         _check_positive_int("max_cache_len", max_cache_len)
-    if stream is not None and tokenizer is None:
-        raise ValueError("stream needs a tokenizer to turn tokens into text")
+    if (stream is not None or params.stop) and tokenizer is None:
+        raise ValueError("stream and stop strings need a tokenizer to turn tokens into text")
     ids = _prompt_ids(tokenizer, prompt)
     prompt_len = ids.shape[1]
     _check_fits(prompt_len, max_new_tokens, max_cache_len, model)
     _warn_processors(model)
     eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
-    texts = _TextStream(tokenizer, stream) if stream is not None else None
+    watch = _StopWatch(tokenizer, params, stream, should_stop)
+    chooser = None if params.greedy_argmax else sampling_mod.TokenChooser(params, ids)
+    sample = chooser is not None
 
     backend = _backend(compile)
     with torch.inference_mode(), _lean_attention(model, attention) as swapped:
         sess, reused = _session(model, prompt_len + max_new_tokens, max_cache_len)
         sess.lean_attention = swapped and not any(sess.cache.is_sliding)
         compile_s = 0.0
-        if backend and (backend, attention, sess.cache_len) not in sess.warm:
+        if backend and _warm_key(backend, attention, sess.cache_len, sample) not in sess.warm:
             with _step_context(model, sess, backend, attention):
-                compile_s = _warm_up(model, sess, backend, attention)
-        step = _compiled_step(sess, backend, attention) if backend else decode_one_token
+                compile_s = _warm_up(model, sess, backend, attention, sample)
+        step = _choose_step(sess, backend, attention, chooser)
 
         new: list[int] = []
         stamps: list[float] = []
 
-        def on_token(tid: int) -> None:
+        def on_token(tid: int) -> str | None:
             new.append(tid)
-            if texts is not None:
-                texts.put(tid)
+            why = watch.put(tid)
             stamps.append(time.perf_counter())
+            return why
 
         start = time.perf_counter()
-        token = prefill(model, ids, sess.cache)
-        on_token(int(token))
-        stop = "eos" if new[0] in eos else "length"
+        token = prefill(model, ids, sess.cache, chooser)
+        why = on_token(int(token))
+        stop = "eos" if new[0] in eos else why or "length"
         if stop == "length" and max_new_tokens > 1:
             with _step_context(model, sess, backend, attention):
                 stop = decode_n_tokens(
                     step, model, token, prompt_len, max_new_tokens - 1, sess, eos, on_token
                 )
+        watch.finish(stop)
 
     times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
     return Generation(
         ids=new,
-        text=tokenizer.decode(new) if tokenizer is not None else None,
+        text=watch.final_text(new, stop),
         prompt_tokens=prompt_len,
         ttft_s=stamps[0] - start,
         token_times_s=times,
