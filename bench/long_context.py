@@ -91,10 +91,19 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="compute dtype (auto: float32 where the CPU has no fast bf16 matmul)",
+    )
     p.add_argument("--json", help="write the records here")
     args = p.parse_args(argv)
 
-    model, tok = sparamx.load(args.artifact, kv={})
+    from sparamx.cpu import resolve_compute_dtype
+
+    dtype = resolve_compute_dtype(args.dtype).resolved
+    model, tok = sparamx.load(args.artifact, kv={}, dtype=dtype)
     rows = []
     for context in args.context:
         ids = context_prompt(tok, context)
@@ -117,7 +126,13 @@ def main(argv=None) -> None:
     print_flags(rows, lambda r: f"context {r['context']}, {r['threads']} thr, {r['mode']}")
     if args.json:
         env = environment()
-        payload = {"env": env, "environment": env, "artifact": args.artifact, "records": rows}
+        payload = {
+            "env": env,
+            "environment": env,
+            "artifact": args.artifact,
+            "compute_dtype": dtype,
+            "records": rows,
+        }
         write_json(args.json, payload)
 
 
