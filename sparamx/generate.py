@@ -160,17 +160,12 @@ def lean_fast_attention(
 
     length = kv_positions.shape[0]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    key, value = key[:, :, :length], value[:, :, :length]
+    if key.dtype != torch.bfloat16:  # fp32 models: the kernel reads a bf16 cache
+        key, value = key.to(torch.bfloat16), value.to(torch.bfloat16)
     empty = key[:, :, :0]
     out = torch.ops.sparamx.kv_decode_attention(
-        query[:, :, 0],
-        empty,
-        None,
-        empty,
-        None,
-        0,
-        key[:, :, :length],
-        value[:, :, :length],
-        float(scale),
+        query[:, :, 0], empty, None, empty, None, 0, key, value, float(scale)
     )
     return out.unsqueeze(1), None  # [b, 1, heads, d], as transformers' attention returns
 

@@ -483,3 +483,10 @@ def test_sparse_kv_bad_settings_and_models():
     model.config._attn_implementation = "eager"
     with pytest.raises(ValueError, match="needs a model on sdpa attention"):
         generate(model, None, _prompt(), 4, compile=False, kv=_kv())
+
+
+def test_fast_attention_on_an_fp32_model_reads_a_bf16_copy_of_the_cache():
+    model = _tiny(packed=False, seed=4).float()
+    ids = _prompt(20, seed=3)
+    res = generate(model, None, ids, 12, compile=False, attention="fast", stop_at_eos=False)
+    assert len(res.ids) == 12 and res.ids[0] == _hf_new_tokens(model, ids, 1)[0]
