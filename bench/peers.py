@@ -9,9 +9,18 @@ Engines (``--engines``, default all):
 | `sparamx-lean`       | packed artifact                     | ``sparamx.generate``           |
 | `sparamx-lean-fast`  | packed artifact                     | the same, ``attention="fast"`` |
 | `sparamx-lean-eager` | packed artifact                     | the same, ``compile=False``    |
+| `sparamx-lean-kv`    | packed artifact, sparse KV cache    | ``sparamx.generate(kv=...)``   |
 | `dense-lean`         | dense bf16                          | ``sparamx.generate``           |
 | `llama.cpp-bf16`     | SmolLM2 GGUF, BF16 (same weights)   | llama-cpp-python's own loop    |
 | `llama.cpp-q4_1`     | SmolLM2 GGUF, Q4_1 (as shipped)     | llama-cpp-python's own loop    |
+
+``--context N`` makes the prompt the first N tokens of real English text (the same
+ids for every engine, llama.cpp included; ``--new-tokens`` are generated after it), so
+attention over a long cache is part of each token's time. ``sparamx-lean-kv`` runs the
+lean loop with the sparse KV cache of ``--kv`` (JSON, ``kv.KVSettings`` fields; default
+50% K and V, magnitude, masks shared by 16 tokens); every other engine keeps a dense
+cache (llama.cpp: its default f16 cache). Each record carries ``context``,
+``kv_sparsity`` (0 for a dense cache) and ``kv_bytes`` (the cache after the last token).
 
 ``--artifact`` takes several packed artifacts (e.g. a dense-packed one and 50% / 70%
 sparse ones); each packed engine runs once per artifact. The BF16 GGUF is written from
@@ -58,6 +67,7 @@ ENGINES = {  # name: (model, loop)
     "sparamx-lean": ("packed", "lean"),
     "sparamx-lean-fast": ("packed", "lean-fast"),
     "sparamx-lean-eager": ("packed", "lean-eager"),
+    "sparamx-lean-kv": ("packed", "lean-kv"),
     "dense-lean": ("dense", "lean"),
     "llama.cpp-bf16": ("gguf-bf16", "llama.cpp"),
     "llama.cpp-q4_1": ("gguf-q4_1", "llama.cpp"),
@@ -65,6 +75,7 @@ ENGINES = {  # name: (model, loop)
 SAME_AS = {"sparamx-lean": "sparamx-hf", "sparamx-lean-eager": "sparamx-hf"}
 SAME_AS["sparamx-lean-fast"] = "sparamx-hf"  # not bitwise: may differ after a near-tie
 SAME_AS["dense-lean"] = "transformers"
+DEFAULT_KV = {"method": "magnitude", "k_sparsity": 0.5, "v_sparsity": 0.5}
 DEFAULT_PROMPTS = [
     "The history of the printing press begins",
     "Explain in simple words why the sky is blue.",
@@ -100,21 +111,32 @@ def _load(kind: str, args):
     return model, tok, fmt, model_bytes(model)
 
 
-def _run_hf(model, tok, prompt: str, n: int) -> dict:
+def _run_hf(model, tok, prompt, n: int) -> dict:
     from sparamx.bench import time_generate
 
     r = time_generate(model, tok, prompt, n)
-    return {"ttft_ms": r["ttft_ms"], "ms_per_token": r["ms_per_token"], "text": r["text"]}
+    keep = ("ttft_ms", "ms_per_token", "text", "prompt_tokens")
+    return {k: r[k] for k in keep}
 
 
-def _run_lean(model, tok, prompt: str, n: int, compile: bool, attention: str) -> dict:
+def _run_lean(model, tok, prompt, n: int, compile: bool, attention: str, kv=False) -> dict:
     from sparamx.bench import time_generate_lean
 
-    return time_generate_lean(model, tok, prompt, n, attention=attention, compile=compile)
+    return time_generate_lean(model, tok, prompt, n, attention=attention, compile=compile, kv=kv)
 
 
-def _llama_cpp_runner(threads: int, kind: str):
-    """(run(prompt, n) -> record, format, model_bytes) for llama-cpp-python, or None."""
+def dense_kv_bytes(config, tokens: int, element_bytes: int) -> int:
+    """Bytes of a dense K/V cache of ``tokens`` tokens for a model of ``config``."""
+    text = config.get_text_config()
+    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * d * tokens * element_bytes
+
+
+def _llama_cpp_runner(threads: int, kind: str, n_ctx: int):
+    """(run(prompt, n) -> record, format, model_bytes) for llama-cpp-python, or None.
+    A prompt is text or token ids ``[1, T]`` (``--context``: the ids the other engines
+    get; the GGUF holds the same vocabulary)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -123,11 +145,19 @@ def _llama_cpp_runner(threads: int, kind: str):
 
     gguf = smollm2_gguf_bf16() if kind == "gguf-bf16" else smollm2_gguf()
     llm = Llama(
-        model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
+        model_path=str(gguf),
+        n_ctx=n_ctx,
+        n_batch=min(n_ctx, 2048),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
     )
 
-    def run(prompt: str, n: int) -> dict:
-        tokens = llm.tokenize(prompt.encode("utf-8"))
+    def run(prompt, n: int) -> dict:
+        if isinstance(prompt, str):
+            tokens = llm.tokenize(prompt.encode("utf-8"))
+        else:
+            tokens = prompt[0].tolist()
         llm.reset()
         start = time.perf_counter()
         llm.eval(tokens)
@@ -141,6 +171,7 @@ def _llama_cpp_runner(threads: int, kind: str):
             "ttft_ms": (stamps[0] - start) * 1e3,
             "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3,
             "text": llm.detokenize(out).decode("utf-8", errors="replace"),
+            "prompt_tokens": len(tokens),
         }
 
     fmt = "gguf-" + gguf.stem.rsplit(".", 1)[-1].lower()  # e.g. gguf-q4_1
@@ -154,12 +185,18 @@ def run_worker(engine: str, args) -> dict:
     torch.set_num_threads(args.threads)
     kind, loop = ENGINES[engine]
     rec = {"engine": engine, "threads": args.threads, "new_tokens": args.new_tokens}
+    rec["context"] = args.context
     if kind == "packed":
         rec["artifact"] = args.artifact[0]
+    prompts = args.prompts if not args.context else [_context_ids(args)]
     if loop == "llama.cpp":
-        runner = _llama_cpp_runner(args.threads, kind)
+        runner = _llama_cpp_runner(args.threads, kind, _n_ctx(args))
         if runner is None:
-            return {**rec, "skipped": "llama_cpp is not importable (pip install llama-cpp-python)"}
+            return {
+                **rec,
+                "skipped": "llama_cpp is not importable (pip install llama-cpp-python, or "
+                "the peers extra)",
+            }
         run, rec["format"], rec["model_bytes"] = runner
     else:
         model, tok, rec["format"], rec["model_bytes"] = _load(kind, args)
@@ -168,12 +205,13 @@ def run_worker(engine: str, args) -> dict:
         else:
             compile = loop != "lean-eager"
             attention = "fast" if loop == "lean-fast" else "exact"
-            run = lambda p, n: _run_lean(model, tok, p, n, compile, attention)  # noqa: E731
+            kv = args.kv if loop == "lean-kv" else False
+            run = lambda p, n: _run_lean(model, tok, p, n, compile, attention, kv)  # noqa: E731
     t0 = time.perf_counter()
-    warm = run(args.prompts[0], args.new_tokens if loop.startswith("lean") else 8)
+    warm = run(prompts[0], args.new_tokens if loop.startswith("lean") else 8)
     rec["warmup_s"] = time.perf_counter() - t0
     rec["compile_s"] = warm.get("compile_s")
-    runs = [run(p, args.new_tokens) for _ in range(args.repeats) for p in args.prompts]
+    runs = [run(p, args.new_tokens) for _ in range(args.repeats) for p in prompts]
     from sparamx.bench import spread, spread_flags
 
     ms_spread = spread(r["ms_per_token"] for r in runs)
@@ -188,9 +226,56 @@ def run_worker(engine: str, args) -> dict:
         tokens_per_s=1e3 / ms,
         ttft_ms=statistics.median(r["ttft_ms"] for r in runs),
         recompiled_while_timed=any(r.get("compile_s") for r in runs),
-        texts=[r["text"] for r in runs[: len(args.prompts)]],
+        texts=[r["text"] for r in runs[: len(prompts)]],
     )
+    rec.update(_kv_fields(runs[-1], loop, args))
     return rec
+
+
+def _kv_fields(last: dict, loop: str, args) -> dict:
+    """``kv``, ``kv_sparsity`` (0: dense cache) and ``kv_bytes`` of the cache after the
+    last timed generation (the prompt and all new tokens but the last)."""
+    if last.get("kv"):  # the lean loop's sparse cache counts its own bytes
+        s = last["kv"]
+        return {
+            "kv": s,
+            "kv_sparsity": (s["k_sparsity"] + s["v_sparsity"]) / 2,
+            "kv_bytes": last["kv_bytes"],
+            "kv_dense_bf16_bytes": last["kv_dense_bytes"],
+        }
+    if last.get("kv_bytes"):  # the lean loop's dense cache
+        return {"kv": None, "kv_sparsity": 0.0, "kv_bytes": last["kv_bytes"]}
+    from transformers import AutoConfig
+
+    from sparamx.cpu import resolve_compute_dtype
+    from sparamx.models import resolve_source
+
+    tokens = (args.context or last.get("prompt_tokens") or 0) + args.new_tokens - 1
+    # llama.cpp's default cache is f16; transformers' holds the compute dtype
+    wide = loop != "llama.cpp" and resolve_compute_dtype(args.dtype).resolved == "float32"
+    config = AutoConfig.from_pretrained(resolve_source(args.dense)[0])
+    return {
+        "kv": None,
+        "kv_sparsity": 0.0,
+        "kv_bytes": dense_kv_bytes(config, tokens, 4 if wide else 2),
+    }
+
+
+def _context_ids(args):
+    """The ``--context`` prompt: ``[1, N]`` ids of real text (sparamx.bench)."""
+    from transformers import AutoTokenizer
+
+    from sparamx.bench import context_prompt
+    from sparamx.models import resolve_source
+
+    return context_prompt(
+        AutoTokenizer.from_pretrained(resolve_source(args.dense)[0]), args.context
+    )
+
+
+def _n_ctx(args) -> int:
+    """llama.cpp's context: the prompt and the new tokens, with room to spare."""
+    return max(1024, (args.context or 0) + args.new_tokens + 64)
 
 
 # --------------------------------------------------------------------- main
@@ -199,7 +284,9 @@ def run_worker(engine: str, args) -> dict:
 def run_subprocess(engine: str, threads: int, args, artifact: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--threads", str(threads)]
     cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-    cmd += ["--dtype", args.dtype]
+    cmd += ["--dtype", args.dtype, "--kv", json.dumps(args.kv)]
+    if args.context:
+        cmd += ["--context", str(args.context)]
     cmd += ["--dense", args.dense] + (["--artifact", artifact] if artifact else [])
     for p in args.prompts:
         cmd += ["--prompt", p]
@@ -236,6 +323,15 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", dest="prompts", action="append", default=None)
+    ap.add_argument(
+        "--context", type=int, default=None, help="prompt: the first N tokens of real text"
+    )
+    ap.add_argument(
+        "--kv",
+        type=json.loads,
+        default=DEFAULT_KV,
+        help="sparse KV settings of sparamx-lean-kv (JSON, kv.KVSettings fields)",
+    )
     ap.add_argument("--json", default=None, help="write the records here")
     ap.add_argument(
         "--dtype",
@@ -280,6 +376,8 @@ def main(argv=None) -> int:
         {
             **r,
             "model_mb": r["model_bytes"] / 1e6,
+            "kv_mb": (r.get("kv_bytes") or 0) / 1e6,
+            "context": str(r.get("context") or "-"),
             "same": {True: "yes", False: "NO"}.get(r.get("same_as_hf"), "-"),
             "flag": "!" if r.get("flags") else "",
         }
@@ -292,6 +390,9 @@ def main(argv=None) -> int:
             ("engine", "engine", "s"),
             ("format", "format", "s"),
             ("threads", "threads", "d"),
+            ("context", "context", "s"),
+            ("kv_sparsity", "KV sparsity", ".0%"),
+            ("kv_mb", "KV MB", ".1f"),
             ("tokens_per_s", "tokens/s", ".1f"),
             ("ms_per_token", "ms/token", ".1f"),
             ("ttft_ms", "TTFT ms", ".0f"),
@@ -308,7 +409,8 @@ def main(argv=None) -> int:
         payload = {
             "environment": environment(),
             "load_avg": os.getloadavg(),
-            "prompts": args.prompts,
+            "prompts": args.prompts if not args.context else None,
+            "context": args.context,
             "records": records,
         }
         write_json(args.json, payload)

@@ -192,11 +192,12 @@ def time_generate_lean(
     new_tokens: int,
     attention: str = "exact",
     compile: bool = True,
+    kv=None,
 ) -> dict:
     """The same measurement through ``sparamx.generate`` (static cache, compiled decode
-    step unless ``compile`` is False; ``attention`` as there). Compilation happens in
-    the untimed warm-up call; ``compile_s`` says how long a call spent compiling (0 once
-    warm)."""
+    step unless ``compile`` is False; ``attention`` and ``kv`` as there: None, the
+    model's own KV settings). Compilation happens in the untimed warm-up call;
+    ``compile_s`` says how long a call spent compiling (0 once warm)."""
     from .generate import generate
 
     g = generate(
@@ -207,6 +208,7 @@ def time_generate_lean(
         stop_at_eos=False,
         attention=attention,
         compile=compile,
+        kv=kv,
     )
     decode = sum(g.token_times_s) / max(1, len(g.token_times_s))
     return {
@@ -216,6 +218,9 @@ def time_generate_lean(
         "prompt_tokens": g.prompt_tokens,
         "text": g.text,
         "compile_s": g.compile_s,
+        "kv": g.kv,
+        "kv_bytes": g.kv_bytes,
+        "kv_dense_bytes": g.kv_dense_bytes,
     }
 
 
@@ -239,6 +244,12 @@ def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
     if ids.shape[1] < tokens:
         raise ValueError(f"context of {tokens} tokens is longer than the text ({ids.shape[1]})")
     return ids[:, :tokens]
+
+
+def kv_dict(model) -> dict | None:
+    """The sparse KV settings ``model.generate`` runs ``model`` with (None: dense)."""
+    settings = getattr(model, "_sparamx_kv", None)
+    return None if settings is None else settings.to_dict()
 
 
 def peak_rss_mb() -> float:
@@ -335,13 +346,14 @@ def run_bench(
     ``attention="fast"``). ``dtype``: the compute dtype (``auto``, ``bfloat16``,
     ``float32``): the stock model's, and the packed model's activations, norms and
     attention (its weights stay bf16). ``kv``: sparse KV cache settings for a packed
-    artifact (``sparamx.kv.KVSettings`` fields; engine "hf" only)."""
+    artifact (``sparamx.kv.KVSettings`` fields; ``{}``: the dense cache; None: what
+    the artifact records), for every engine."""
     from .cpu import resolve_compute_dtype
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
-    if kv is not None and (kind != "sparse" or engine != "hf"):
-        raise ValueError("kv settings need a packed artifact and engine 'hf' (model.generate)")
+    if kv is not None and kind != "sparse":
+        raise ValueError("kv settings need a packed artifact (--sparse/--artifact)")
     timed = ENGINES[engine]
     compute = resolve_compute_dtype(dtype)
     load_before = list(os.getloadavg())
@@ -391,7 +403,10 @@ def run_bench(
         "texts": [r["text"] for r in runs[: len(prompts)]],
         "prompt_tokens": runs[0]["prompt_tokens"],
         "kernel": os.environ.get("SPARAMX_KERNEL") or "auto",
-        "kv": kv,
+        # the settings the generations ran with (model.generate: the model's own)
+        "kv": runs[0]["kv"] if "kv" in runs[0] else kv_dict(model),
+        "kv_bytes": runs[0].get("kv_bytes"),
+        "kv_dense_bytes": runs[0].get("kv_dense_bytes"),
         "load_avg_before": load_before,
     }
     wbytes = weight_bytes_per_token(model)
@@ -492,7 +507,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-profile", action="store_true", help="skip the kernel-share profile")
     ap.add_argument(
-        "--kv", type=json.loads, default=None, help="sparse KV cache settings (JSON; engine hf)"
+        "--kv",
+        type=json.loads,
+        default=None,
+        help="sparse KV cache settings (JSON; {}: dense cache; default: the artifact's)",
     )
     args = ap.parse_args(argv)
     if args.kernel:

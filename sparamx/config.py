@@ -147,6 +147,9 @@ class BenchConfig:
     # Decode loop for the packed model: "lean" = sparamx.generate (static cache, compiled
     # step), "hf" = model.generate. The stock baseline always runs model.generate.
     engine: str = "lean"
+    # Long prompts (tokens of real text) at which the packed model is timed as well,
+    # weights only and, with a kv setting, weights + sparse KV cache; [] = short only.
+    contexts: list[int] = field(default_factory=list)
     enabled: bool = True
 
 
@@ -336,6 +339,11 @@ def validate(cfg: Config) -> Config:
         bool(cfg.bench.threads) and all(t > 0 for t in cfg.bench.threads),
         "bench.threads",
         "a non-empty list of positive thread counts",
+    )
+    need(
+        all(c > 1 for c in cfg.bench.contexts),
+        "bench.contexts",
+        "a list of prompt lengths in tokens, each > 1",
     )
     need(
         bool(cfg.bench.prompts) and all(p.strip() for p in cfg.bench.prompts),

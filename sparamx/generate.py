@@ -99,6 +99,9 @@ class Generation:
     cache_len: int  # KV cache length in tokens
     cache_reused: bool  # the cache of an earlier call was reset and reused
     total_s: float = field(default=0.0)  # prompt ready -> last token
+    kv: dict | None = None  # sparse KV cache settings used (KVSettings fields); None: dense
+    kv_bytes: int = 0  # bytes of cached K/V data at the end (sparse: compressed + window)
+    kv_dense_bytes: int = 0  # the same tokens in a dense bf16 cache
 
     @property
     def ms_per_token(self) -> float | None:
@@ -159,17 +162,12 @@ def lean_fast_attention(
 
     length = kv_positions.shape[0]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    key, value = key[:, :, :length], value[:, :, :length]
+    if key.dtype != torch.bfloat16:  # fp32 models: the kernel reads a bf16 cache
+        key, value = key.to(torch.bfloat16), value.to(torch.bfloat16)
     empty = key[:, :, :0]
     out = torch.ops.sparamx.kv_decode_attention(
-        query[:, :, 0],
-        empty,
-        None,
-        empty,
-        None,
-        0,
-        key[:, :, :length],
-        value[:, :, :length],
-        float(scale),
+        query[:, :, 0], empty, None, empty, None, 0, key, value, float(scale)
     )
     return out.unsqueeze(1), None  # [b, 1, heads, d], as transformers' attention returns
 
@@ -185,16 +183,31 @@ def _register_attention() -> None:
 
 
 @contextmanager
-def _lean_attention(model, attention: str = "exact"):
+def _lean_attention(model, attention: str = "exact", sparse: bool = False):
     """Run a model configured for ``sdpa`` on ``lean_sdpa_attention`` (or, ``"fast"``,
-    ``lean_fast_attention``); restore after. Yields whether it did (other attention
-    implementations keep the static mask)."""
+    ``lean_fast_attention``; ``sparse``: ``kv_static.static_kv_attention``); restore
+    after. Yields whether it did (other attention implementations keep the static mask;
+    the sparse cache refuses them). A model that ``kv.enable_sparse_kv`` switched to
+    ``"sparamx_kv"`` counts as ``sdpa``: on a cache other than its own that function is
+    transformers' SDPA."""
+    from .kv import ATTENTION_NAME
+
     config = model.config
     old = getattr(config, "_attn_implementation", None)
-    swap = old == "sdpa"
+    swap = old in ("sdpa", ATTENTION_NAME)
+    if sparse and not swap:
+        raise ValueError(
+            f"kv: the sparse KV cache needs a model on sdpa attention, this one uses {old!r}; "
+            f"load it with attn_implementation='sdpa' or pass kv=False"
+        )
     if swap:
         _register_attention()
         config._attn_implementation = ATTENTION_MODES[attention]
+        if sparse:
+            from . import kv_static
+
+            kv_static.register()
+            config._attn_implementation = kv_static.STATIC_ATTENTION
     try:
         yield swap
     finally:
@@ -300,22 +313,28 @@ def prefill(model, input_ids: torch.Tensor, cache, choose: Callable | None = Non
 
 
 def decode_one_token(
-    model, token: torch.Tensor, position: torch.Tensor, cache, kv_positions=None
+    model, token: torch.Tensor, position: torch.Tensor, cache, kv_positions=None, kv_window=None
 ) -> torch.Tensor:
     """One decode step: token ``[1, 1]`` at ``position`` ``[1, 1]`` -> next token
     ``[1, 1]``; ``kv_positions`` (length = filled cache positions) goes to
-    ``lean_sdpa_attention``. This is the function ``torch.compile`` compiles."""
+    ``lean_sdpa_attention``; with the sparse cache, ``kv_window`` (length = its dense
+    window's tokens) and the cache go to ``kv_static.static_kv_attention``. This is the
+    function ``torch.compile`` compiles."""
     extra = {} if kv_positions is None else {"kv_positions": kv_positions}
+    if kv_window is not None:
+        extra.update(kv_window=kv_window, sparamx_kv=cache)
     logits = model(token, position_ids=position, cache=cache, use_cache=True, **extra).logits
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
 def decode_one_logits(
-    model, token: torch.Tensor, position: torch.Tensor, cache, kv_positions=None
+    model, token: torch.Tensor, position: torch.Tensor, cache, kv_positions=None, kv_window=None
 ) -> torch.Tensor:
     """``decode_one_token`` returning the last position's logits ``[1, vocab]``: the
     step compiled for sampling (the token is chosen outside, by a ``TokenChooser``)."""
     extra = {} if kv_positions is None else {"kv_positions": kv_positions}
+    if kv_window is not None:
+        extra.update(kv_window=kv_window, sparamx_kv=cache)
     logits = model(token, position_ids=position, cache=cache, use_cache=True, **extra).logits
     return logits[:, -1]
 
@@ -329,15 +348,24 @@ def decode_n_tokens(
     sess: DecodeSession,
     eos_ids: set[int],
     on_token: Callable[[int], str | None],
+    sparse=None,
 ) -> str:
     """Feed ``token`` (at position ``start``) and up to ``n - 1`` further tokens through
     ``step``, calling ``on_token`` with each new id; stop early at an end-of-sequence
-    token, or when ``on_token`` returns a stop reason. Returns the stop reason:
-    ``"eos"``, ``"length"`` or ``on_token``'s."""
+    token, or when ``on_token`` returns a stop reason. ``sparse``: a
+    ``kv_static.StaticSparseKVCache`` to decode with instead of the session's dense
+    cache. Returns the stop reason: ``"eos"``, ``"length"`` or ``on_token``'s."""
+    dynamic = step is not decode_one_token
     for i in range(n):
         pos = start + i
-        kv = sess.kv_positions(pos + 1, dynamic=step is not decode_one_token)
-        token = step(model, token, torch.tensor([[pos]]), sess.cache, kv)
+        if sparse is None:
+            token = step(
+                model, token, torch.tensor([[pos]]), sess.cache, sess.kv_positions(pos + 1, dynamic)
+            )
+        else:
+            kv, window = sparse.step_inputs(dynamic)
+            token = step(model, token, torch.tensor([[pos]]), sparse, kv, window)
+            sparse.advance()  # count the token; compress a block that left the window
         tid = int(token)
         why = on_token(tid)
         if tid in eos_ids:
@@ -357,9 +385,10 @@ class DecodeSession:
     cache: object  # transformers.StaticCache
     cache_len: int
     lean_attention: bool = False  # lean_*_attention active: pass kv_positions
-    # (backend, attention) -> compiled step; (backend, attention, cache_len) compiled
-    steps: dict[tuple[str, str], Callable] = field(default_factory=dict)
-    warm: set[tuple[str, str, int]] = field(default_factory=set)
+    # (backend, attention[, kv settings]) -> compiled step; the same + cache_len: compiled
+    steps: dict[tuple, Callable] = field(default_factory=dict)
+    warm: set[tuple] = field(default_factory=set)
+    sparse: dict = field(default_factory=dict)  # KVSettings -> StaticSparseKVCache
     norms: list | None = None  # _norm_wrappers(model), made on first compiled use
 
     def __post_init__(self):
@@ -392,18 +421,24 @@ def _max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def _cache_length(model, need: int, current: int, max_cache_len: int | None) -> int:
+    """``max_cache_len`` if given, else ``need`` rounded up to ``CACHE_BUCKET`` and at
+    least the ``current`` length (a cache only grows), capped by the model's context."""
+    if max_cache_len is not None:
+        return max_cache_len
+    length = max(_bucket(need), current)
+    limit = _max_positions(model)
+    return min(length, limit) if limit else length
+
+
 def _session(model, need: int, max_cache_len: int | None) -> tuple[DecodeSession, bool]:
     """The model's session with a cache of at least ``need`` tokens (exactly
-    ``max_cache_len`` when given); returns (session, whether the cache was reused)."""
+    ``max_cache_len`` when given); returns (session, whether the cache was reused).
+    (transformers allocates a ``StaticCache``'s tensors on first use.)"""
     from transformers import StaticCache
 
     sess = _SESSIONS.get(model)
-    if max_cache_len is not None:
-        length = max_cache_len
-    else:
-        length = max(_bucket(need), sess.cache_len if sess else 0)
-        limit = _max_positions(model)
-        length = min(length, limit) if limit else length
+    length = _cache_length(model, need, sess.cache_len if sess else 0, max_cache_len)
     if sess is not None and sess.cache_len == length:
         sess.cache.reset()
         return sess, True
@@ -414,6 +449,20 @@ def _session(model, need: int, max_cache_len: int | None) -> tuple[DecodeSession
     else:
         sess.use_cache(cache, length)
     return sess, False
+
+
+def _sparse_cache(model, sess: DecodeSession, settings, need: int, max_cache_len: int | None):
+    """The session's static sparse KV cache for ``settings`` holding at least ``need``
+    tokens, reset; returns (cache, whether it was reused)."""
+    from .kv_static import StaticSparseKVCache
+
+    old = sess.sparse.get(settings)
+    length = _cache_length(model, need, old.max_len if old else 0, max_cache_len)
+    if old is not None and old.max_len == length:
+        old.reset()
+        return old, True
+    sess.sparse[settings] = StaticSparseKVCache(settings, model.config, length)
+    return sess.sparse[settings], False
 
 
 def _backend(compile: bool | str) -> str | None:
@@ -434,18 +483,20 @@ def _own_step(f: Callable = decode_one_token) -> Callable:
 
 
 def _compiled_step(
-    sess: DecodeSession, backend: str, attention: str, logits: bool = False
+    sess: DecodeSession, backend: str, attention: str, kv=None, logits: bool = False
 ) -> Callable:
     """The session's compiled decode step. Dynamo checks guards before every call; on a
     packed model the guards on its modules cost ~2.7 ms per token (SmolLM2-135M), so
     they are skipped: the step is the session's own (one model), and the modules it
     traced do not change while the session lives (``release`` drops it). Guards on
     tensors (the cache, its length) stay. Each attention mode has its own step (the
-    mode is a model-config setting, which the skipped guards would not see change).
+    mode is a model-config setting, which the skipped guards would not see change), and
+    so has each sparse KV setting ``kv`` (its cache holds other arrays).
     (Inductor's ``cpp_wrapper`` would cut the Python wrapper's per-kernel cost too, but
     compiling SmolLM2's step with it took 326 s instead of 38 s here.) ``logits``: the
-    step that returns the logits (``decode_one_logits``, for sampling), keyed apart."""
-    key = (backend, attention, "logits") if logits else (backend, attention)
+    step that returns the logits (``decode_one_logits``, for sampling), keyed apart, as
+    is each sparse KV setting ``kv`` (its cache holds other arrays)."""
+    key = (backend, attention) + (("logits",) if logits else ()) + (() if kv is None else (kv,))
     if key not in sess.steps:
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if backend == "inductor":
@@ -466,21 +517,33 @@ def _step_context(model, sess: DecodeSession, backend: str | None, attention: st
     return _opaque_norms(sess.norms)
 
 
-def _warm_key(backend: str, attention: str, cache_len: int, logits: bool) -> tuple:
-    return (backend, attention, cache_len, "logits") if logits else (backend, attention, cache_len)
+def _warm_key(backend: str, attention: str, cache_len: int, logits: bool, kv=None) -> tuple:
+    key = (backend, attention, cache_len) + (("logits",) if logits else ())
+    return key if kv is None else key + (kv,)
 
 
 def _warm_up(
-    model, sess: DecodeSession, backend: str, attention: str, logits: bool = False
+    model, sess: DecodeSession, backend: str, attention: str, logits: bool = False, sparse=None
 ) -> float:
-    """Compile the decode step for the session's cache (one dummy prefill and step,
-    then reset the cache); returns the seconds spent."""
-    step = _compiled_step(sess, backend, attention, logits)
+    """Compile the decode step for the session's cache, or for the sparse cache
+    ``sparse`` (one dummy prefill and step, then reset the cache); returns the seconds
+    spent."""
+    kv = None if sparse is None else sparse.settings
+    step = _compiled_step(sess, backend, attention, kv, logits)
     t0 = time.perf_counter()
-    token = prefill(model, torch.zeros((1, 1), dtype=torch.long), sess.cache)
-    step(model, token, torch.tensor([[1]]), sess.cache, sess.kv_positions(2, dynamic=True))
-    sess.cache.reset()
-    sess.warm.add(_warm_key(backend, attention, sess.cache_len, logits))
+    cache = sess.cache if sparse is None else sparse
+    token = prefill(model, torch.zeros((1, 1), dtype=torch.long), cache)
+    if sparse is None:
+        step(model, token, torch.tensor([[1]]), cache, sess.kv_positions(2, dynamic=True))
+        sess.warm.add(_warm_key(backend, attention, sess.cache_len, logits))
+    else:
+        sparse.begin_decode()
+        # Both lengths are 2 here; dynamo would give equal sizes one symbol (duck
+        # shaping) and tie the cache's length to the window's for good.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            step(model, token, torch.tensor([[1]]), sparse, *sparse.step_inputs(dynamic=True))
+        sess.warm.add(_warm_key(backend, attention, sparse.max_len, logits, kv))
+    cache.reset()
     return time.perf_counter() - t0
 
 
@@ -604,16 +667,18 @@ def _default_max_new_tokens(model) -> int:
     return value if value is not None else sampling_mod.DEFAULT_MAX_NEW_TOKENS
 
 
-def _choose_step(sess, backend, attention, chooser) -> Callable:
+def _choose_step(sess, backend, attention, chooser, kv=None) -> Callable:
     """The decode step: token in, next token out. Greedy: ``decode_one_token`` (the
     argmax inside the compiled graph); sampling: ``decode_one_logits`` then
-    ``chooser`` on its logits, outside the graph."""
+    ``chooser`` on its logits, outside the graph. ``kv``: the sparse KV settings."""
     if chooser is None:
-        return _compiled_step(sess, backend, attention) if backend else decode_one_token
-    raw = _compiled_step(sess, backend, attention, logits=True) if backend else decode_one_logits
+        return _compiled_step(sess, backend, attention, kv) if backend else decode_one_token
+    raw = (
+        _compiled_step(sess, backend, attention, kv, logits=True) if backend else decode_one_logits
+    )
 
-    def step(model, token, position, cache, kv_positions=None):
-        return chooser(raw(model, token, position, cache, kv_positions))
+    def step(model, token, position, cache, *kv_inputs):
+        return chooser(raw(model, token, position, cache, *kv_inputs))
 
     return step
 
@@ -633,6 +698,7 @@ def generate(
     stop_at_eos: bool = True,
     attention: str = "exact",
     should_stop: Callable[[], bool] | None = None,
+    kv=None,
     **sampling,
 ) -> Generation:
     """Greedy decoding (or sampling) of one prompt with a static KV cache and a
@@ -658,6 +724,14 @@ def generate(
     given ``seed`` makes sampling reproducible. ``max_new_tokens`` None: the generation
     config's, else ``DEFAULT_MAX_NEW_TOKENS``. ``should_stop``: checked after every
     token; True ends the generation (``stop_reason`` ``"cancelled"``).
+    ``kv``: the sparse KV cache (``kv.KVSettings`` or its dict): prompt and new tokens
+    are pruned as they leave its dense window and decode attention reads the compressed
+    cache (``sparamx.kv_static``). ``None`` (default): the settings the model carries
+    (``sparamx.load`` of an artifact that records them, ``kv.enable_sparse_kv``), else
+    the dense cache; ``False``: the dense cache. A setting that prunes nothing
+    (method ``none`` or both sparsities 0) runs the dense cache, bitwise as ``kv=False``.
+    With ``attention="exact"`` the tokens equal ``model.generate``'s with the same
+    sparse cache; ``"fast"`` lets inductor fuse the norms (not bitwise).
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {sorted(ATTENTION_MODES)}, got {attention!r}")
@@ -669,6 +743,7 @@ def generate(
         _check_positive_int("max_cache_len", max_cache_len)
     if (stream is not None or params.stop) and tokenizer is None:
         raise ValueError("stream and stop strings need a tokenizer to turn tokens into text")
+    settings = _kv_settings(model, kv)
     ids = _prompt_ids(tokenizer, prompt)
     prompt_len = ids.shape[1]
     _check_fits(prompt_len, max_new_tokens, max_cache_len, model)
@@ -679,14 +754,23 @@ def generate(
     sample = chooser is not None
 
     backend = _backend(compile)
-    with torch.inference_mode(), _lean_attention(model, attention) as swapped:
-        sess, reused = _session(model, prompt_len + max_new_tokens, max_cache_len)
-        sess.lean_attention = swapped and not any(sess.cache.is_sliding)
+    sparse_mode = settings is not None
+    with torch.inference_mode(), _lean_attention(model, attention, sparse_mode) as swapped:
+        need = prompt_len + max_new_tokens
+        if sparse_mode:
+            sess = _SESSIONS.get(model) or _session(model, need, max_cache_len)[0]
+            sparse, reused = _sparse_cache(model, sess, settings, need, max_cache_len)
+            cache, cache_len = sparse, sparse.max_len
+        else:
+            sess, reused = _session(model, need, max_cache_len)
+            sess.lean_attention = swapped and not any(sess.cache.is_sliding)
+            sparse, cache, cache_len = None, sess.cache, sess.cache_len
+        warm = _warm_key(backend, attention, cache_len, sample, settings)
         compile_s = 0.0
-        if backend and _warm_key(backend, attention, sess.cache_len, sample) not in sess.warm:
+        if backend and warm not in sess.warm:
             with _step_context(model, sess, backend, attention):
-                compile_s = _warm_up(model, sess, backend, attention, sample)
-        step = _choose_step(sess, backend, attention, chooser)
+                compile_s = _warm_up(model, sess, backend, attention, sample, sparse)
+        step = _choose_step(sess, backend, attention, chooser, settings)
 
         new: list[int] = []
         stamps: list[float] = []
@@ -698,17 +782,20 @@ def generate(
             return why
 
         start = time.perf_counter()
-        token = prefill(model, ids, sess.cache, chooser)
+        token = prefill(model, ids, cache, chooser)
+        if sparse is not None:
+            sparse.begin_decode()
         why = on_token(int(token))
         stop = "eos" if new[0] in eos else why or "length"
         if stop == "length" and max_new_tokens > 1:
             with _step_context(model, sess, backend, attention):
                 stop = decode_n_tokens(
-                    step, model, token, prompt_len, max_new_tokens - 1, sess, eos, on_token
+                    step, model, token, prompt_len, max_new_tokens - 1, sess, eos, on_token, sparse
                 )
         watch.finish(stop)
 
     times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    kv_bytes, kv_dense = _kv_bytes(model, sparse, prompt_len + len(new) - 1, cache)
     return Generation(
         ids=new,
         text=watch.final_text(new, stop),
@@ -718,10 +805,47 @@ def generate(
         compile_s=compile_s,
         stop_reason=stop,
         backend=backend,
-        cache_len=sess.cache_len,
+        cache_len=cache_len,
         cache_reused=reused,
         total_s=stamps[-1] - start,
+        kv=None if settings is None else settings.to_dict(),
+        kv_bytes=kv_bytes,
+        kv_dense_bytes=kv_dense,
     )
+
+
+def _kv_settings(model, kv):
+    """The ``kv.KVSettings`` that ``generate`` runs the sparse cache with, or None for
+    the dense cache (see ``generate``'s ``kv``)."""
+    from .kv import KVSettings
+
+    if kv is None:
+        kv = getattr(model, "_sparamx_kv", None)  # sparamx.load / kv.enable_sparse_kv
+    if kv is None or kv is False:
+        return None
+    if isinstance(kv, dict):
+        kv = KVSettings.from_dict(kv)
+    if not isinstance(kv, KVSettings):
+        raise TypeError(f"kv must be a KVSettings, a dict of its fields, None or False, got {kv!r}")
+    if kv.method == "none" or (kv.k_sparsity == 0 and kv.v_sparsity == 0):
+        return None  # nothing pruned: the dense static cache (bitwise as kv=False)
+    from .kv_static import check_model
+
+    check_model(model.config, kv)
+    return kv
+
+
+def _kv_bytes(model, sparse, tokens: int, cache) -> tuple[int, int]:
+    """(bytes the cache holds for ``tokens`` cached tokens, the same in dense bf16)."""
+    if sparse is not None:
+        return sparse.nbytes(), sparse.dense_nbytes()
+    text = model.config.get_text_config()
+    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_dtype = 2 * text.num_hidden_layers * heads * d * tokens  # K and V elements
+    layer = cache.layers[0] if getattr(cache, "layers", None) else None
+    size = layer.keys.element_size() if getattr(layer, "is_initialized", False) else 2
+    return per_dtype * size, per_dtype * 2
 
 
 class _CallableModule(types.ModuleType):

@@ -400,13 +400,24 @@ class SparseKVLayer(CacheLayerMixin):
         """Move whole blocks between the sinks and the newest ``recent_window`` tokens out
         of the window: prune and pack. (Decode attention does not care about token
         order, so the window keeps the sinks in front of the newest tokens.)"""
-        bt = self.settings.block_tokens
-        n_win, s0 = self.keys.shape[-2], self._sinks()
-        blocks = (n_win - s0 - self.settings.recent_window) // bt
-        if blocks <= 0:
+        s0, n = self._blocks_to_compress(self.keys.shape[-2])
+        if not n:
             return
-        n = blocks * bt
-        k, v = self.keys[:, :, s0 : s0 + n], self.values[:, :, s0 : s0 + n]
+        self._compress(self.keys[:, :, s0 : s0 + n], self.values[:, :, s0 : s0 + n])
+        self.keys = torch.cat([self.keys[:, :, :s0], self.keys[:, :, s0 + n :]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :s0], self.values[:, :, s0 + n :]], dim=-2)
+
+    def _blocks_to_compress(self, n_win: int) -> tuple[int, int]:
+        """(sinks at the window's front, tokens after them to compress now) for a window
+        of ``n_win`` tokens: whole ``block_tokens`` blocks beyond the recent window."""
+        bt = self.settings.block_tokens
+        s0 = min(self.settings.sink_tokens, n_win)
+        blocks = (n_win - s0 - self.settings.recent_window) // bt
+        return s0, max(blocks, 0) * bt
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prune and pack the window tokens ``k, v[B, Hkv, n, D]`` (whole blocks, oldest
+        first) behind the compressed ones."""
         k_score = v_score = None
         if self.settings.method == "wanda" and self.q_sq is not None:
             # |k_j| · ‖q_j‖ (per KV head, channel j)
@@ -418,9 +429,7 @@ class SparseKVLayer(CacheLayerMixin):
         kb, kv_ = prune_tokens(k, self.keep_k, k_score, g, "k")
         vb, vv = prune_tokens(v, self.keep_v, v_score, g, "v")
         kf = group_fill(k, kb, g) if self._fills_keys() else None
-        self._append(kb, kv_, vb, vv, n, kf)
-        self.keys = torch.cat([self.keys[:, :, :s0], self.keys[:, :, s0 + n :]], dim=-2)
-        self.values = torch.cat([self.values[:, :, :s0], self.values[:, :, s0 + n :]], dim=-2)
+        self._append(kb, kv_, vb, vv, k.shape[-2], kf)
 
     def _fills_keys(self) -> bool:
         return (
@@ -501,14 +510,16 @@ class SparseKVLayer(CacheLayerMixin):
         plus the dense window (allocated spare capacity not counted)."""
         if not self.is_initialized:
             return 0
+        return self._compressed_nbytes() + self.keys.numel() * self.keys.element_size() * 2
+
+    def _compressed_nbytes(self) -> int:
         b, h, d = self.shape
         values = 2 * (self.keep_k + self.keep_v) * self.n_comp
         masks = (self.k_bits is not None) + (self.v_bits is not None)
         groups = self.n_comp // self.mask_tokens
         bitmaps = 4 * words_for(d) * masks * groups
         fills = 0 if self.k_fill is None else 2 * self.k_fill.shape[-1] * groups
-        window = self.keys.numel() * self.keys.element_size() * 2
-        return b * h * (values + bitmaps + fills) + window
+        return b * h * (values + bitmaps + fills)
 
     def dense_nbytes(self) -> int:
         """Bytes the same tokens take in a dense bf16 cache."""

@@ -51,7 +51,7 @@ SECTIONS = {
     "pack": ("pack", "kv"),
     "verify": (),
     "eval-packed": ("eval", "kv"),
-    "bench": ("bench", "model"),
+    "bench": ("bench", "model", "kv"),
     "report": (),
 }
 # Stages whose results depend on the arithmetic dtype (model.compute_dtype, resolved:
@@ -575,19 +575,17 @@ class Pipeline:
         art = self.path("pack", "artifact").resolve()
         records = []
         engine = b.engine
-        if self.cfg.kv.method != "none" and engine.startswith("lean"):
-            # The lean loop decodes with a static dense cache: the sparse KV cache the
-            # artifact asks for only runs under model.generate.
-            log.warning("bench: kv.method is set, so the packed model runs model.generate")
-            engine = "hf"
         stock = str(self.source_dir())
         stock_dtype, stock_why = self._stock_dtype()
+        # With a KV setting the packed model is timed twice: weights only (dense cache,
+        # "sparse") and weights + the artifact's sparse KV cache ("sparse+kv").
+        kinds = ("stock", "sparse") + (("sparse+kv",) if self.cfg.kv.method != "none" else ())
 
-        def measure(kind: str, threads: int) -> dict:
+        def measure(kind: str, threads: int, context: int | None = None) -> dict:
             src, loop = (stock, "hf") if kind == "stock" else (str(art), engine)
             log.info("bench: %s model (%s loop), %d thread(s)", kind, loop, threads)
-            return bench_subprocess(
-                kind,
+            rec = bench_subprocess(
+                "stock" if kind == "stock" else "sparse",
                 src,
                 threads,
                 b.prompts,
@@ -595,11 +593,18 @@ class Pipeline:
                 b.repeats,
                 stock_dtype if kind == "stock" else self.compute.resolved,
                 engine=loop,
+                context=context,
+                kv={} if kind == "sparse" else None,
             )
+            return {**rec, "model": kind, "context": context}
 
         for threads in b.threads:
-            for kind in ("stock", "sparse"):
+            for kind in kinds:
                 records.append(measure(kind, threads))
+        for context in b.contexts:  # long prompts: the packed model only
+            for threads in b.threads:
+                for kind in kinds[1:]:
+                    records.append(measure(kind, threads, context))
         # A flagged stock baseline (repeats that disagree, or slower with more threads)
         # is measured once more in a fresh process: on a 2-core machine a burst of load
         # from another process slows a 2-thread run several-fold (each OpenMP barrier
@@ -609,7 +614,7 @@ class Pipeline:
         stocks = lambda: [r for r in records if r["model"] == "stock"]  # noqa: E731
         thread_scaling_flags(stocks(), key=lambda r: r["source"], what="stock transformers")
         for i, r in enumerate(records):
-            if r["model"] == "stock" and r.get("flags"):
+            if r["model"] == "stock" and r.get("flags") and r.get("context") is None:
                 log.warning(
                     "bench: stock %d thr flagged (%s); measuring again",
                     r["threads"],
@@ -632,9 +637,10 @@ class Pipeline:
             },
         )
         parts = []
+        short = [r for r in records if r.get("context") is None]
         for t in b.threads:
-            s = next(r for r in records if r["model"] == "sparse" and r["threads"] == t)
-            d = next(r for r in records if r["model"] == "stock" and r["threads"] == t)
+            s = next(r for r in short if r["model"] == "sparse" and r["threads"] == t)
+            d = next(r for r in short if r["model"] == "stock" and r["threads"] == t)
             flagged = " FLAGGED" if s.get("flags") or d.get("flags") else ""
             parts.append(
                 f"{t} thr: {s['tokens_per_s']:.1f} vs {d['tokens_per_s']:.1f} tok/s "

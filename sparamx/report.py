@@ -53,9 +53,11 @@ def _cpu_model() -> str:
 
 
 def speedups(records: list[dict]) -> list[dict]:
-    """Sparse over stock per thread count; ``flags`` lists the warnings of either
-    measurement, so a speed-up resting on a disturbed number is never shown bare."""
+    """Sparse over stock per thread count (the short prompts; weights only); ``flags``
+    lists the warnings of either measurement, so a speed-up resting on a disturbed
+    number is never shown bare."""
     out = []
+    records = [r for r in records if r.get("context") is None]
     for t in sorted({r["threads"] for r in records}):
         s = [r for r in records if r["threads"] == t and r["model"] == "sparse"]
         d = [r for r in records if r["threads"] == t and r["model"] == "stock"]
@@ -178,27 +180,32 @@ def render_markdown(r: dict, eval_table: str) -> str:
             "",
             f"{len(b['prompts'])} prompts x {b['repeats']} repeats, {b['new_tokens']} new "
             "tokens each, medians; one warm-up generation per process is not timed. "
-            "`stock` = transformers dense (unpruned), computing in the `dtype` column's dtype; "
-            "`sparse` = packed artifact (bf16 weights, activations in that dtype). "
-            "Loop: `hf` = `model.generate`, `lean` = `sparamx.generate` (static cache, "
-            "compiled decode step; compile time in the warm-up, shown apart).",
+            "`stock` = transformers dense (unpruned), computing in the `dtype` column's "
+            "dtype; `sparse` = packed artifact (bf16 weights, activations in that dtype) "
+            "with a dense KV cache (weights only); `sparse+kv` = the same with the "
+            "artifact's sparse KV cache. Loop: `hf` = `model.generate`, `lean` = "
+            "`sparamx.generate` (static cache, compiled decode step; compile time in the "
+            "warm-up, shown apart). Context: prompt tokens (a number: that many tokens "
+            "of real text); KV MB: the cache at the end of a generation.",
             "",
-            "| model | loop | dtype | threads | tokens/s | ms/token | ms/token min–max "
-            "| TTFT ms | peak RSS MB "
-            "| model MB | kernel share | compile s | weights GB/s | of DRAM |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| model | loop | dtype | threads | context | tokens/s | ms/token "
+            "| ms/token min–max | TTFT ms | peak RSS MB "
+            "| model MB | KV MB | kernel share | compile s | weights GB/s | of DRAM |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for x in r["bench"]:
             ks = x.get("kernel_share")
             bw = x.get("weight_gb_per_s")
             sp = x.get("ms_per_token_spread")
             rng = "-" if not sp else f"{sp['min']:.1f}–{sp['max']:.1f} ({sp['rel_spread']:.0%})"
+            kvb = x.get("kv_bytes")
+            ctx = x.get("context") or "prompts"
             lines.append(
                 f"| {x['model']} | {x.get('engine', 'hf')} | {x.get('dtype', '?')} | "
-                f"{x['threads']} | "
+                f"{x['threads']} | {ctx} | "
                 f"{x['tokens_per_s']:.1f}{_flag_mark(x.get('flags'))} | "
                 f"{x['ms_per_token']:.1f} | {rng} | {x['ttft_ms']:.0f} | {x['peak_rss_mb']:.0f} "
-                f"| {x['model_bytes'] / 1e6:.0f} | "
+                f"| {x['model_bytes'] / 1e6:.0f} | {'-' if not kvb else f'{kvb / 1e6:.1f}'} | "
                 f"{'-' if ks is None else f'{ks:.0%}'} | {x.get('compile_s', 0.0):.1f} | "
                 f"{'-' if bw is None else f'{bw:.1f}'} | "
                 f"{'-' if bw is None else format(x['bandwidth_fraction'], '.0%')} |"

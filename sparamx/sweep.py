@@ -32,7 +32,7 @@ and ``SPARAMX_KERNEL``, so no setting leaks between rows. The sparse model decod
 through ``sparamx.generate`` (compiled step; compile time is a separate column); the
 stock baseline is transformers' ``model.generate`` on the dense bf16 model, i.e. what a
 user runs without sparamx. Rows with ``kv_sparsity`` > 0 load the same artifact with the
-sparse KV cache (``model.generate``: the lean loop's static cache is dense) and add its
+sparse KV cache (timed with the base decode loop, which runs it too) and add its
 decode-path perplexity (``eval.decode_ppl``) and memory ratio.
 """
 
@@ -619,9 +619,9 @@ class Sweep:
             exp.new_tokens,
             self.sweep.bench.repeats,
             self.compute_dtype,
-            # the base config's decode loop; the lean loop's static cache is dense, so
-            # the sparse KV cache runs under model.generate
-            self.base.bench.engine if kv is None else "hf",
+            # the base config's decode loop, the sparse KV cache included (the lean loop
+            # runs it too: sparamx.generate(kv=...))
+            self.base.bench.engine,
             context=exp.context,
             kernel=exp.kernel,
             profile_kernels=False,

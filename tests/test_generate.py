@@ -342,3 +342,151 @@ def test_lean_tokens_equal_hf_generate_on_smollm2_packed(smollm2_packed):
         res = generate(model, tok, p, 48, compile=False)
         assert res.ids == _hf_new_tokens(model, ids, 48), p
         assert res.text == tok.decode(res.ids)
+
+
+# ------------------------------------------------------------- sparse KV cache
+
+# Small windows so that both the prompt and the decoded tokens get compressed:
+# 4 sinks + 8 recent tokens dense, blocks of 16 leave the window.
+KV_WINDOWS = {"recent_window": 8, "sink_tokens": 4, "block_tokens": 16}
+KV_PROMPT, KV_NEW = 50, 60
+
+
+def _kv(method="magnitude", ks=0.5, vs=0.5, **kw):
+    from sparamx.kv import KVSettings
+
+    return KVSettings(method, ks, vs, **{**KV_WINDOWS, **kw})
+
+
+def _hf_sparse(model, ids, n, settings):
+    """Greedy tokens and the cache of ``model.generate`` with ``kv.SparseKVCache``."""
+    from sparamx import kv
+
+    kv.enable_sparse_kv(model, settings)
+    cache = kv.new_cache(model)
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache=cache
+            )
+    finally:
+        kv.disable_sparse_kv(model)
+    return out[0, ids.shape[1] :].tolist(), cache
+
+
+@pytest.mark.parametrize(
+    "arch, settings",
+    [
+        ("llama", {}),
+        ("llama", {"mask_tokens": 1}),
+        ("llama", {"method": "wanda"}),
+        ("llama", {"k_fill": "zero", "vs": 0.25}),
+        ("qwen2", {"method": "wanda", "mask_tokens": 1}),
+        ("gemma", {}),
+    ],
+)
+def test_sparse_kv_lean_tokens_equal_hf_generate_with_the_sparse_cache(arch, settings):
+    """Same pruning code, compaction schedule and kernel inputs as ``SparseKVCache``
+    under ``model.generate``: the same greedy tokens and cache bytes."""
+    model = _tiny(arch, seed=3)
+    ids = _prompt(KV_PROMPT, seed=5)
+    s = _kv(**settings)
+    res = generate(model, None, ids, KV_NEW, compile=False, kv=s, stop_at_eos=False)
+    ref, cache = _hf_sparse(model, ids, KV_NEW, s)
+    assert res.ids == ref
+    assert res.kv == s.to_dict()
+    assert (res.kv_bytes, res.kv_dense_bytes) == (cache.nbytes(), cache.dense_nbytes())
+    assert res.kv_bytes < res.kv_dense_bytes
+    sparse = lean._SESSIONS[model].sparse[s]
+    assert sparse.layers[0].n_comp == cache.layers[0].n_comp > 0
+
+
+def test_sparse_kv_compiled_tokens_equal_hf_generate_without_recompiling(tiny_packed):
+    from torch._dynamo.utils import counters
+
+    s = _kv()
+    ids = _prompt(KV_PROMPT, seed=6)
+    first = generate(tiny_packed, None, ids, KV_NEW, compile=True, kv=s, stop_at_eos=False)
+    assert first.backend == "inductor" and first.compile_s > 0
+    graphs = counters["stats"]["unique_graphs"]
+    # another prompt length: blocks leave the window at other steps; one graph serves all
+    ids2 = _prompt(KV_PROMPT + 23, seed=7)
+    second = generate(tiny_packed, None, ids2, KV_NEW, compile=True, kv=s, stop_at_eos=False)
+    assert second.cache_reused and second.compile_s == 0.0
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert first.ids == _hf_sparse(tiny_packed, ids, KV_NEW, s)[0]
+    assert second.ids == _hf_sparse(tiny_packed, ids2, KV_NEW, s)[0]
+
+
+def test_sparse_kv_decode_step_is_one_graph_with_the_kernel(tiny_packed):
+    from sparamx.kv_static import StaticSparseKVCache
+
+    cache = StaticSparseKVCache(_kv(), tiny_packed.config, 256)
+    with torch.inference_mode(), lean._lean_attention(tiny_packed, sparse=True):
+        token = lean.prefill(tiny_packed, _prompt(40), cache)
+        cache.begin_decode()
+        pos, win = cache.step_inputs(dynamic=True)
+        explained = torch._dynamo.explain(lean.decode_one_token)(
+            tiny_packed, token, torch.tensor([[40]]), cache, pos, win
+        )
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    code = explained.graphs[0].code
+    assert code.count("sparamx.kv_decode_attention") == 2  # one per layer
+    assert "scaled_dot_product_attention" not in code
+
+
+@pytest.mark.parametrize("s", [{"method": "none"}, {"ks": 0.0, "vs": 0.0}])
+def test_kv_that_prunes_nothing_is_the_dense_loop_bitwise(tiny_packed, s):
+    ids = _prompt(KV_PROMPT, seed=8)
+    dense = generate(tiny_packed, None, ids, KV_NEW, compile=False, stop_at_eos=False)
+    res = generate(tiny_packed, None, ids, KV_NEW, compile=False, kv=_kv(**s), stop_at_eos=False)
+    assert res.ids == dense.ids and res.kv is None and res.kv_bytes == dense.kv_bytes
+
+
+def test_sparse_kv_on_an_fp32_model_equals_hf_generate():
+    model = _tiny(packed=False, seed=4).float()
+    ids = _prompt(KV_PROMPT, seed=9)
+    s = _kv()
+    res = generate(model, None, ids, 30, compile=False, kv=s, stop_at_eos=False)
+    assert res.ids == _hf_sparse(model, ids, 30, s)[0]
+
+
+def test_generate_uses_the_models_kv_settings_unless_told_otherwise():
+    from sparamx import kv
+
+    model = _tiny(seed=5)
+    s = _kv()
+    kv.enable_sparse_kv(model, s)  # what sparamx.load does for an artifact that records kv
+    ids = _prompt(KV_PROMPT, seed=10)
+    res = generate(model, None, ids, 20, compile=False, stop_at_eos=False)
+    assert res.kv == s.to_dict()
+    dense = generate(model, None, ids, 20, compile=False, stop_at_eos=False, kv=False)
+    assert dense.kv is None and dense.kv_bytes == dense.kv_dense_bytes
+    assert model.config._attn_implementation == kv.ATTENTION_NAME  # left as it was
+
+
+def test_sparse_kv_bad_settings_and_models():
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny(seed=6)
+    with pytest.raises(ValueError, match="kv.k_sparsity"):
+        generate(model, None, _prompt(), 4, compile=False, kv={"k_sparsity": 1.0})
+    with pytest.raises(ValueError, match="unknown field"):
+        generate(model, None, _prompt(), 4, compile=False, kv={"sparsity": 0.5})
+    with pytest.raises(TypeError, match="kv must be"):
+        generate(model, None, _prompt(), 4, compile=False, kv="magnitude")
+    big = AutoModelForCausalLM.from_config(
+        tiny_config("llama", hidden_size=1024, num_attention_heads=2, head_dim=512)
+    )
+    with pytest.raises(ValueError, match="head_dim 512"):
+        generate(big, None, _prompt(), 4, compile=False, kv=_kv())
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="needs a model on sdpa attention"):
+        generate(model, None, _prompt(), 4, compile=False, kv=_kv())
+
+
+def test_fast_attention_on_an_fp32_model_reads_a_bf16_copy_of_the_cache():
+    model = _tiny(packed=False, seed=4).float()
+    ids = _prompt(20, seed=3)
+    res = generate(model, None, ids, 12, compile=False, attention="fast", stop_at_eos=False)
+    assert len(res.ids) == 12 and res.ids[0] == _hf_new_tokens(model, ids, 1)[0]

@@ -194,7 +194,7 @@ def test_kv_sparsity_rows_take_the_base_kv_settings(tmp_path):
     assert s.base_for(half).kv.method == "none"
 
 
-def test_rows_are_timed_with_the_base_decode_loop_and_kv_rows_with_generate(tmp_path, monkeypatch):
+def test_rows_are_timed_with_the_base_decode_loop_kv_rows_too(tmp_path, monkeypatch):
     import sparamx.bench
 
     grid = {"kv_sparsity": [0, 0.5]}
@@ -206,7 +206,7 @@ def test_rows_are_timed_with_the_base_decode_loop_and_kv_rows_with_generate(tmp_
     )
     for exp in sw.expand_grid(sweep):
         s.time_sparse(exp, tmp_path)
-    assert engines == ["lean-fast", "hf"]
+    assert engines == ["lean-fast", "lean-fast"]
 
 
 def test_shipped_sweep_is_the_issue_grid():
@@ -578,10 +578,8 @@ def torch_equal_prefix(a, b) -> bool:
     return bool((a[0] == b[0, : a.shape[1]]).all())
 
 
-def test_bench_refuses_kv_settings_outside_model_generate():
+def test_bench_refuses_kv_settings_for_the_stock_model():
     from sparamx.bench import run_bench
 
-    with pytest.raises(ValueError, match="kv settings need a packed artifact and engine 'hf'"):
-        run_bench("sparse", "unused", 1, ["x"], 2, 1, engine="lean", kv={"method": "magnitude"})
     with pytest.raises(ValueError, match="kv settings need a packed artifact"):
         run_bench("stock", "unused", 1, ["x"], 2, 1, kv={"method": "magnitude"})

@@ -275,7 +275,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
 
 TORCH_LIBRARY_FRAGMENT(sparamx, m) {
   m.def("kv_decode_attention(Tensor q, Tensor k_vals, Tensor? k_bits, Tensor v_vals, "
-        "Tensor? v_bits, int n_comp, Tensor k_win, Tensor v_win, float scale, "
+        "Tensor? v_bits, SymInt n_comp, Tensor k_win, Tensor v_win, float scale, "
         "str? impl=None, int mask_tokens=1, Tensor? k_fill=None) -> Tensor");
 }
 
