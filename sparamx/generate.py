@@ -1,4 +1,5 @@
-"""Lean greedy decoding for transformers causal LMs, packed (``SparseLinear``) or plain.
+"""Lean decoding (greedy, or sampling: ``sparamx.sampling``) for transformers causal LMs,
+packed (``SparseLinear``) or plain.
 
 ``generate(model, tokenizer, prompt, max_new_tokens)`` follows gpt-fast: a preallocated
 static KV cache (transformers' ``StaticCache``), an eager ``prefill`` of the prompt, and

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -94,9 +94,6 @@ class SamplingParams:
     def greedy_argmax(self) -> bool:
         """The next token is the plain argmax of the logits (no processing at all)."""
         return not self.do_sample and self.repetition_penalty == 1.0
-
-    def with_overrides(self, **changes) -> SamplingParams:
-        return replace(self, **changes)
 
 
 def _as_strings(stop) -> tuple[str, ...]:
