@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         print(f"{k}: {v:.3f}")
     if args.out:
         payload = {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": " ".join(sys.orig_argv),
             "model": args.model,
             "calibration": {"source": "wikipedia", "samples": 32, "seqlen": 256, "seed": 0},
             "eval": {"task": "lee_news_ppl", "limit": args.limit, "metric": "word_perplexity"},
