@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,15 +166,19 @@ def owl_allocation(
     include: Sequence[str] | None,
     prefix: str,
     progress: bool = True,
+    load_layer: Callable[[int], nn.Module] | None = None,
+    release_layer: Callable[[int], None] | None = None,
 ) -> dict:
     """OWL's per-layer sparsities from one pass of the calibration states through the
-    dense layers (``inputs.states`` is left as it was)."""
+    dense layers (``inputs.states`` is left as it was). ``load_layer(i)`` /
+    ``release_layer(i)``: for a caller that holds one layer in memory at a time
+    (streaming); by default ``layers[i]`` is used as it is."""
     states = [h.clone() for h in inputs.states]
     ratios, numels = [], []
-    bar = tqdm(layers, desc="owl outlier ratios", unit="layer", disable=not progress)
-    for i, layer in enumerate(bar):
+    bar = tqdm(range(len(layers)), desc="owl outlier ratios", unit="layer", disable=not progress)
+    for i in bar:
         r, n = layer_outlier_ratio(
-            layer,
+            load_layer(i) if load_layer else layers[i],
             states,
             inputs.kwargs[i],
             m=owl.m,
@@ -182,6 +186,8 @@ def owl_allocation(
             include=include,
             prefix=f"{prefix}{i}.",
         )
+        if release_layer:
+            release_layer(i)
         ratios.append(r)
         numels.append(n)
     targets = owl_sparsities(ratios, numels, sparsity, owl.lam)

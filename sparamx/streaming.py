@@ -468,26 +468,19 @@ def stream_prune_pack(
 
 def _stream_owl(layers, load_layer, inputs, owl, sparsity, skip, include, prefix) -> dict:
     """OWL's allocation from one dense pass, each layer read from the shards and freed."""
-    from pruning.driver import owl_record
-    from pruning.layerwise import layer_outlier_ratio
-    from pruning.owl import owl_sparsities
+    from pruning.driver import owl_allocation
 
-    states = [h.clone() for h in inputs.states]
-    ratios, numels = [], []
-    for i in tqdm(range(len(layers)), desc="owl outlier ratios", unit="layer"):
-        r, n = layer_outlier_ratio(
-            load_layer(i),
-            states,
-            inputs.kwargs[i],
-            m=owl.m,
-            skip=skip,
-            include=include,
-            prefix=f"{prefix}{i}.",
-        )
-        layers[i].to("meta")
-        ratios.append(r)
-        numels.append(n)
-    return owl_record(owl, ratios, owl_sparsities(ratios, numels, sparsity, owl.lam))
+    return owl_allocation(
+        layers,
+        inputs,
+        owl,
+        sparsity,
+        skip=skip,
+        include=include,
+        prefix=prefix,
+        load_layer=load_layer,
+        release_layer=lambda i: layers[i].to("meta"),
+    )
 
 
 def main(argv=None) -> int:
