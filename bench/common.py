@@ -42,7 +42,7 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
 
 def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:
     """Measured DRAM read bandwidth (GB/s): ``sparamx.bench.dram_read_gbps``."""
-    from sparamx.bench import dram_read_gbps
+    from sparamx.pipeline.bench import dram_read_gbps
 
     return dram_read_gbps(threads, mbytes, repeats)
 
@@ -52,7 +52,7 @@ def environment(threads: int | None = None) -> dict:
     threads, torch / transformers versions, command line, load average) plus the full
     ``kernel_info()``: the one record every bench JSON carries."""
     from sparamx import kernel_info
-    from sparamx.bench import machine_record
+    from sparamx.pipeline.bench import machine_record
 
     return {
         **machine_record(threads),

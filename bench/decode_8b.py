@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sparamx.bench import bench_subprocess, machine_record, thread_scaling_flags  # noqa: E402
+from sparamx.pipeline.bench import bench_subprocess, machine_record, thread_scaling_flags  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 

@@ -33,9 +33,9 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from sparamx.bench import spread, spread_flags, thread_scaling_flags  # noqa: E402
 from sparamx.format import pack  # noqa: E402
 from sparamx.ops import packed_linear  # noqa: E402
+from sparamx.pipeline.bench import spread, spread_flags, thread_scaling_flags  # noqa: E402
 
 SHAPES = {
     "smollm": [(576, 576), (1536, 576), (576, 1536)],

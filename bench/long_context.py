@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, print_flags, print_table, write_json  # noqa: E402
 
 import sparamx  # noqa: E402
-from sparamx.bench import context_prompt, spread, spread_flags, time_generate_lean  # noqa: E402
+from sparamx.pipeline.bench import context_prompt, spread, spread_flags, time_generate_lean  # noqa: E402
 
 MODES = {  # name: (attention, sparse KV)
     "exact": ("exact", False),

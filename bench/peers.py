@@ -88,8 +88,8 @@ DEFAULT_PROMPTS = [
 def _load(kind: str, args):
     """(model, tokenizer, format, model_bytes) for the dense model or the artifact
     (the worker gets exactly one ``--artifact``)."""
-    from sparamx.bench import model_bytes
     from sparamx.cpu import resolve_compute_dtype
+    from sparamx.pipeline.bench import model_bytes
 
     dtype = resolve_compute_dtype(args.dtype).resolved
     if kind == "dense":
@@ -112,7 +112,7 @@ def _load(kind: str, args):
 
 
 def _run_hf(model, tok, prompt, n: int) -> dict:
-    from sparamx.bench import time_generate
+    from sparamx.pipeline.bench import time_generate
 
     r = time_generate(model, tok, prompt, n)
     keep = ("ttft_ms", "ms_per_token", "text", "prompt_tokens")
@@ -120,7 +120,7 @@ def _run_hf(model, tok, prompt, n: int) -> dict:
 
 
 def _run_lean(model, tok, prompt, n: int, compile: bool, attention: str, kv=False) -> dict:
-    from sparamx.bench import time_generate_lean
+    from sparamx.pipeline.bench import time_generate_lean
 
     return time_generate_lean(model, tok, prompt, n, attention=attention, compile=compile, kv=kv)
 
@@ -212,7 +212,7 @@ def run_worker(engine: str, args) -> dict:
     rec["warmup_s"] = time.perf_counter() - t0
     rec["compile_s"] = warm.get("compile_s")
     runs = [run(p, args.new_tokens) for _ in range(args.repeats) for p in prompts]
-    from sparamx.bench import spread, spread_flags
+    from sparamx.pipeline.bench import spread, spread_flags
 
     ms_spread = spread(r["ms_per_token"] for r in runs)
     ms = statistics.median(r["ms_per_token"] for r in runs)
@@ -265,8 +265,8 @@ def _context_ids(args):
     """The ``--context`` prompt: ``[1, N]`` ids of real text (sparamx.bench)."""
     from transformers import AutoTokenizer
 
-    from sparamx.bench import context_prompt
     from sparamx.models import resolve_source
+    from sparamx.pipeline.bench import context_prompt
 
     return context_prompt(
         AutoTokenizer.from_pretrained(resolve_source(args.dense)[0]), args.context
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
                 elif "failed" in rec:
                     print(f"{engine} ({threads} threads) failed:\n{rec['failed']}", file=sys.stderr)
     mark_same_tokens(records, eos=_eos_text(args))
-    from sparamx.bench import thread_scaling_flags
+    from sparamx.pipeline.bench import thread_scaling_flags
 
     thread_scaling_flags(
         [r for r in records if r["engine"] == "transformers"],

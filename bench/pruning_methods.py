@@ -58,8 +58,8 @@ def run_case(case: str, model_name: str, limit: int, threads: int, dtype: str) -
     import eval as sx_eval
     import pruning
     from pruning.calibration import Calibration, load_calibration
-    from sparamx.bench import peak_rss_mb
     from sparamx.models import load_model, parse_dtype
+    from sparamx.pipeline.bench import peak_rss_mb
 
     torch.set_num_threads(threads)
     method, alloc, sparsity = parse_case(case)

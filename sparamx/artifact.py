@@ -236,7 +236,7 @@ def write_metadata(
     """Write the HF config, generation config and tokenizer files, then the manifest
     (last: its presence marks a complete artifact) with the checksums of every tensor
     (``tensor_records``, from :class:`ShardWriter`), of those files and of itself.
-    Shared by ``save`` and the streaming writer (:mod:`sparamx.streaming`)."""
+    Shared by ``save`` and the streaming writer (:mod:`sparamx.pipeline.streaming`)."""
     config.save_pretrained(path)
     meta_files = ["config.json"]
     if generation_config is not None:

@@ -12,10 +12,10 @@
     sparamx serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--threads T]
 
 ``run``, ``eval``, ``bench``, ``sweep``, ``export``, ``demo`` and ``serve`` hand their
-arguments unchanged to the ``main(argv)`` of ``sparamx.pipeline``, ``eval``,
-``sparamx.bench``, ``sparamx.sweep``, ``sparamx.export``, ``sparamx.demo`` and
-``sparamx.serve`` (so ``python -m sparamx.pipeline`` and ``python -m eval`` take the
-same flags); ``generate``, ``info`` and ``check`` live here.
+arguments unchanged to the ``main(argv)`` of ``sparamx.pipeline.runner``, ``eval``,
+``sparamx.pipeline.bench``, ``sparamx.sweep.runner``, ``sparamx.export``,
+``sparamx.tools.demo`` and ``sparamx.serve.app`` (so ``python -m sparamx.pipeline`` and
+``python -m eval`` take the same flags); ``generate``, ``info`` and ``check`` live here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Delegate:
 
 DELEGATES = {
     "run": Delegate(
-        "sparamx.pipeline",
+        "sparamx.pipeline.runner",
         "python -m sparamx.pipeline",
         "the pipeline: load, calibrate, prune, eval, pack, verify, eval-packed, bench, report",
         "sparamx run configs/smollm2-135m.yaml --set prune.sparsity=0.7 --out runs/wanda70\n"
@@ -68,14 +68,14 @@ DELEGATES = {
         "--tasks lee_news_ppl,word_analogy_mc --limit 50",
     ),
     "bench": Delegate(
-        "sparamx.bench",
+        "sparamx.pipeline.bench",
         None,
         "timed greedy generation of a stock model or a packed artifact",
         "sparamx bench --artifact runs/smollm2-135m-wanda50/pack/artifact --threads 2 "
         "--engine lean",
     ),
     "sweep": Delegate(
-        "sparamx.sweep",
+        "sparamx.sweep.runner",
         "python -m sparamx.sweep",
         "a grid of pipeline runs, one results row each, with plots and a summary",
         "sparamx sweep configs/sweeps/smollm2-135m.yaml --plan\n"
@@ -90,13 +90,13 @@ DELEGATES = {
         "M.from_pretrained('hf/smollm2-135m-wanda50')\"",
     ),
     "demo": Delegate(
-        "sparamx.demo",
-        "python -m sparamx.demo",
+        "sparamx.tools.demo",
+        "python -m sparamx.tools.demo",
         "stock transformers and the packed model generating side by side",
         "sparamx demo runs/smollm2-135m-wanda50/pack/artifact --threads 2 --tokens 96",
     ),
     "serve": Delegate(
-        "sparamx.serve",
+        "sparamx.serve.app",
         "python -m sparamx.serve",
         "an OpenAI-compatible HTTP server for a packed artifact (chat, completions, streaming)",
         "sparamx serve runs/smollm2-135m-wanda50/pack/artifact --port 8000 --threads 2\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparamx import cpu
-from sparamx.config import ConfigError, load_config
+from sparamx.pipeline.config import ConfigError, load_config
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_set_activation_dtype_keeps_tied_parameters_tied(tiny_llama):
 
 
 def test_machine_record_names_the_cpu_and_the_kernels():
-    from sparamx.bench import machine_record
+    from sparamx.pipeline.bench import machine_record
 
     rec = machine_record(threads=2)
     assert rec["cpu_model"] and rec["isa"] in cpu.ISA_CLASSES
@@ -140,7 +140,7 @@ def test_machine_record_names_the_cpu_and_the_kernels():
 
 
 def test_spread_flags_repeats_that_disagree():
-    from sparamx.bench import spread, spread_flags
+    from sparamx.pipeline.bench import spread, spread_flags
 
     calm = spread([10.0, 10.5, 11.0])
     assert calm["min"] == 10.0 and calm["median"] == 10.5 and calm["max"] == 11.0
@@ -152,7 +152,7 @@ def test_spread_flags_repeats_that_disagree():
 
 
 def test_thread_scaling_flags_a_baseline_slower_with_two_threads():
-    from sparamx.bench import thread_scaling_flags
+    from sparamx.pipeline.bench import thread_scaling_flags
 
     recs = [
         {"model": "stock", "threads": 1, "tokens_per_s": 17.1, "flags": []},
@@ -170,7 +170,7 @@ def test_thread_scaling_flags_a_baseline_slower_with_two_threads():
 
 
 def test_report_never_shows_a_flagged_speedup_bare():
-    from sparamx.report import render_markdown, speedups
+    from sparamx.pipeline.report import render_markdown, speedups
 
     def rec(model, threads, tps, flags=()):
         return {

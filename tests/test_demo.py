@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from sparamx import demo
 from sparamx.cpu import resolve_compute_dtype
+from sparamx.tools import demo
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from sparamx import pipeline
-from sparamx.config import ConfigError, load_config
+from sparamx.pipeline import runner as pipeline
+from sparamx.pipeline.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_bench_peak_rss_is_the_child_programs_own():
     import torch
 
     ballast = torch.ones(1 << 27)  # 512 MiB, touched
-    code = "from sparamx.bench import peak_rss_mb; print(peak_rss_mb())"
+    code = "from sparamx.pipeline.bench import peak_rss_mb; print(peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) < 480, out.stdout
     del ballast
@@ -255,7 +255,7 @@ def test_bench_measures_a_flagged_baseline_again(
     # The Zen 4 run that printed a 19.8x headline: stock 17.1 tok/s with 1 thread, 3.6
     # with 2. The 2-thread baseline is measured again; a rerun that is no better stays
     # flagged, in bench.json and in the stage summary.
-    import sparamx.bench
+    import sparamx.pipeline.bench
 
     calls = []
 
@@ -275,7 +275,7 @@ def test_bench_measures_a_flagged_baseline_again(
             "flags": [],
         }
 
-    monkeypatch.setattr(sparamx.bench, "bench_subprocess", fake_bench)
+    monkeypatch.setattr(sparamx.pipeline.bench, "bench_subprocess", fake_bench)
     cfg = load_config(write_config(tmp_path, tiny_model_dir))
     pipe = pipeline.Pipeline(cfg)
     res = pipe.stage_bench()

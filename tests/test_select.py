@@ -7,8 +7,8 @@ from torch import nn
 
 import pruning
 from sparamx import select
-from sparamx.config import ConfigError, load_config
 from sparamx.layers import SparseLinear, linear_names, swap_linears
+from sparamx.pipeline.config import ConfigError, load_config
 
 NAME = "model.layers.3.mlp.down_proj"
 
@@ -119,10 +119,11 @@ def test_swap_linears_rejects_a_bad_regex(tiny_llama):
 
 
 def test_sweep_artifacts_are_keyed_by_patterns(tmp_path):
-    from sparamx import sweep as sw
+    from sparamx.sweep import grid as sweep_grid
+    from sparamx.sweep import runner as sw
 
-    sweep = sw.SweepConfig()
-    exp = sw.expand_grid(sweep)[0]
+    sweep = sweep_grid.SweepConfig()
+    exp = sweep_grid.expand_grid(sweep)[0]
     a = sw.Sweep(tmp_path, sweep, load_config(None)).artifact_dir(exp)
     b = sw.Sweep(tmp_path, sweep, load_config(None, ["prune.include=['*.mlp.*']"])).artifact_dir(
         exp
@@ -130,5 +131,5 @@ def test_sweep_artifacts_are_keyed_by_patterns(tmp_path):
     c = sw.Sweep(tmp_path, sweep, load_config(None, ["pack.exclude=[lm_head]"])).artifact_dir(exp)
     assert len({a, b, c}) == 3
     # Run-time settings do not change the artifact.
-    other = sw.Experiment(**{**exp.__dict__, "threads": 7, "kernel": "portable", "id": "x"})
+    other = sweep_grid.Experiment(**{**exp.__dict__, "threads": 7, "kernel": "portable", "id": "x"})
     assert sw.Sweep(tmp_path, sweep, load_config(None)).artifact_dir(other) == a

@@ -23,8 +23,8 @@ from conftest import tiny_config, tiny_tokenizer
 from torch import nn
 
 import sparamx
-from sparamx.engine import Engine, Job
-from sparamx.serve import Server, ServerThread, create_app
+from sparamx.serve.app import Server, ServerThread, create_app
+from sparamx.serve.engine import Engine, Job
 
 openai = pytest.importorskip("openai")
 

@@ -13,7 +13,7 @@ import pruning
 import sparamx
 from sparamx.artifact import INDEX, MANIFEST
 from sparamx.layers import swap_linears
-from sparamx.streaming import CheckpointError, SafetensorsCheckpoint, stream_prune_pack
+from sparamx.pipeline.streaming import CheckpointError, SafetensorsCheckpoint, stream_prune_pack
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_pipeline_streams_a_random_model(tmp_path):
     """configs/llama8b-random.yaml's path in miniature: the load stage writes a random
     model, prune + pack stream it into a sharded artifact, verify checks it against the
     source checkpoint; a rerun skips every stage."""
-    from sparamx import pipeline
+    from sparamx.pipeline import runner as pipeline
 
     src = tmp_path / "models" / "tiny"
     cfg = pipeline_config(
@@ -222,8 +222,8 @@ def test_pipeline_streams_a_random_model(tmp_path):
 
 
 def test_streaming_auto_keeps_small_models_in_memory(tmp_path, tokenizer):
-    from sparamx.config import load_config
-    from sparamx.pipeline import Pipeline
+    from sparamx.pipeline.config import load_config
+    from sparamx.pipeline.runner import Pipeline
 
     src = write_model(tmp_path / "src", tokenizer)
     cfg = load_config(pipeline_config(tmp_path, source=str(src)))
@@ -234,7 +234,7 @@ def test_streaming_auto_keeps_small_models_in_memory(tmp_path, tokenizer):
 
 
 def test_random_model_dir_with_other_layer_count_is_refused(tmp_path):
-    from sparamx.random_model import ensure_random_model
+    from sparamx.tools.random_model import ensure_random_model
 
     dest = ensure_random_model(tmp_path / "m", "tiny-llama", 1, 0)
     assert ensure_random_model(dest, "tiny-llama", 1, 0) == dest  # reused
@@ -245,7 +245,7 @@ def test_random_model_dir_with_other_layer_count_is_refused(tmp_path):
 def test_weight_bytes_per_token_counts_linears_once(tiny_llama):
     """The bench's bandwidth figure: dense linears count their bf16 weights, packed ones
     their bitmap + values + offsets; embeddings are not counted."""
-    from sparamx.bench import weight_bytes_per_token
+    from sparamx.pipeline.bench import weight_bytes_per_token
 
     model = tiny_llama.to(torch.bfloat16)
     dense = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparamx import sweep as sw
-from sparamx import sweep_report
+from sparamx.sweep import grid as sweep_grid
+from sparamx.sweep import report as sweep_report
+from sparamx.sweep import results as sweep_results
+from sparamx.sweep import runner as sw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,8 +116,8 @@ def only_dir(parent: Path) -> Path:
 
 
 def test_grid_expands_every_combination_artifact_axes_outermost(tmp_path):
-    sweep, base = sw.load_sweep(write_sweep(tmp_path))
-    exps = sw.expand_grid(sweep)
+    sweep, base = sweep_grid.load_sweep(write_sweep(tmp_path))
+    exps = sweep_grid.expand_grid(sweep)
     assert len(exps) == 2 * 2 * 2
     assert [e.id for e in exps] == [f"e{i:02d}" for i in range(1, 9)]
     assert len({e.key() for e in exps}) == 8
@@ -129,15 +131,15 @@ def test_grid_expands_every_combination_artifact_axes_outermost(tmp_path):
 
 
 def test_allocation_axis_gives_its_own_artifacts_and_old_plans_read_as_uniform(tmp_path):
-    sweep, _ = sw.load_sweep(write_sweep(tmp_path))
+    sweep, _ = sweep_grid.load_sweep(write_sweep(tmp_path))
     sweep.grid.allocation = ["uniform", "owl"]
-    exps = sw.expand_grid(sweep)
+    exps = sweep_grid.expand_grid(sweep)
     assert len(exps) == 16 and {e.allocation for e in exps} == {"uniform", "owl"}
     assert len({e.artifact_settings() for e in exps}) == 8
     plan = tmp_path / "old.csv"
-    cols = [c for c in sw.PLAN_COLUMNS if c != "allocation"]
+    cols = [c for c in sweep_grid.PLAN_COLUMNS if c != "allocation"]
     plan.write_text(",".join(cols) + "\n" + ",".join(exps[0].as_row()[c] for c in cols) + "\n")
-    (old,) = sw.read_plan(plan)
+    (old,) = sweep_grid.read_plan(plan)
     assert old.allocation == "uniform" and old.key() == exps[0].key()
 
 
@@ -167,51 +169,53 @@ def test_allocation_axis_gives_its_own_artifacts_and_old_plans_read_as_uniform(t
     ],
 )
 def test_bad_grid_fields_are_named(tmp_path, grid, message):
-    with pytest.raises(sw.SweepError, match=message):
-        sw.load_sweep(write_sweep(tmp_path, grid=grid))
+    with pytest.raises(sweep_grid.SweepError, match=message):
+        sweep_grid.load_sweep(write_sweep(tmp_path, grid=grid))
 
 
 def test_bad_base_fields_are_named(tmp_path):
-    with pytest.raises(sw.SweepError, match="base: pipeline config 'nope.yaml' not found"):
-        sw.load_sweep(write_sweep(tmp_path, base="nope.yaml"))
-    with pytest.raises(sw.SweepError, match="prune.method"):
-        sw.load_sweep(write_sweep(tmp_path, set=["prune.method=foo"]))
+    with pytest.raises(sweep_grid.SweepError, match="base: pipeline config 'nope.yaml' not found"):
+        sweep_grid.load_sweep(write_sweep(tmp_path, base="nope.yaml"))
+    with pytest.raises(sweep_grid.SweepError, match="prune.method"):
+        sweep_grid.load_sweep(write_sweep(tmp_path, set=["prune.method=foo"]))
 
 
 def test_kv_sparsity_rows_take_the_base_kv_settings(tmp_path):
     grid = {"kv_sparsity": [0, 0.4]}
-    sweep, base = sw.load_sweep(write_sweep(tmp_path, grid=grid, set=["kv.sink_tokens=8"]))
+    sweep, base = sweep_grid.load_sweep(write_sweep(tmp_path, grid=grid, set=["kv.sink_tokens=8"]))
     s = sw.Sweep.create(sweep, base, tmp_path / "out")
-    none, half = sw.expand_grid(sweep)
+    none, half = sweep_grid.expand_grid(sweep)
     assert s.kv_settings(none) is None
     kv = s.kv_settings(half)
     assert kv["method"] == "magnitude" and kv["k_sparsity"] == kv["v_sparsity"] == 0.4
     assert kv["sink_tokens"] == 8
     # artifacts carry no KV settings, whatever the base says (rows set them at run time)
-    sweep, base = sw.load_sweep(write_sweep(tmp_path, grid=grid, set=["kv.method=wanda"]))
+    sweep, base = sweep_grid.load_sweep(write_sweep(tmp_path, grid=grid, set=["kv.method=wanda"]))
     s = sw.Sweep.create(sweep, base, tmp_path / "out2")
-    assert s.kv_settings(sw.expand_grid(sweep)[1])["method"] == "wanda"
+    assert s.kv_settings(sweep_grid.expand_grid(sweep)[1])["method"] == "wanda"
     assert s.base_for(half).kv.method == "none"
 
 
 def test_rows_are_timed_with_the_base_decode_loop_kv_rows_too(tmp_path, monkeypatch):
-    import sparamx.bench
+    import sparamx.pipeline.bench
 
     grid = {"kv_sparsity": [0, 0.5]}
-    sweep, base = sw.load_sweep(write_sweep(tmp_path, grid=grid, set=["bench.engine=lean-fast"]))
+    sweep, base = sweep_grid.load_sweep(
+        write_sweep(tmp_path, grid=grid, set=["bench.engine=lean-fast"])
+    )
     s = sw.Sweep.create(sweep, base, tmp_path / "out")
     engines = []
     monkeypatch.setattr(
-        sparamx.bench, "bench_subprocess", lambda *a, **kw: engines.append(a[7]) or {}
+        sparamx.pipeline.bench, "bench_subprocess", lambda *a, **kw: engines.append(a[7]) or {}
     )
-    for exp in sw.expand_grid(sweep):
+    for exp in sweep_grid.expand_grid(sweep):
         s.time_sparse(exp, tmp_path)
     assert engines == ["lean-fast", "lean-fast"]
 
 
 def test_shipped_sweep_is_the_issue_grid():
-    sweep, base = sw.load_sweep(REPO / "configs" / "sweeps" / "smollm2-135m.yaml")
-    exps = sw.expand_grid(sweep)
+    sweep, base = sweep_grid.load_sweep(REPO / "configs" / "sweeps" / "smollm2-135m.yaml")
+    exps = sweep_grid.expand_grid(sweep)
     assert len(exps) == 12
     assert {e.sparsity for e in exps} == {0.3, 0.5, 0.7}
     assert {e.method for e in exps} == {"magnitude", "wanda"}
@@ -223,11 +227,11 @@ def test_shipped_sweep_is_the_issue_grid():
 
 
 def test_plan_csv_round_trip(tmp_path):
-    sweep, _ = sw.load_sweep(write_sweep(tmp_path))
-    exps = sw.expand_grid(sweep)
+    sweep, _ = sweep_grid.load_sweep(write_sweep(tmp_path))
+    exps = sweep_grid.expand_grid(sweep)
     path = tmp_path / "experiments.csv"
-    sw.write_plan(path, exps)
-    assert sw.read_plan(path) == exps
+    sweep_grid.write_plan(path, exps)
+    assert sweep_grid.read_plan(path) == exps
 
 
 def fake_kv_eval(self, exp, artifact, kv):
@@ -288,7 +292,7 @@ def test_plan_edit_then_run_runs_exactly_the_edited_rows(tmp_path, fakes):
     assert all(float(r["load_avg"]) >= 0 for r in got)
     assert {r["method"] for r in got} == {"wanda"}
     # The plan as run is kept next to the results (what --resume reads).
-    assert [e.id for e in sw.read_plan(out / "experiments.csv")] == [r["id"] for r in rows]
+    assert [e.id for e in sweep_grid.read_plan(out / "experiments.csv")] == [r["id"] for r in rows]
     # Artifacts: one per (model, method, sparsity), not per row.
     assert len([c for c in fakes if c[0] == "artifact"]) == len(got)  # the fake is uncached
     assert {c[1] for c in fakes if c[0] == "artifact"} == {
@@ -319,12 +323,12 @@ def test_plan_edit_then_run_runs_exactly_the_edited_rows(tmp_path, fakes):
     ],
 )
 def test_edited_plan_errors_name_line_and_column(tmp_path, edit, message):
-    sweep, _ = sw.load_sweep(write_sweep(tmp_path))
+    sweep, _ = sweep_grid.load_sweep(write_sweep(tmp_path))
     path = tmp_path / "experiments.csv"
-    sw.write_plan(path, sw.expand_grid(sweep))
+    sweep_grid.write_plan(path, sweep_grid.expand_grid(sweep))
     path.write_text(edit(path.read_text()))
-    with pytest.raises(sw.SweepError, match=message):
-        sw.read_plan(path)
+    with pytest.raises(sweep_grid.SweepError, match=message):
+        sweep_grid.read_plan(path)
 
 
 # ------------------------------------------------------------------ resume
@@ -365,7 +369,7 @@ KILLED_SCRIPT = """
 import sys, time
 sys.path[:0] = [{repo!r}, {tests!r}]
 import test_sweep as t
-from sparamx import sweep as sw
+from sparamx.sweep import runner as sw
 
 def slow_sparse(self, exp, artifact):
     if exp.id == "e03":
@@ -465,7 +469,7 @@ def test_report_plots_and_best_per_budget(tmp_path, fakes):
     for name in sweep_report.PLOTS:
         png = out / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    rows = [r for r in sw.read_results(out / "results.csv")]
+    rows = [r for r in sweep_results.read_results(out / "results.csv")]
     head = sweep_report.headline_metric(sweep_report.metric_columns(rows))
     assert head == "word_analogy_mc:acc"
     best = {b["budget"]: b["row"] for b in sweep_report.best_per_budget(rows, head)}
@@ -562,8 +566,8 @@ def _tiny_model(tmp_path) -> Path:
 
 
 def test_context_prompt_has_exactly_the_asked_tokens():
-    from sparamx.bench import context_prompt
     from sparamx.models import load_model
+    from sparamx.pipeline.bench import context_prompt
 
     _, tok = load_model("smollm2-135m")
     for n in (1, 32, 300):
@@ -579,7 +583,7 @@ def torch_equal_prefix(a, b) -> bool:
 
 
 def test_bench_refuses_kv_settings_for_the_stock_model():
-    from sparamx.bench import run_bench
+    from sparamx.pipeline.bench import run_bench
 
     with pytest.raises(ValueError, match="kv settings need a packed artifact"):
         run_bench("stock", "unused", 1, ["x"], 2, 1, kv={"method": "magnitude"})

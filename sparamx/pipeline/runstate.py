@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .artifact import atomic_write_json
+from ..artifact import atomic_write_json
 
 
 def fingerprint(path: Path) -> str:

@@ -1,11 +1,11 @@
-"""``python -m sparamx.demo ARTIFACT``: stock transformers and the packed sparse model
+"""``python -m sparamx.tools.demo ARTIFACT``: stock transformers and the packed sparse model
 generate the same prompt side by side in the terminal, with live tokens/s and the
 speed-up.
 
-    python -m sparamx.demo runs/smollm2-135m-wanda50/pack/artifact --threads 2
-    python -m sparamx.demo ARTIFACT --prompt "Explain why the sky is blue." --tokens 96
-    python -m sparamx.demo ARTIFACT --no-stock        # the sparse model alone
-    python -m sparamx.demo ARTIFACT --no-live         # no animation: final texts + speeds
+    python -m sparamx.tools.demo runs/smollm2-135m-wanda50/pack/artifact --threads 2
+    python -m sparamx.tools.demo ARTIFACT --prompt "Explain why the sky is blue." --tokens 96
+    python -m sparamx.tools.demo ARTIFACT --no-stock        # the sparse model alone
+    python -m sparamx.tools.demo ARTIFACT --no-live         # no animation: final texts + speeds
 
 Left: the artifact's source model, dense bf16, through transformers' ``model.generate``
 (what a user runs without sparamx). Right: the packed model through
@@ -131,8 +131,8 @@ class _StockStreamer:
 
 def load_models(artifact: str | Path, stock: bool, stock_source: str | None, dtype: str):
     """(sparse model, tokenizer, stock model or None, description of the artifact)."""
-    from .artifact import load, read_manifest
-    from .models import load_model
+    from ..artifact import load, read_manifest
+    from ..models import load_model
 
     manifest = read_manifest(artifact)
     sparse, tok = load(artifact, dtype=dtype)
@@ -162,7 +162,7 @@ def race(
 ) -> dict[str, Lane]:
     """Generate ``prompt`` with both models, turn by turn (see the module docstring);
     ``dense`` None: the sparse model alone."""
-    from .generate import CACHE_BUCKET, generate
+    from ..generate import CACHE_BUCKET, generate
 
     torch.set_num_threads(threads)
     if lanes is None:
@@ -223,7 +223,7 @@ def race(
 def warm_up(sparse, dense, tokenizer, prompt: str, new_tokens: int, compile: bool = True) -> float:
     """Compile the sparse decode step for the race's cache length and run each model
     once, outside the clock; returns the sparse compile seconds."""
-    from .generate import CACHE_BUCKET, generate
+    from ..generate import CACHE_BUCKET, generate
 
     n = tokenizer(prompt, return_tensors="pt")["input_ids"].shape[1]
     cache_len = -(-(n + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
@@ -302,7 +302,7 @@ def final_text(lanes: dict[str, Lane], prompt: str, footer: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m sparamx.demo",
+        prog="python -m sparamx.tools.demo",
         description="stock transformers vs the packed sparse model, side by side",
     )
     ap.add_argument("artifact", help="packed artifact directory (pipeline: pack/artifact)")
@@ -323,7 +323,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--no-compile", action="store_true", help="eager sparse decode step (no compile wait)"
     )
     args = ap.parse_args(argv)
-    from .cpu import resolve_compute_dtype
+    from ..cpu import resolve_compute_dtype
 
     args.dtype = resolve_compute_dtype(args.dtype).resolved
     if args.threads < 1:
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
         sparse, tok, dense, desc = load_models(
             args.artifact, not args.no_stock, args.stock_source, args.dtype
         )
-    from .ops import kernel_info
+    from ..ops import kernel_info
 
     kernel = kernel_info()["decode"]
     lanes = {SPARSE: Lane(f"sparamx packed ({desc}, {kernel} kernel)")}

@@ -2,7 +2,7 @@
 shards into a sharded sparamx artifact: the path for models larger than RAM (Llama-3-8B
 in bf16 is 16 GB; the machine this targets has 24 GiB).
 
-    from sparamx.streaming import stream_prune_pack
+    from sparamx.pipeline.streaming import stream_prune_pack
     result = stream_prune_pack("path/to/hf_dir", "artifact_dir", method="magnitude", sparsity=0.5)
 
 The model skeleton is built without initialising its weights (allocated, never touched, so
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifact import (
+from ..artifact import (
     DEFAULT_SHARD_BYTES,
     INDEX,
     MANIFEST,
@@ -44,8 +44,8 @@ from .artifact import (
     layer_record,
     write_metadata,
 )
-from .layers import PackedEmbedding, SparseLinear, linear_names, share_tied_embedding
-from .models import parse_dtype
+from ..layers import PackedEmbedding, SparseLinear, linear_names, share_tied_embedding
+from ..models import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -484,12 +484,12 @@ def _stream_owl(layers, load_layer, inputs, owl, sparsity, skip, include, prefix
 
 
 def main(argv=None) -> int:
-    """``python -m sparamx.streaming SRC OUT``: prune + pack one model directory (the
+    """``python -m sparamx.pipeline.streaming SRC OUT``: prune + pack one model directory (the
     pipeline's pack stage does the same with a config; this is the bare tool)."""
     import argparse
     import sys
 
-    from .artifact import atomic_write_json
+    from ..artifact import atomic_write_json
 
     ap = argparse.ArgumentParser(description="Stream-prune and pack a safetensors model.")
     ap.add_argument("source", help="local HF model directory with safetensors weights")
@@ -513,7 +513,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    from .cpu import resolve_compute_dtype
+    from ..cpu import resolve_compute_dtype
 
     compute = resolve_compute_dtype(args.compute_dtype)
     log.info("compute dtype %s (%s)", compute.resolved, compute.reason)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import SparseLinear
+from ..layers import SparseLinear
 
 
 def verification_text() -> str:
     """Real news text (lee_background.cor, first articles)."""
-    from .assets import gensim_text
+    from ..assets import gensim_text
 
     lines = gensim_text("lee_background.cor").read_text(encoding="utf-8").splitlines()
     return " ".join(lines[:3])
@@ -72,8 +72,8 @@ def verify_against_checkpoint(
     weight."""
     from tqdm.auto import tqdm
 
-    from .artifact import load
-    from .models import parse_dtype
+    from ..artifact import load
+    from ..models import parse_dtype
     from .streaming import SafetensorsCheckpoint
 
     model, _ = load(artifact)

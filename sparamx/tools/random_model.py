@@ -1,7 +1,7 @@
 """Random-weight models at real shapes, written as a HF directory with safetensors shards:
 the speed-work stand-in for checkpoints the hub would give us (no hub here).
 
-    python -m sparamx.random_model --preset llama3-8b --layers 32 --out /scratch/llama3-8b-32l
+    python -m sparamx.tools.random_model --preset llama3-8b --layers 32 --out /scratch/llama3-8b-32l
 
 The ``llama3-8b`` preset is Meta-Llama-3-8B's architecture (hidden 4096, intermediate
 14336, 32 heads / 8 KV heads, vocab 128256, untied head); ``--layers`` keeps fewer decoder
@@ -90,8 +90,8 @@ def write_random_model(
     name and renamed, so an interrupted write never looks like a model)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from .artifact import ShardWriter
-    from .models import load_model
+    from ..artifact import ShardWriter
+    from ..models import load_model
 
     dest = Path(dest)
     if (dest / "config.json").exists():

@@ -25,9 +25,9 @@ A run writes ``experiment_results/YYYY-MM-DD_HH-MM-SS/``:
   tokens) and resumable like any pipeline run;
 - ``baseline/``: the dense evaluation per model and one stock-transformers timing per
   (model, threads, context, new tokens), reused across rows;
-- ``plots/*.png`` and ``summary.md`` (see :mod:`sparamx.sweep_report`).
+- ``plots/*.png`` and ``summary.md`` (see :mod:`sparamx.sweep.report`).
 
-Timings run in a fresh process per row (``sparamx.bench``) with the row's thread count
+Timings run in a fresh process per row (``sparamx.pipeline.bench``) with the row's thread count
 and ``SPARAMX_KERNEL``, so no setting leaks between rows. The sparse model decodes
 through ``sparamx.generate`` (compiled step; compile time is a separate column); the
 stock baseline is transformers' ``model.generate`` on the dense bf16 model, i.e. what a
@@ -39,374 +39,44 @@ decode-path perplexity (``eval.decode_ppl``) and memory ratio.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime as dt
 import hashlib
-import io
-import itertools
 import json
 import logging
 import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import atomic_write_json, atomic_write_text
-from .config import (
-    ALLOCATIONS,
-    METHODS,
+from ..artifact import atomic_write_json
+from ..pipeline.config import (
     Config,
     ConfigError,
     _build,
-    apply_overrides,
-    load_config,
     prune_recipe,
-    read_yaml_mapping,
     validate,
 )
-from .pipeline import Pipeline, StageResult, _metric_line, setup_logging
+from ..pipeline.runner import Pipeline, StageResult, _metric_line, setup_logging
+from .grid import (
+    AXES,
+    AXIS_DEFAULTS,
+    PLAN_COLUMNS,
+    Experiment,
+    SweepConfig,
+    SweepError,
+    check_value,
+    expand_grid,
+    load_sweep,
+    read_plan,
+    write_plan,
+)
+from .results import HEADLINE_METRICS, RESULT_COLUMNS, ResultsFile
 
 log = logging.getLogger("sparamx.sweep")
 
-AXES = (
-    "model",
-    "method",
-    "allocation",
-    "sparsity",
-    "kv_sparsity",
-    "kernel",
-    "threads",
-    "context",
-    "new_tokens",
-)
-# Axes that change the pruned/packed artifact; the others are run-time settings only.
-ARTIFACT_AXES = ("model", "method", "allocation", "sparsity")
-# Axes a plan or results file may omit (written before they existed): their value then.
-AXIS_DEFAULTS = {"allocation": "uniform"}
-KERNELS = ("auto", "amx", "avx512", "avx2", "portable")
-PLAN_COLUMNS = ("id", *AXES)
-# Result columns besides the plan's and the per-metric ones (``<task>:<metric>``).
-RESULT_COLUMNS = (
-    "status",
-    "kernel_used",
-    "actual_sparsity",
-    "tokens_per_s",
-    "ms_per_token",
-    "ttft_ms",
-    "compile_s",
-    "stock_tokens_per_s",
-    "speedup",
-    "peak_rss_mb",
-    "model_bytes",
-    "prompt_tokens",
-    "kv_method",  # kv_sparsity > 0: the sparse KV cache's pruning method and, on the
-    "kv_decode_ppl",  # decode path (eval.decode_ppl), perplexity with it and with our
-    "kv_dense_decode_ppl",  # dense cache, and its bytes over the dense cache's
-    "kv_memory_ratio",
-    "artifact",
-    "seconds",
-    "load_avg",  # 1-minute load average after the timing: flags a busy, shared machine
-    "finished",
-)
-# Headline metrics copied from the evaluation into result columns (lm-eval names).
-HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "word_perplexity", "perplexity")
 TIMESTAMP = "%Y-%m-%d_%H-%M-%S"
-
-
-class SweepError(ValueError):
-    """A bad sweep file, plan row or results folder; the message names the field."""
-
-
-# ------------------------------------------------------------------ config
-
-
-@dataclass
-class GridConfig:
-    model: list[str] = field(default_factory=lambda: ["smollm2-135m"])
-    method: list[str] = field(default_factory=lambda: ["wanda"])
-    # uniform, or owl (layer sparsities from outlier ratios; lambda and m from the base
-    # config's prune.owl)
-    allocation: list[str] = field(default_factory=lambda: ["uniform"])
-    sparsity: list[float] = field(default_factory=lambda: [0.5])
-    # KV-cache sparsity (K and V); > 0 decodes with the sparse KV cache (method and
-    # other settings from the base config's kv section; magnitude when it says none)
-    kv_sparsity: list[float] = field(default_factory=lambda: [0.0])
-    kernel: list[str] = field(default_factory=lambda: ["auto"])  # SPARAMX_KERNEL
-    threads: list[int] = field(default_factory=lambda: [1])
-    context: list[int] = field(default_factory=lambda: [32])  # prompt length in tokens
-    new_tokens: list[int] = field(default_factory=lambda: [64])
-
-
-@dataclass
-class SweepBenchConfig:
-    repeats: int = 3  # median over repeats; a warm-up generation is not timed
-    stock: bool = True  # time the stock transformers baseline (speed-up column)
-
-
-@dataclass
-class SweepConfig:
-    name: str = "sweep"
-    output_dir: str = "experiment_results"
-    base: str | None = None  # pipeline config (relative to this file or the cwd)
-    set: list[str] = field(default_factory=list)  # key=value overrides of the base
-    grid: GridConfig = field(default_factory=GridConfig)
-    bench: SweepBenchConfig = field(default_factory=SweepBenchConfig)
-    verify: bool = True  # packed vs masked dense logits check per artifact
-
-
-@dataclass(frozen=True)
-class Experiment:
-    id: str
-    model: str
-    method: str
-    allocation: str
-    sparsity: float
-    kv_sparsity: float
-    kernel: str
-    threads: int
-    context: int
-    new_tokens: int
-
-    def key(self) -> str:
-        """The settings (without the id): what makes a result row reusable."""
-        return "|".join(_fmt(getattr(self, a)) for a in AXES)
-
-    def artifact_settings(self) -> tuple:
-        return tuple(getattr(self, a) for a in ARTIFACT_AXES)
-
-    def as_row(self) -> dict:
-        return {c: _fmt(getattr(self, c)) for c in PLAN_COLUMNS}
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def check_value(axis: str, raw, where: str):
-    """Parse and check one value of ``axis``; ``where`` names the field in errors (e.g.
-    ``grid.sparsity[2]``), which also say what is allowed."""
-    f = where
-    text = str(raw).strip() if raw is not None else ""
-    if axis in ("model",):
-        if not text:
-            raise SweepError(f"{f}: expected a model source (hub id, HF dir, .gguf, built-in)")
-        return text
-    if axis == "method":
-        if text not in METHODS:
-            raise SweepError(f"{f}: {raw!r} is not one of {', '.join(METHODS)}")
-        return text
-    if axis == "allocation":
-        if text not in ALLOCATIONS:
-            raise SweepError(f"{f}: {raw!r} is not one of {', '.join(ALLOCATIONS)}")
-        return text
-    if axis == "kernel":
-        if text not in KERNELS:
-            raise SweepError(f"{f}: {raw!r} is not one of {', '.join(KERNELS)}")
-        return text
-    if axis in ("sparsity", "kv_sparsity"):
-        try:
-            v = float(text)
-        except ValueError:
-            raise SweepError(f"{f}: {raw!r} is not a number (allowed: 0 <= value < 1)") from None
-        if not 0.0 <= v < 1.0:
-            raise SweepError(f"{f}: {raw!r} is out of range (allowed: 0 <= value < 1)")
-        return v
-    if axis in ("threads", "context", "new_tokens"):
-        try:
-            v = int(text)
-        except ValueError:
-            raise SweepError(f"{f}: {raw!r} is not an integer") from None
-        low = 2 if axis == "new_tokens" else 1
-        if v < low:
-            raise SweepError(f"{f}: {raw!r} is out of range (allowed: >= {low})")
-        return v
-    raise SweepError(f"unknown axis {axis!r}")  # pragma: no cover
-
-
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
-    """Read a sweep file; return it and its resolved base pipeline config."""
-    p = Path(path)
-    data = read_yaml_mapping(p, "sweep file", SweepError)
-    try:
-        data = apply_overrides(data, overrides or [])
-        sweep = _build(SweepConfig, data)
-    except ConfigError as e:
-        raise SweepError(str(e)) from None
-    base_path = None
-    if sweep.base:
-        for cand in (p.parent / sweep.base, Path(sweep.base)):
-            if cand.is_file():
-                base_path = cand
-                break
-        if base_path is None:
-            raise SweepError(
-                f"base: pipeline config {sweep.base!r} not found (next to {p} or here)"
-            )
-    try:
-        base = load_config(base_path, list(sweep.set))
-    except ConfigError as e:
-        raise SweepError(f"base config ({sweep.base or 'defaults'}): {e}") from None
-    check_sweep(sweep, base)
-    return sweep, base
-
-
-def check_sweep(sweep: SweepConfig, base: Config) -> None:
-    for axis in AXES:
-        values = getattr(sweep.grid, axis)
-        if not values:
-            raise SweepError(f"grid.{axis}: empty list (give at least one value)")
-        for i, v in enumerate(values):
-            check_value(axis, v, f"grid.{axis}[{i}]")
-        if len(set(map(str, values))) != len(values):
-            raise SweepError(f"grid.{axis}: repeated values {values}")
-    if sweep.bench.repeats < 1:
-        raise SweepError(f"bench.repeats: {sweep.bench.repeats!r} must be >= 1")
-
-
-def expand_grid(sweep: SweepConfig) -> list[Experiment]:
-    """Every combination of the grid, artifact axes outermost so that experiments sharing
-    an artifact run one after another."""
-    g = sweep.grid
-    combos = list(itertools.product(*(getattr(g, a) for a in AXES)))
-    width = max(2, len(str(len(combos))))
-    out = []
-    for i, values in enumerate(combos, 1):
-        parsed = {a: check_value(a, v, f"grid.{a}") for a, v in zip(AXES, values, strict=True)}
-        out.append(Experiment(id=f"e{i:0{width}d}", **parsed))
-    return out
-
-
-# ------------------------------------------------------------------ CSV files
-
-
-def _csv_line(values: list) -> str:
-    buf = io.StringIO()
-    # One physical line per record (a partial last line is then easy to detect).
-    csv.writer(buf, lineterminator="\n").writerow(
-        [str(v).replace("\r", " ").replace("\n", " ") if v is not None else "" for v in values]
-    )
-    return buf.getvalue()
-
-
-def write_plan(path: Path, experiments: list[Experiment]) -> None:
-    text = _csv_line(list(PLAN_COLUMNS)) + "".join(
-        _csv_line([e.as_row()[c] for c in PLAN_COLUMNS]) for e in experiments
-    )
-    atomic_write_text(path, text)
-
-
-def read_plan(path: Path) -> list[Experiment]:
-    """Parse (an edited) ``experiments.csv``; every cell is checked, errors name the row."""
-    if not path.is_file():
-        raise SweepError(f"plan {path} not found")
-    rows = list(csv.reader(path.read_text().splitlines()))
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows:
-        raise SweepError(f"{path}: empty (expected a header: {','.join(PLAN_COLUMNS)})")
-    header = [h.strip() for h in rows[0]]
-    missing = [c for c in AXES if c not in header and c not in AXIS_DEFAULTS]
-    unknown = [c for c in header if c not in PLAN_COLUMNS]
-    if missing or unknown:
-        raise SweepError(
-            f"{path}: header {'misses ' + ', '.join(missing) if missing else ''}"
-            f"{'; ' if missing and unknown else ''}"
-            f"{'has unknown columns ' + ', '.join(unknown) if unknown else ''} "
-            f"(allowed columns: {', '.join(PLAN_COLUMNS)}; id optional)"
-        )
-    out, ids, keys = [], set(), set()
-    for n, r in enumerate(rows[1:], 2):
-        if len(r) != len(header):
-            raise SweepError(f"{path} line {n}: {len(r)} fields, the header has {len(header)}")
-        cells = dict(zip(header, r, strict=True))
-        eid = cells.get("id", "").strip() or f"row{n - 1}"
-        where = f"{path.name} line {n} (id {eid})"
-        if eid in ids:
-            raise SweepError(f"{where}: id {eid!r} is used twice")
-        cells = {**AXIS_DEFAULTS, **cells}
-        parsed = {a: check_value(a, cells[a], f"{where} column {a}") for a in AXES}
-        exp = Experiment(id=eid, **parsed)
-        if exp.key() in keys:
-            raise SweepError(f"{where}: the same settings as an earlier row")
-        ids.add(eid)
-        keys.add(exp.key())
-        out.append(exp)
-    if not out:
-        raise SweepError(f"{path}: no experiments (only a header)")
-    return out
-
-
-class ResultsFile:
-    """``results.csv``, appended one fsync'ed line per finished experiment."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.header: list[str] | None = None
-
-    def load(self) -> list[dict]:
-        """The complete rows so far. A partial last line (the process died while writing
-        it) and rows that were skipped or failed are dropped from the file, so that
-        those experiments run again."""
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            return []
-        text = self.path.read_text()
-        lines = text.split("\n")
-        partial = lines.pop()  # "" when the file ends with a newline
-        if partial:
-            log.warning("results.csv: dropping a partial last line (%d bytes)", len(partial))
-        lines = [ln for ln in lines if ln]
-        if not lines:
-            self.path.unlink()
-            return []
-        self.header = next(csv.reader([lines[0]]))
-        rows, kept = [], [lines[0]]
-        for ln in lines[1:]:
-            fields = next(csv.reader([ln]))
-            if len(fields) != len(self.header):
-                log.warning("results.csv: dropping a malformed line: %.80s", ln)
-                continue
-            row = dict(zip(self.header, fields, strict=True))
-            if row["status"] != "ok":
-                log.info("results.csv: %s was %s; it runs again", row["id"], row["status"])
-                continue
-            rows.append(row)
-            kept.append(ln)
-        if len(kept) != len(lines) or partial:
-            atomic_write_text(self.path, "\n".join(kept) + "\n")
-        return rows
-
-    def append(self, row: dict) -> None:
-        if self.header is None:
-            raise RuntimeError("results header not set")
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        text = (_csv_line(self.header) if new else "") + _csv_line(
-            [row.get(c) for c in self.header]
-        )
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def read_results(path: Path) -> list[dict]:
-    """Rows of a results.csv (complete lines only; for reports)."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().split("\n")
-    lines = [ln for ln in lines[:-1] if ln]  # the last element is partial or ""
-    if not lines:
-        return []
-    header = next(csv.reader([lines[0]]))
-    out = []
-    for ln in lines[1:]:
-        fields = next(csv.reader([ln]))
-        if len(fields) == len(header):
-            out.append(dict(zip(header, fields, strict=True)))
-    return out
 
 
 # ------------------------------------------------------------------ running
@@ -416,7 +86,7 @@ def kernel_unavailable(kernel: str) -> str | None:
     """Why this CPU cannot run ``kernel`` (None when it can, or for ``auto``)."""
     if kernel in ("auto", "portable"):
         return None
-    from .ops import kernel_info
+    from ..ops import kernel_info
 
     info = kernel_info()
     cpu = info["cpu"]
@@ -533,7 +203,7 @@ class Sweep:
             return json.loads(path.read_text())
         from eval.decode_ppl import run as decode_ppl
 
-        from .artifact import load
+        from ..artifact import load
 
         model, tok = load(str(artifact))
         settings = {k: v for k, v in kv.items() if k not in ("method", "k_sparsity", "v_sparsity")}
@@ -558,7 +228,7 @@ class Sweep:
     def compute_dtype(self) -> str:
         """The base config's resolved ``model.compute_dtype`` (sparamx.cpu): the dense
         evaluation and the stock timing compute in it, as the pipeline's stages do."""
-        from .cpu import resolve_compute_dtype
+        from ..cpu import resolve_compute_dtype
 
         return resolve_compute_dtype(self.base.model.compute_dtype, self.base.model.dtype).resolved
 
@@ -577,7 +247,7 @@ class Sweep:
             return json.loads(path.read_text())
         import eval as sx_eval
 
-        from .models import load_model, parse_dtype
+        from ..models import load_model, parse_dtype
 
         m, tok = load_model(model, dtype=self.base.model.dtype, revision=self.base.model.revision)
         m.to(parse_dtype(self.compute_dtype))  # bf16 weight values, computed in this dtype
@@ -608,7 +278,7 @@ class Sweep:
         }
 
     def time_sparse(self, exp: Experiment, artifact: Path) -> dict:
-        from .bench import bench_subprocess
+        from ..pipeline.bench import bench_subprocess
 
         kv = self.kv_settings(exp)
         return bench_subprocess(
@@ -639,7 +309,7 @@ class Sweep:
         path = self.out / "baseline" / f"stock-{key}-{_digest(exp.model)}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        from .bench import bench_subprocess
+        from ..pipeline.bench import bench_subprocess
 
         rec = bench_subprocess(
             "stock",
@@ -759,7 +429,7 @@ class Sweep:
 
 
 def _auto() -> str:
-    from .ops import kernel_info
+    from ..ops import kernel_info
 
     return kernel_info()["decode"]
 
@@ -830,7 +500,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .sweep_report import write_sweep_report
+    from .report import write_sweep_report
 
     try:
         if args.report:
@@ -874,7 +544,3 @@ def main(argv=None) -> int:
         ", ".join(str(f.name) for f in files),
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

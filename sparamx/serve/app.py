@@ -5,7 +5,7 @@
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 ``"stream": true`` as server-sent events in OpenAI's chunk format, ending with
 ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Requests are decoded one at a
-time by ``sparamx.engine.Engine`` (one worker thread, a bounded queue: a full queue
+time by ``sparamx.serve.engine.Engine`` (one worker thread, a bounded queue: a full queue
 answers 429). A client that disconnects cancels its request, queued or running.
 
 Every malformed request gets a 4xx with OpenAI's error body (``{"error": {"message",
@@ -189,7 +189,7 @@ class Server:
         return req
 
     def prompt_ids(self, req: _Request) -> list[int]:
-        from .conversation import chat_prompt_ids
+        from ..conversation import chat_prompt_ids
 
         tok = self.engine.tokenizer
         if isinstance(req, ChatRequest):
@@ -240,7 +240,7 @@ class Server:
         return asked
 
     def sampling(self, req: _Request) -> dict:
-        from .sampling import SamplingParams
+        from ..sampling import SamplingParams
 
         kw = _sampling(req)
         try:
@@ -549,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sparamx serve: error: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
     path = Path(args.artifact)
-    from .cli import _check_artifact_dir
+    from ..cli import _check_artifact_dir
 
     if why := _check_artifact_dir(path):
         print(f"sparamx serve: error: {why}", file=sys.stderr)
@@ -557,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import uvicorn
 
-    from .artifact import ArtifactError, load
+    from ..artifact import ArtifactError, load
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -581,7 +581,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         engine.stop()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .artifact import atomic_write_json
+from ..artifact import atomic_write_json
+from ..cpu import resolve_compute_dtype
+from ..models import parse_dtype
 from .config import Config, ConfigError, load_config, needs_calibration, prune_recipe
-from .cpu import resolve_compute_dtype
-from .models import parse_dtype
 from .runstate import RunState, hash_inputs
 
 log = logging.getLogger("sparamx.pipeline")
@@ -139,7 +139,7 @@ class Pipeline:
     # ---------------------------------------------------------------- models
     def source_dir(self) -> Path:
         """The model's local directory (hub snapshot, converted GGUF, or the directory)."""
-        from .models import local_model_dir
+        from ..models import local_model_dir
 
         m = self.cfg.model
         return local_model_dir(m.source, m.revision)
@@ -158,7 +158,7 @@ class Pipeline:
 
                 self._streaming = bool(json.loads(recorded.read_text()).get("streaming"))
             elif mode == "auto":
-                from .models import available_ram_bytes
+                from ..models import available_ram_bytes
                 from .streaming import CheckpointError, SafetensorsCheckpoint
 
                 try:
@@ -194,7 +194,7 @@ class Pipeline:
         loaded in ``model.dtype`` (bf16: the weight values that get packed) and, with
         ``compute``, cast to the compute dtype: an fp32 model holding bf16 values
         evaluates exactly the weights that are packed, in fp32 arithmetic."""
-        from .models import load_model
+        from ..models import load_model
 
         m = self.cfg.model
         model, tok = load_model(m.source, dtype=m.dtype, revision=m.revision)
@@ -215,11 +215,11 @@ class Pipeline:
 
     # ---------------------------------------------------------------- stages
     def stage_load(self) -> StageResult:
-        from .models import resolve_source, source_record
+        from ..models import resolve_source, source_record
 
         r = self.cfg.model.random
         if r.preset != "none":
-            from .random_model import ensure_random_model
+            from ..tools.random_model import ensure_random_model
 
             ensure_random_model(self.cfg.model.source, r.preset, r.num_layers, r.seed)
         if self.streaming:
@@ -246,7 +246,7 @@ class Pipeline:
         safetensors headers: the weights are never loaded here."""
         from transformers import AutoConfig
 
-        from .models import source_record
+        from ..models import source_record
         from .streaming import SafetensorsCheckpoint
 
         path = self.source_dir()
@@ -377,8 +377,8 @@ class Pipeline:
         import json
         import shutil
 
-        from .artifact import save
-        from .layers import swap_linears
+        from ..artifact import save
+        from ..layers import swap_linears
 
         pk, p = self.cfg.pack, self.cfg.prune
         if self.streaming:
@@ -486,7 +486,7 @@ class Pipeline:
     def stage_verify(self) -> StageResult:
         if self.streaming:
             return self._stage_verify_streaming()
-        from .artifact import load
+        from ..artifact import load
         from .verify import compare_models
 
         # Both in the compute dtype: the packed model as eval-packed and bench run it.
@@ -532,7 +532,7 @@ class Pipeline:
         return StageResult(["verify/verify.json"], summary)
 
     def stage_eval_packed(self) -> StageResult:
-        from .artifact import load
+        from ..artifact import load
 
         if not self.cfg.eval.tasks:
             return self._skip("eval-packed", "no eval.tasks")
@@ -660,7 +660,7 @@ class Pipeline:
             return c, "the compute dtype"
         import json
 
-        from .models import available_ram_bytes
+        from ..models import available_ram_bytes
 
         src = self.path("load", "source.json")
         params = json.loads(src.read_text()).get("parameters", 0) if src.is_file() else 0
@@ -758,7 +758,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    cli()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifact import atomic_write_json, atomic_write_text
+from ..artifact import atomic_write_json, atomic_write_text
 
 
 def _read(path: Path):
@@ -24,10 +24,10 @@ def _flat_eval(res: dict | None) -> dict:
 
 
 def environment() -> dict:
-    """``sparamx.bench.machine_record`` (CPU model, ISA class, kernels, threads,
+    """``sparamx.pipeline.bench.machine_record`` (CPU model, ISA class, kernels, threads,
     versions, command line) plus the CPU feature flags and lm-eval's version."""
+    from ..ops import kernel_info
     from .bench import machine_record
-    from .ops import kernel_info
 
     info = kernel_info()
     env = {
@@ -47,7 +47,7 @@ def environment() -> dict:
 
 
 def _cpu_model() -> str:
-    from .cpu import cpu_model_name
+    from ..cpu import cpu_model_name
 
     return cpu_model_name()
 

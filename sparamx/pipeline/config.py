@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .select import PatternError, check_patterns
+from ..select import PatternError, check_patterns
 
 METHODS = ("magnitude", "wanda", "ria", "sparsegpt")  # pruning.METHODS (kept import-free)
 ALLOCATIONS = ("uniform", "owl")  # pruning.ALLOCATIONS
@@ -27,7 +27,7 @@ RANDOM_PRESETS = (
     "none",
     "llama3-8b",
     "tiny-llama",
-)  # sparamx.random_model.PRESETS (kept import-free)
+)  # sparamx.tools.random_model.PRESETS (kept import-free)
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 @dataclass
 class RandomModelConfig:
     # A random-weight model at a real architecture's shapes (speed work without the hub):
-    # written to model.source on first use (sparamx.random_model). "none": a real model.
+    # written to model.source on first use (sparamx.tools.random_model). "none": a real model.
     preset: str = "none"
     num_layers: int | None = None  # fewer decoder layers than the preset; null = all
     seed: int = 0

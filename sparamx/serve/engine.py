@@ -135,7 +135,7 @@ class Engine:
         log.info("decode steps ready in %.1f s", self.warm_up_s)
 
     def _decode(self, ids, max_new_tokens, sampling, stream, should_stop, stop_at_eos):
-        from .generate import generate
+        from ..generate import generate
 
         return generate(
             self.model,

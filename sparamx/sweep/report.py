@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from .artifact import atomic_write_text
+from ..artifact import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def _save(fig, path: Path) -> str:
 
 def write_sweep_report(out: Path) -> list[Path]:
     """Plots and ``summary.md`` for results folder ``out``; returns the files written."""
-    from .sweep import read_results
+    from .results import read_results
 
     out = Path(out)
     all_rows = read_results(out / "results.csv")

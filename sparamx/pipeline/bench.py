@@ -1,13 +1,13 @@
 """Timed greedy generation: time to first token, ms per generated token, tokens/s,
 peak RSS and model bytes, for stock transformers (a dense model) or a packed artifact.
 
-Each measurement runs in a fresh process (``python -m sparamx.bench``) so peak RSS
+Each measurement runs in a fresh process (``python -m sparamx.pipeline.bench``) so peak RSS
 belongs to one model and thread count alone; the pipeline starts stock and sparse runs
 alternately, in the same pipeline run, on the same prompts.
 
-    python -m sparamx.bench --artifact runs/x/pack/artifact --threads 2 --json out.json
-    python -m sparamx.bench --stock smollm2-135m --threads 1
-    python -m sparamx.bench --artifact A --engine lean --context 512 --kernel portable
+    python -m sparamx.pipeline.bench --artifact runs/x/pack/artifact --threads 2 --json out.json
+    python -m sparamx.pipeline.bench --stock smollm2-135m --threads 1
+    python -m sparamx.pipeline.bench --artifact A --engine lean --context 512 --kernel portable
 
 ``--context N`` makes the prompt exactly N tokens of real text; ``--kernel`` sets
 ``SPARAMX_KERNEL`` for the measurement (sweeps use both); ``--dtype`` is the compute
@@ -50,8 +50,8 @@ def machine_record(threads: int | None = None) -> dict:
     average when it was taken. Shared by ``bench/*.py`` and the pipeline's report."""
     import transformers
 
-    from . import __version__
-    from .cpu import cpu_isa, cpu_model_name
+    from .. import __version__
+    from ..cpu import cpu_isa, cpu_model_name
 
     rec = {
         "cpu_model": cpu_model_name(),
@@ -72,7 +72,7 @@ def machine_record(threads: int | None = None) -> dict:
         "load_avg": list(os.getloadavg()),
     }
     try:
-        from .ops import kernel_info
+        from ..ops import kernel_info
 
         info = kernel_info()
         rec["kernels"] = {
@@ -198,7 +198,7 @@ def time_generate_lean(
     step unless ``compile`` is False; ``attention`` and ``kv`` as there: None, the
     model's own KV settings). Compilation happens in the untimed warm-up call;
     ``compile_s`` says how long a call spent compiling (0 once warm)."""
-    from .generate import generate
+    from ..generate import generate
 
     g = generate(
         model,
@@ -235,7 +235,7 @@ CONTEXT_TEXT = "pang_lee_polarity.cor"  # movie-review sentences (not an evaluat
 def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
     """A prompt of exactly ``tokens`` token ids ``[1, tokens]``: the start of real
     English text (gensim's test data), so attention sees a natural context length."""
-    from .assets import gensim_text
+    from ..assets import gensim_text
 
     if tokens < 1:
         raise ValueError(f"context must be >= 1 token, got {tokens}")
@@ -282,7 +282,7 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step must read: every linear's weight (and bias), dense
     ``nn.Linear`` or packed ``SparseLinear`` (bitmap + values + offsets). Embeddings are
     left out (a step reads one row) and so is the KV cache (small at bench contexts)."""
-    from .layers import SparseLinear
+    from ..layers import SparseLinear
 
     total = 0
     for mod in model.modules():
@@ -298,7 +298,7 @@ def dram_read_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:
     several accumulators per thread; a float reduction such as ``torch.sum`` reads
     slower than the limit). Median of ``repeats``; the thread count is restored. The
     reference for the fraction of bandwidth a kernel or decode step reaches."""
-    from . import ops  # noqa: F401  (registers torch.ops.sparamx)
+    from .. import ops  # noqa: F401  (registers torch.ops.sparamx)
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -348,7 +348,7 @@ def run_bench(
     attention (its weights stay bf16). ``kv``: sparse KV cache settings for a packed
     artifact (``sparamx.kv.KVSettings`` fields; ``{}``: the dense cache; None: what
     the artifact records), for every engine."""
-    from .cpu import resolve_compute_dtype
+    from ..cpu import resolve_compute_dtype
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
@@ -360,11 +360,11 @@ def run_bench(
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if kind == "stock":
-        from .models import load_model
+        from ..models import load_model
 
         model, tok = load_model(source, dtype=compute.resolved)
     else:
-        from .artifact import load
+        from ..artifact import load
 
         model, tok = load(source, kv=kv, dtype=compute.resolved)
     load_s = time.perf_counter() - t0
@@ -440,7 +440,7 @@ def bench_subprocess(
     cmd = [
         sys.executable,
         "-m",
-        "sparamx.bench",
+        "sparamx.pipeline.bench",
         f"--{kind}",
         str(source),
         "--threads",
@@ -548,7 +548,7 @@ def main(argv=None) -> int:
         for flag in rec["flags"]:
             print(f"WARNING: {flag}")
         if args.json:
-            from .artifact import atomic_write_json
+            from ..artifact import atomic_write_json
 
             atomic_write_json(args.json, rec)
     return 0
