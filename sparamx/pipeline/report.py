@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..artifact import atomic_write_json, atomic_write_text
+from .runstate import StageResult
 
 
 def _read(path: Path):
@@ -348,3 +349,11 @@ def _save(fig, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def run_stage(pipe) -> StageResult:
+    outputs = write_report(pipe)
+    return StageResult(outputs, f"report at {pipe.run_dir / 'report' / 'report.md'}")

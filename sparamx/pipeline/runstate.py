@@ -9,9 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifact import atomic_write_json
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: its outputs (paths relative to the run directory, which
+    ``state.json`` fingerprints) and a one-line summary."""
+
+    outputs: list[str]
+    summary: str
 
 
 def fingerprint(path: Path) -> str:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..artifact import atomic_write_json
 from ..layers import SparseLinear
+from .runstate import StageResult
+
+VERIFY_TEXT_TOKENS = 256
+VERIFY_REL_TOL = 0.05  # relative L2 error of logits, packed vs masked dense, in bf16
+VERIFY_TOP1 = 0.9  # fraction of positions whose argmax token agrees
 
 
 def verification_text() -> str:
@@ -114,3 +120,53 @@ def verify_against_checkpoint(
         "worst_layer_rel_l2": max((r["rel_l2"] for r in layers), default=0.0),
         "layers": layers,
     }
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def run_stage(pipe) -> StageResult:
+    if pipe.streaming:
+        return _run_stage_streaming(pipe)
+    from ..artifact import load
+
+    # Both in the compute dtype: the packed model as eval-packed and bench run it.
+    packed, tok = load(pipe.path("pack", "artifact"), dtype=pipe.compute_dtype)
+    masked, _ = pipe.pruned_model()
+    rep = compare_models(masked, packed, tok, VERIFY_TEXT_TOKENS)
+    ok = rep["logits_rel_l2"] <= VERIFY_REL_TOL and rep["top1_agreement"] >= VERIFY_TOP1
+    rep["compute_dtype"] = pipe.compute.resolved
+    rep["passed"] = ok
+    rep["criteria"] = {"logits_rel_l2_max": VERIFY_REL_TOL, "top1_min": VERIFY_TOP1}
+    atomic_write_json(pipe.path("verify", "verify.json"), rep)
+    summary = (
+        f"logits rel. L2 error {rep['logits_rel_l2']:.2e}, max abs "
+        f"{rep['logits_max_abs']:.3g}, top-1 agreement {rep['top1_agreement']:.1%}"
+    )
+    if not ok:
+        worst = sorted(rep["layers"], key=lambda r: -r["rel_l2"])[:10]
+        table = "\n".join(
+            f"  {r['name']}: max abs {r['max_abs']:.3g}, rel {r['rel_l2']:.3g}" for r in worst
+        )
+        raise RuntimeError(f"verify failed: {summary}\nworst layers:\n{table}")
+    return StageResult(["verify/verify.json"], summary)
+
+
+def _run_stage_streaming(pipe) -> StageResult:
+    rep = verify_against_checkpoint(
+        pipe.path("pack", "artifact"), pipe.source_dir(), pipe.cfg.model.dtype
+    )
+    ok = rep["weights_match"] and rep["worst_layer_rel_l2"] <= VERIFY_REL_TOL
+    rep["passed"] = ok
+    rep["criteria"] = {"weights_match": True, "layer_rel_l2_max": VERIFY_REL_TOL}
+    atomic_write_json(pipe.path("verify", "verify.json"), rep)
+    agree = "match" if rep["weights_match"] else "DIFFER FROM"
+    summary = (
+        f"{len(rep['layers'])} packed linears: weights {agree} the source where kept; "
+        f"kernel vs torch worst rel. L2 {rep['worst_layer_rel_l2']:.2e}"
+    )
+    if not ok:
+        bad = [r for r in rep["layers"] if not r["weights_match"]][:5]
+        worst = sorted(rep["layers"], key=lambda r: -r["rel_l2"])[:5]
+        raise RuntimeError(f"verify failed: {summary}\nmismatched: {bad}\nworst: {worst}")
+    return StageResult(["verify/verify.json"], summary)

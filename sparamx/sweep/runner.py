@@ -58,7 +58,9 @@ from ..pipeline.config import (
     prune_recipe,
     validate,
 )
-from ..pipeline.runner import Pipeline, StageResult, _metric_line, setup_logging
+from ..pipeline.evaluate import evaluate, metric_line
+from ..pipeline.runner import Pipeline, setup_logging
+from ..pipeline.runstate import StageResult
 from .grid import (
     AXES,
     AXIS_DEFAULTS,
@@ -456,10 +458,10 @@ class SweepPipeline(Pipeline):
         import eval as sx_eval
 
         sx_eval.write_json(self.path("eval", "dense.json"), self.dense_eval)
-        pruned = self._evaluate(*self.pruned_model(), self.path("eval", "pruned.json"), "pruned")
+        pruned = evaluate(self, *self.pruned_model(), self.path("eval", "pruned.json"), "pruned")
         return StageResult(
             ["eval/dense.json", "eval/pruned.json"],
-            f"dense {_metric_line(self.dense_eval)} | pruned {_metric_line(pruned)}",
+            f"dense {metric_line(self.dense_eval)} | pruned {metric_line(pruned)}",
         )
 
 
