@@ -261,11 +261,7 @@ def prune(
     include = None if include is None else tuple(check_patterns(include, "include"))
     base, layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
-    for s in skip:
-        if s not in DEFAULT_SKIP and not any(is_skipped(n, [s]) for n in names.values()):
-            log.warning("skip entry %r matches no module of %s", s, type(model).__name__)
-    for s in unmatched(include, names.values()):
-        log.warning("include entry %r matches no module of %s", s, type(model).__name__)
+    _warn_unmatched(model, names.values(), skip, include)
     outer = _outer_targets(model, layers, skip, method, include)
     prefix = names[id(layers)] + "."
 
@@ -335,12 +331,17 @@ def prune(
     )
     log.info(
         "pruned %d linears with %s (%s) at %.0f%% (%s) in %.1f s\n%s",
-        len(stats),
-        method,
-        alloc["method"],
-        100 * sparsity,
-        granularity,
-        seconds,
+        *(len(stats), method, alloc["method"], 100 * sparsity, granularity, seconds),
         result.table(),
     )
     return result
+
+
+def _warn_unmatched(model: nn.Module, names, skip: Sequence[str], include) -> None:
+    """Warn about skip (beyond the defaults) and include patterns that name no module."""
+    names = list(names)
+    for s in skip:
+        if s not in DEFAULT_SKIP and not any(is_skipped(n, [s]) for n in names):
+            log.warning("skip entry %r matches no module of %s", s, type(model).__name__)
+    for s in unmatched(include, names):
+        log.warning("include entry %r matches no module of %s", s, type(model).__name__)

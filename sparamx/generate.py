@@ -734,16 +734,9 @@ def generate(
     With ``attention="exact"`` the tokens equal ``model.generate``'s with the same
     sparse cache; ``"fast"`` lets inductor fuse the norms (not bitwise).
     """
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {sorted(ATTENTION_MODES)}, got {attention!r}")
-    params = sampling_mod.SamplingParams.resolve(model.generation_config, **sampling)
-    if max_new_tokens is None:
-        max_new_tokens = _default_max_new_tokens(model)
-    _check_positive_int("max_new_tokens", max_new_tokens)
-    if max_cache_len is not None:
-        _check_positive_int("max_cache_len", max_cache_len)
-    if (stream is not None or params.stop) and tokenizer is None:
-        raise ValueError("stream and stop strings need a tokenizer to turn tokens into text")
+    params, max_new_tokens = _checked_request(
+        model, tokenizer, attention, max_new_tokens, max_cache_len, stream, sampling
+    )
     settings = _kv_settings(model, kv)
     ids = _prompt_ids(tokenizer, prompt)
     prompt_len = ids.shape[1]
@@ -758,14 +751,9 @@ def generate(
     sparse_mode = settings is not None
     with torch.inference_mode(), _lean_attention(model, attention, sparse_mode) as swapped:
         need = prompt_len + max_new_tokens
-        if sparse_mode:
-            sess = _SESSIONS.get(model) or _session(model, need, max_cache_len)[0]
-            sparse, reused = _sparse_cache(model, sess, settings, need, max_cache_len)
-            cache, cache_len = sparse, sparse.max_len
-        else:
-            sess, reused = _session(model, need, max_cache_len)
-            sess.lean_attention = swapped and not any(sess.cache.is_sliding)
-            sparse, cache, cache_len = None, sess.cache, sess.cache_len
+        sess, reused, sparse, cache, cache_len = _caches(
+            model, need, max_cache_len, settings, swapped
+        )
         warm = _warm_key(backend, attention, cache_len, sample, settings)
         compile_s = 0.0
         if backend and warm not in sess.warm:
@@ -813,6 +801,34 @@ def generate(
         kv_bytes=kv_bytes,
         kv_dense_bytes=kv_dense,
     )
+
+
+def _checked_request(model, tokenizer, attention, max_new_tokens, max_cache_len, stream, sampling):
+    """``generate``'s argument checks: the resolved ``SamplingParams`` and
+    ``max_new_tokens`` (None: the model's default)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_MODES)}, got {attention!r}")
+    params = sampling_mod.SamplingParams.resolve(model.generation_config, **sampling)
+    if max_new_tokens is None:
+        max_new_tokens = _default_max_new_tokens(model)
+    _check_positive_int("max_new_tokens", max_new_tokens)
+    if max_cache_len is not None:
+        _check_positive_int("max_cache_len", max_cache_len)
+    if (stream is not None or params.stop) and tokenizer is None:
+        raise ValueError("stream and stop strings need a tokenizer to turn tokens into text")
+    return params, max_new_tokens
+
+
+def _caches(model, need: int, max_cache_len: int | None, settings, swapped: bool):
+    """The session and the cache ``generate`` decodes into, for ``need`` positions:
+    ``(session, reused, sparse cache or None, cache, cache length)``."""
+    if settings is not None:
+        sess = _SESSIONS.get(model) or _session(model, need, max_cache_len)[0]
+        sparse, reused = _sparse_cache(model, sess, settings, need, max_cache_len)
+        return sess, reused, sparse, sparse, sparse.max_len
+    sess, reused = _session(model, need, max_cache_len)
+    sess.lean_attention = swapped and not any(sess.cache.is_sliding)
+    return sess, reused, None, sess.cache, sess.cache_len
 
 
 def _kv_settings(model, kv):

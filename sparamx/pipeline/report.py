@@ -153,9 +153,22 @@ def render_markdown(r: dict, eval_table: str) -> str:
         eval_table,
         "",
     ]
-    v = r["verify"]
+    lines += _verify_section(r["verify"])
+    if r["bench"]:
+        lines += _bench_section(r, cfg["bench"])
+    lines += _packed_section(r)
+    lines += ["## Plots", ""] + [f"![{Path(pp).stem}]({pp})" for pp in r.get("plots", [])]
+    lines += ["", "## Stages", "", "| stage | seconds | summary |", "|---|---:|---|"]
+    for name, st in r["stages"].items():
+        lines.append(f"| {name} | {st['seconds']:.1f} | {st['summary']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _verify_section(v: dict | None) -> list[str]:
+    """The verification section: a streaming run's weight check, or packed vs
+    masked dense on real text."""
     if v and "tokens" not in v:  # a streaming run's check (no dense model in RAM)
-        lines += [
+        return [
             "## Verification (streaming: packed weights vs the source checkpoint)",
             "",
             f"Every packed linear holds the source's values where it keeps any: "
@@ -165,7 +178,7 @@ def render_markdown(r: dict, eval_table: str) -> str:
             "",
         ]
     elif v:
-        lines += [
+        return [
             "## Verification (packed vs masked dense, same tokens)",
             "",
             f"{v['tokens']} tokens of real text: logits relative L2 error "
@@ -174,69 +187,78 @@ def render_markdown(r: dict, eval_table: str) -> str:
             f"{v['worst_layer_rel_l2']:.2e}: **{'passed' if v['passed'] else 'FAILED'}**.",
             "",
         ]
-    if r["bench"]:
-        b = cfg["bench"]
+    return []
+
+
+def _bench_section(r: dict, b: dict) -> list[str]:
+    """The decode-speed section: one row per timing, the speed-ups, the flags."""
+    lines = [
+        "## Decode speed (greedy `generate`, same prompts, same run)",
+        "",
+        f"{len(b['prompts'])} prompts x {b['repeats']} repeats, {b['new_tokens']} new "
+        "tokens each, medians; one warm-up generation per process is not timed. "
+        "`stock` = transformers dense (unpruned), computing in the `dtype` column's "
+        "dtype; `sparse` = packed artifact (bf16 weights, activations in that dtype) "
+        "with a dense KV cache (weights only); `sparse+kv` = the same with the "
+        "artifact's sparse KV cache. Loop: `hf` = `model.generate`, `lean` = "
+        "`sparamx.generate` (static cache, compiled decode step; compile time in the "
+        "warm-up, shown apart). Context: prompt tokens (a number: that many tokens "
+        "of real text); KV MB: the cache at the end of a generation.",
+        "",
+        "| model | loop | dtype | threads | context | tokens/s | ms/token "
+        "| ms/token min–max | TTFT ms | peak RSS MB "
+        "| model MB | KV MB | kernel share | compile s | weights GB/s | of DRAM |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in r["bench"]:
+        ks = x.get("kernel_share")
+        bw = x.get("weight_gb_per_s")
+        sp = x.get("ms_per_token_spread")
+        rng = "-" if not sp else f"{sp['min']:.1f}–{sp['max']:.1f} ({sp['rel_spread']:.0%})"
+        kvb = x.get("kv_bytes")
+        ctx = x.get("context") or "prompts"
+        lines.append(
+            f"| {x['model']} | {x.get('engine', 'hf')} | {x.get('dtype', '?')} | "
+            f"{x['threads']} | {ctx} | "
+            f"{x['tokens_per_s']:.1f}{_flag_mark(x.get('flags'))} | "
+            f"{x['ms_per_token']:.1f} | {rng} | {x['ttft_ms']:.0f} | {x['peak_rss_mb']:.0f} "
+            f"| {x['model_bytes'] / 1e6:.0f} | {'-' if not kvb else f'{kvb / 1e6:.1f}'} | "
+            f"{'-' if ks is None else f'{ks:.0%}'} | {x.get('compile_s', 0.0):.1f} | "
+            f"{'-' if bw is None else f'{bw:.1f}'} | "
+            f"{'-' if bw is None else format(x['bandwidth_fraction'], '.0%')} |"
+        )
+    lines += [
+        "",
+        "| threads | decode speed-up | TTFT speed-up | model memory ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for s in r["speedups"]:
+        lines.append(
+            f"| {s['threads']} | {s['decode_speedup']:.2f}x{_flag_mark(s.get('flags'))} | "
+            f"{s['ttft_speedup']:.2f}x | {s['memory_ratio']:.2f} |"
+        )
+    lines.append("")
+    warnings = [
+        f"- **{x['model']} {x.get('engine', 'hf')}, {x['threads']} thread(s)**: {f}"
+        for x in r["bench"]
+        for f in x.get("flags", [])
+    ]
+    if warnings:
         lines += [
-            "## Decode speed (greedy `generate`, same prompts, same run)",
+            "**Warning: flagged measurements** (repeats that disagree by more than "
+            "20%, or a baseline slower with more threads): the numbers and speed-ups "
+            "marked ⚠ are not to be trusted; rerun the bench stage on a quiet machine "
+            "(`--force bench`).",
             "",
-            f"{len(b['prompts'])} prompts x {b['repeats']} repeats, {b['new_tokens']} new "
-            "tokens each, medians; one warm-up generation per process is not timed. "
-            "`stock` = transformers dense (unpruned), computing in the `dtype` column's "
-            "dtype; `sparse` = packed artifact (bf16 weights, activations in that dtype) "
-            "with a dense KV cache (weights only); `sparse+kv` = the same with the "
-            "artifact's sparse KV cache. Loop: `hf` = `model.generate`, `lean` = "
-            "`sparamx.generate` (static cache, compiled decode step; compile time in the "
-            "warm-up, shown apart). Context: prompt tokens (a number: that many tokens "
-            "of real text); KV MB: the cache at the end of a generation.",
+            *warnings,
             "",
-            "| model | loop | dtype | threads | context | tokens/s | ms/token "
-            "| ms/token min–max | TTFT ms | peak RSS MB "
-            "| model MB | KV MB | kernel share | compile s | weights GB/s | of DRAM |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for x in r["bench"]:
-            ks = x.get("kernel_share")
-            bw = x.get("weight_gb_per_s")
-            sp = x.get("ms_per_token_spread")
-            rng = "-" if not sp else f"{sp['min']:.1f}–{sp['max']:.1f} ({sp['rel_spread']:.0%})"
-            kvb = x.get("kv_bytes")
-            ctx = x.get("context") or "prompts"
-            lines.append(
-                f"| {x['model']} | {x.get('engine', 'hf')} | {x.get('dtype', '?')} | "
-                f"{x['threads']} | {ctx} | "
-                f"{x['tokens_per_s']:.1f}{_flag_mark(x.get('flags'))} | "
-                f"{x['ms_per_token']:.1f} | {rng} | {x['ttft_ms']:.0f} | {x['peak_rss_mb']:.0f} "
-                f"| {x['model_bytes'] / 1e6:.0f} | {'-' if not kvb else f'{kvb / 1e6:.1f}'} | "
-                f"{'-' if ks is None else f'{ks:.0%}'} | {x.get('compile_s', 0.0):.1f} | "
-                f"{'-' if bw is None else f'{bw:.1f}'} | "
-                f"{'-' if bw is None else format(x['bandwidth_fraction'], '.0%')} |"
-            )
-        lines += [
-            "",
-            "| threads | decode speed-up | TTFT speed-up | model memory ratio |",
-            "|---:|---:|---:|---:|",
-        ]
-        for s in r["speedups"]:
-            lines.append(
-                f"| {s['threads']} | {s['decode_speedup']:.2f}x{_flag_mark(s.get('flags'))} | "
-                f"{s['ttft_speedup']:.2f}x | {s['memory_ratio']:.2f} |"
-            )
-        lines.append("")
-        warnings = [
-            f"- **{x['model']} {x.get('engine', 'hf')}, {x['threads']} thread(s)**: {f}"
-            for x in r["bench"]
-            for f in x.get("flags", [])
-        ]
-        if warnings:
-            lines += [
-                "**Warning: flagged measurements** (repeats that disagree by more than "
-                "20%, or a baseline slower with more threads): the numbers and speed-ups "
-                "marked ⚠ are not to be trusted; rerun the bench stage on a quiet machine "
-                "(`--force bench`).",
-                "",
-                *warnings,
-                "",
-            ]
+    return lines
+
+
+def _packed_section(r: dict) -> list[str]:
+    """The packed layers' totals and the per-layer sparsity table."""
+    lines = []
     t = r["packed_totals"]
     if t:
         lines += [
@@ -254,11 +276,7 @@ def render_markdown(r: dict, eval_table: str) -> str:
                 f"| {lay['name']} | {lay['shape'][0]}x{lay['shape'][1]} | {lay['sparsity']:.1%} |"
             )
         lines.append("")
-    lines += ["## Plots", ""] + [f"![{Path(pp).stem}]({pp})" for pp in r.get("plots", [])]
-    lines += ["", "## Stages", "", "| stage | seconds | summary |", "|---|---:|---|"]
-    for name, st in r["stages"].items():
-        lines.append(f"| {name} | {st['seconds']:.1f} | {st['summary']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _compute_line(c: dict | None) -> str:

@@ -222,227 +222,67 @@ def stream_prune_pack(
     what Wanda's calibration forwards run in (fp32 on CPUs without a fast bf16 matmul;
     tensors are read in ``dtype`` first, so the values are the ones that get packed).
     """
-    from transformers import AutoTokenizer, GenerationConfig
-
     from pruning.driver import _outer_targets, add_realised, prune_outer_linears
-    from pruning.layerwise import (
-        DEFAULT_SKIP,
-        NEEDS_ACTIVATIONS,
-        capture_layer_inputs,
-        check_method,
-        decoder_layers,
-        prune_decoder_layer,
-    )
-    from pruning.owl import resolve_allocation
-    from pruning.scores import check_sparsity
-    from pruning.sparsegpt import BLOCK_SIZE, PERCDAMP
+    from pruning.layerwise import DEFAULT_SKIP, NEEDS_ACTIVATIONS, capture_layer_inputs
 
     start = time.perf_counter()
-    check_method(method)
-    check_sparsity(sparsity)
-    owl = resolve_allocation(allocation)
+    owl, sgpt = _checked_recipe(method, sparsity, allocation, percdamp, block_size)
     calibrated = NEEDS_ACTIVATIONS[method] or owl is not None
     if calibrated and calibration_ids is None:
         raise ValueError(
             f"{method}{' with owl' if owl else ''} needs calibration_ids "
             "(a [samples, seqlen] token tensor)"
         )
-    sgpt = {
-        "percdamp": PERCDAMP if percdamp is None else percdamp,
-        "block_size": BLOCK_SIZE if block_size is None else block_size,
-    }
     skip = DEFAULT_SKIP if skip is None else tuple(skip)
     dtype = parse_dtype(dtype)
     # Magnitude runs no forwards: its tensors stay in the storage dtype (less RAM).
     work = parse_dtype(compute_dtype or dtype) if calibrated else dtype
-    source = Path(source)
-    out = Path(out)
-    ckpt = SafetensorsCheckpoint(source)
-    model = build_skeleton(source, work)
+    source, out = Path(source), Path(out)
+    st = _Stream(source, dtype, work, include, exclude)
 
-    def read(keys) -> dict[str, torch.Tensor]:
-        tensors = ckpt.read(keys, dtype)  # rounded to the storage dtype ...
-        if work != dtype:  # ... then widened for the forwards
-            tensors = {k: t.to(work) if t.is_floating_point() else t for k, t in tensors.items()}
-        return tensors
-
-    base, layers = decoder_layers(model)
-    prefix = {id(m): n for n, m in model.named_modules()}[id(layers)] + "."
-    expected = list(model.state_dict())
-    layer_keys = [
-        [k for k in expected if k.startswith(f"{prefix}{i}.")] for i in range(len(layers))
-    ]
-    outer_keys = [k for k in expected if not k.startswith(prefix)]
-    for i, keys in enumerate(layer_keys):
-        ckpt.require(keys, f"decoder layer {i}")
-    unexpected = sorted(set(ckpt.keys()) - set(expected))
-    if unexpected:
-        log.warning(
-            "ignoring %d tensors the model does not use: %s", len(unexpected), unexpected[:5]
-        )
-    selected = set(linear_names(model, include, exclude))
-
-    # Embeddings, final norm, head: loaded once and kept. A head tied to the embeddings is
-    # not in the safetensors (save_pretrained stores it once): tie_weights restores it.
     t0 = time.perf_counter()
-    outer = read([k for k in outer_keys if k in ckpt.weight_map])
-    model.load_state_dict(outer, strict=False, assign=True)
-    del outer
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in ckpt.weight_map}
-    absent = [
-        k
-        for k, t in model.state_dict().items()
-        if not k.startswith(prefix) and k not in ckpt.weight_map and t.data_ptr() not in loaded
-    ]
-    if absent:
-        raise CheckpointError(f"{source}: tensor(s) {absent} missing from the safetensors files")
-
+    st.load_outer()
     inputs = None
     if calibrated:
-        inputs = capture_layer_inputs(model, calibration_ids, batch_size)
+        inputs = capture_layer_inputs(st.model, calibration_ids, batch_size)
     timings = {"load_outer_and_capture_s": time.perf_counter() - t0}
-    outer_targets = _outer_targets(model, layers, skip, method, prune_include)
+    outer_targets = _outer_targets(st.model, st.layers, skip, method, prune_include)
 
-    def load_layer(i: int) -> nn.Module:
-        lp = f"{prefix}{i}."
-        tensors = read(layer_keys[i])
-        layers[i].load_state_dict(
-            {k[len(lp) :]: v for k, v in tensors.items()}, strict=True, assign=True
-        )
-        return layers[i]
-
-    alloc, targets = {"method": "uniform"}, [sparsity] * len(layers)
+    alloc, targets = {"method": "uniform"}, [sparsity] * len(st.layers)
     if owl is not None:
         t0 = time.perf_counter()
-        alloc = _stream_owl(layers, load_layer, inputs, owl, sparsity, skip, prune_include, prefix)
+        alloc = _stream_owl(
+            st.layers, st.load_layer, inputs, owl, sparsity, skip, prune_include, st.prefix
+        )
         targets = [rec["target"] for rec in alloc["layers"]]
         timings["owl_s"] = time.perf_counter() - t0
     states = inputs.states if inputs and NEEDS_ACTIVATIONS[method] else None
 
-    # A head tied to the embeddings is never pruned (_outer_targets refuses); packing it
-    # now lets the embedding share its packed copy before the embedding is written.
-    head = model.get_output_embeddings()
-    head_name = next((n for n, m in model.named_modules() if m is head), None)
-    emb = model.get_input_embeddings()
-    if head_name in selected and head.weight.data_ptr() == emb.weight.data_ptr():
-        _swap(model, head_name, storage)
-        share_tied_embedding(model)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest lands
-    writer = ShardWriter(out, max_shard_bytes)
-    outer_seen: dict = {}
-    tied: dict[str, str] = {}
-    first_dtype: list[torch.dtype] = []
-
-    def emit(items, seen: dict) -> None:
-        tensors, aliases = dedupe_tensors(items, seen)
-        tied.update(aliases)
-        for name, t in tensors.items():
-            if t.is_floating_point() and t.dtype != dtype and not name.endswith(".values"):
-                t = t.to(dtype)  # dense tensors are stored as read, not in the work dtype
-            if not first_dtype and t.is_floating_point() and not name.endswith(".values"):
-                first_dtype.append(t.dtype)
-            writer.add(name, t)
-
-    # The order of the in-memory save: state_dict order, i.e. what precedes the decoder
-    # layers (embeddings), the layers, what follows them (norm, head).
-    keys = list(model.state_dict())
-    first = next(i for i, k in enumerate(keys) if k.startswith(prefix))
-    sd = model.state_dict()
-    emit(((k, sd[k]) for k in keys[:first]), outer_seen)
-    del sd
-
-    stats: list[dict] = []
-    records: dict[str, dict] = {}
-    held = 0
+    st.pack_tied_head(storage)
+    st.open(out, max_shard_bytes)
     t0 = time.perf_counter()
-    bar = tqdm(
-        range(len(layers)),
-        desc=f"stream {method} {sparsity:.0%}",
-        unit="layer",
-        disable=not progress,
+    stats, states, held = st.prune_layers(
+        states,
+        inputs,
+        targets,
+        storage,
+        {"desc": f"stream {method} {sparsity:.0%}", "disable": not progress},
+        method=method,
+        granularity=granularity,
+        skip=skip,
+        include=prune_include,
+        **sgpt,
     )
-    for i in bar:
-        layer = load_layer(i)
-        lp = f"{prefix}{i}."
-        res = prune_decoder_layer(
-            layer,
-            states,
-            inputs.kwargs[i] if states is not None else None,
-            method=method,
-            sparsity=targets[i],
-            granularity=granularity,
-            skip=skip,
-            include=prune_include,
-            prefix=lp,
-            layer_index=i,
-            **sgpt,
-        )
-        states = res.states
-        stats += res.stats
-        held = max(held, res.statistics_bytes)
-        for n, m in list(layer.named_modules()):
-            if isinstance(m, nn.Linear) and lp + n in selected:
-                records[lp + n] = layer_record(lp + n, _swap(layer, n, storage))
-        emit(layer.state_dict(prefix=lp).items(), {})
-        # The writer holds the packed tensors until their shard is written; the dense
-        # weights and the layer's modules go now.
-        layer.to("meta")
-        bar.set_postfix(peak_rss=f"{peak_rss_mb() / 1024:.1f}G")
     timings["layers_s"] = time.perf_counter() - t0
     timings["statistics_peak_mb"] = held / 2**20
 
     outer_stats, _ = prune_outer_linears(
-        base, outer_targets, states, method, sparsity, granularity, False, **sgpt
+        st.base, outer_targets, states, method, sparsity, granularity, False, **sgpt
     )
     stats += outer_stats
     del states, inputs
-    for name in sorted(selected):
-        mod = model.get_submodule(name)
-        if not name.startswith(prefix) and type(mod) is nn.Linear:
-            _swap(model, name, storage)
-    share_tied_embedding(model)
-    sd = model.state_dict()
-    last = max(i for i, k in enumerate(sd) if k.startswith(prefix))
-    emit(((k, t) for j, (k, t) in enumerate(sd.items()) if j > last), outer_seen)
-    del sd
-    files = writer.close()
-
-    order = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
-    for name in order:
-        if name not in records:
-            records[name] = layer_record(name, model.get_submodule(name))
-    layer_list = [records[n] for n in order]
-    if not layer_list:
-        raise ValueError(f"include={include} exclude={exclude} select no linear of {source}")
-    head_of = {id(m.values): n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
-    packed_embeddings = {
-        n: head_of[id(m.values)] for n, m in model.named_modules() if isinstance(m, PackedEmbedding)
-    }
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    try:
-        generation_config = GenerationConfig.from_pretrained(source)
-    except OSError:
-        generation_config = model.generation_config
-    write_metadata(
-        out,
-        model.config,
-        generation_config,
-        tokenizer,
-        layers=layer_list,
-        tied=tied,
-        packed_embeddings=packed_embeddings,
-        files=files,
-        dtype=first_dtype[0] if first_dtype else torch.bfloat16,
-        tensor_records=writer.records,
-        source=source_record,
-        recipe=recipe,
-        eval_summary=None,
-    )
+    files = st.close(storage)
+    layer_list = st.write_manifest(tokenizer, files, source_record, recipe)
     seconds = time.perf_counter() - start
     result = StreamResult(
         out,
@@ -457,13 +297,230 @@ def stream_prune_pack(
     )
     log.info(
         "streamed %d decoder layers of %s into %s in %.0f s (peak RSS %.2f GiB)",
-        len(layers),
+        len(st.layers),
         source,
         out,
         seconds,
         result.peak_rss_mb / 1024,
     )
     return result
+
+
+def _checked_recipe(method: str, sparsity: float, allocation, percdamp, block_size):
+    """The recipe's checks: the OWL allocation (None: uniform) and SparseGPT's settings."""
+    from pruning.layerwise import check_method
+    from pruning.owl import resolve_allocation
+    from pruning.scores import check_sparsity
+    from pruning.sparsegpt import BLOCK_SIZE, PERCDAMP
+
+    check_method(method)
+    check_sparsity(sparsity)
+    owl = resolve_allocation(allocation)
+    sgpt = {
+        "percdamp": PERCDAMP if percdamp is None else percdamp,
+        "block_size": BLOCK_SIZE if block_size is None else block_size,
+    }
+    return owl, sgpt
+
+
+class _Stream:
+    """The model skeleton of one :func:`stream_prune_pack` and the artifact it writes:
+    decoder layers are read from the checkpoint, pruned, packed, written and freed one
+    at a time; what precedes and follows them (embeddings, norm, head) stays loaded."""
+
+    def __init__(self, source: Path, dtype: torch.dtype, work: torch.dtype, include, exclude):
+        from pruning.layerwise import decoder_layers
+
+        self.source, self.dtype, self.work = source, dtype, work
+        self.include, self.exclude = include, exclude
+        self.ckpt = SafetensorsCheckpoint(source)
+        self.model = model = build_skeleton(source, work)
+        self.base, self.layers = decoder_layers(model)
+        self.prefix = {id(m): n for n, m in model.named_modules()}[id(self.layers)] + "."
+        expected = list(model.state_dict())
+        self.layer_keys = [
+            [k for k in expected if k.startswith(f"{self.prefix}{i}.")]
+            for i in range(len(self.layers))
+        ]
+        self.outer_keys = [k for k in expected if not k.startswith(self.prefix)]
+        for i, keys in enumerate(self.layer_keys):
+            self.ckpt.require(keys, f"decoder layer {i}")
+        unexpected = sorted(set(self.ckpt.keys()) - set(expected))
+        if unexpected:
+            log.warning(
+                "ignoring %d tensors the model does not use: %s", len(unexpected), unexpected[:5]
+            )
+        self.selected = set(linear_names(model, include, exclude))
+        self.records: dict[str, dict] = {}  # packed linear -> its manifest record
+        self.tied: dict[str, str] = {}
+        self.first_dtype: list[torch.dtype] = []
+        self.outer_seen: dict = {}
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        tensors = self.ckpt.read(keys, self.dtype)  # rounded to the storage dtype ...
+        if self.work != self.dtype:  # ... then widened for the forwards
+            tensors = {
+                k: t.to(self.work) if t.is_floating_point() else t for k, t in tensors.items()
+            }
+        return tensors
+
+    def load_layer(self, i: int) -> nn.Module:
+        lp = f"{self.prefix}{i}."
+        tensors = self.read(self.layer_keys[i])
+        self.layers[i].load_state_dict(
+            {k[len(lp) :]: v for k, v in tensors.items()}, strict=True, assign=True
+        )
+        return self.layers[i]
+
+    def load_outer(self) -> None:
+        """Embeddings, final norm, head: loaded once and kept. A head tied to the
+        embeddings is not in the safetensors (save_pretrained stores it once):
+        tie_weights restores it."""
+        model, weight_map = self.model, self.ckpt.weight_map
+        outer = self.read([k for k in self.outer_keys if k in weight_map])
+        model.load_state_dict(outer, strict=False, assign=True)
+        del outer
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in weight_map}
+        absent = [
+            k
+            for k, t in model.state_dict().items()
+            if not k.startswith(self.prefix) and k not in weight_map and t.data_ptr() not in loaded
+        ]
+        if absent:
+            raise CheckpointError(
+                f"{self.source}: tensor(s) {absent} missing from the safetensors files"
+            )
+
+    def pack_tied_head(self, storage: str) -> None:
+        """A head tied to the embeddings is never pruned (_outer_targets refuses); packing
+        it now lets the embedding share its packed copy before the embedding is written."""
+        model = self.model
+        head = model.get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), None)
+        emb = model.get_input_embeddings()
+        if head_name in self.selected and head.weight.data_ptr() == emb.weight.data_ptr():
+            _swap(model, head_name, storage)
+            share_tied_embedding(model)
+
+    def emit(self, items, seen: dict) -> None:
+        tensors, aliases = dedupe_tensors(items, seen)
+        self.tied.update(aliases)
+        for name, t in tensors.items():
+            if t.is_floating_point() and t.dtype != self.dtype and not name.endswith(".values"):
+                t = t.to(self.dtype)  # dense tensors are stored as read, not in the work dtype
+            if not self.first_dtype and t.is_floating_point() and not name.endswith(".values"):
+                self.first_dtype.append(t.dtype)
+            self.writer.add(name, t)
+
+    def open(self, out: Path, max_shard_bytes: int) -> None:
+        """Start the artifact and write what precedes the decoder layers (embeddings): the
+        order of the in-memory save, state_dict order (before, the layers, after)."""
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new manifest lands
+        self.writer = ShardWriter(out, max_shard_bytes)
+        keys = list(self.model.state_dict())
+        first = next(i for i, k in enumerate(keys) if k.startswith(self.prefix))
+        sd = self.model.state_dict()
+        self.emit(((k, sd[k]) for k in keys[:first]), self.outer_seen)
+
+    def prune_layer(self, i: int, states, kwargs, storage: str, **prune):
+        """Read decoder layer ``i``, prune it, pack its selected linears, write it, free it."""
+        from pruning.layerwise import prune_decoder_layer
+
+        layer = self.load_layer(i)
+        lp = f"{self.prefix}{i}."
+        res = prune_decoder_layer(layer, states, kwargs, prefix=lp, layer_index=i, **prune)
+        for n, m in list(layer.named_modules()):
+            if isinstance(m, nn.Linear) and lp + n in self.selected:
+                self.records[lp + n] = layer_record(lp + n, _swap(layer, n, storage))
+        self.emit(layer.state_dict(prefix=lp).items(), {})
+        # The writer holds the packed tensors until their shard is written; the dense
+        # weights and the layer's modules go now.
+        layer.to("meta")
+        return res
+
+    def prune_layers(self, states, inputs, targets, storage: str, bar: dict, **prune):
+        """Every decoder layer in turn (:meth:`prune_layer`), the calibration states
+        passed from one to the next; returns the layer stats, the states after the last
+        layer and the peak bytes of pruning statistics held. ``bar``: tqdm's desc and
+        disable."""
+        bar = tqdm(range(len(self.layers)), unit="layer", **bar)
+        stats, held = [], 0
+        for i in bar:
+            res = self.prune_layer(
+                i,
+                states,
+                inputs.kwargs[i] if states is not None else None,
+                storage,
+                sparsity=targets[i],
+                **prune,
+            )
+            states = res.states
+            stats += res.stats
+            held = max(held, res.statistics_bytes)
+            bar.set_postfix(peak_rss=f"{peak_rss_mb() / 1024:.1f}G")
+        return stats, states, held
+
+    def close(self, storage: str) -> list[str]:
+        """Pack the selected linears outside the decoder layers, write what follows the
+        layers (norm, head) and close the shards; returns the shard files."""
+        model = self.model
+        for name in sorted(self.selected):
+            mod = model.get_submodule(name)
+            if not name.startswith(self.prefix) and type(mod) is nn.Linear:
+                _swap(model, name, storage)
+        share_tied_embedding(model)
+        sd = model.state_dict()
+        last = max(i for i, k in enumerate(sd) if k.startswith(self.prefix))
+        self.emit(((k, t) for j, (k, t) in enumerate(sd.items()) if j > last), self.outer_seen)
+        del sd
+        return self.writer.close()
+
+    def write_manifest(self, tokenizer, files, source_record, recipe) -> list[dict]:
+        """The manifest and the tokenizer / config files; returns the layer records."""
+        from transformers import AutoTokenizer, GenerationConfig
+
+        model, source = self.model, self.source
+        order = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+        for name in order:
+            if name not in self.records:
+                self.records[name] = layer_record(name, model.get_submodule(name))
+        layer_list = [self.records[n] for n in order]
+        if not layer_list:
+            raise ValueError(
+                f"include={self.include} exclude={self.exclude} select no linear of {source}"
+            )
+        head_of = {id(m.values): n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+        packed_embeddings = {
+            n: head_of[id(m.values)]
+            for n, m in model.named_modules()
+            if isinstance(m, PackedEmbedding)
+        }
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        try:
+            generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            generation_config = model.generation_config
+        write_metadata(
+            self.out,
+            model.config,
+            generation_config,
+            tokenizer,
+            layers=layer_list,
+            tied=self.tied,
+            packed_embeddings=packed_embeddings,
+            files=files,
+            dtype=self.first_dtype[0] if self.first_dtype else torch.bfloat16,
+            tensor_records=self.writer.records,
+            source=source_record,
+            recipe=recipe,
+            eval_summary=None,
+        )
+        return layer_list
 
 
 def _stream_owl(layers, load_layer, inputs, owl, sparsity, skip, include, prefix) -> dict:

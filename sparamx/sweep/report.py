@@ -134,6 +134,28 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
             "transformers `model.generate`, dense bf16."
         )
     lines += ["", "## Results", ""]
+    lines += _results_section(rows, cols)
+    kv_rows = [r for r in rows if is_kv_row(r)]
+    if kv_rows:
+        lines += _kv_section(kv_rows)
+    rows = [r for r in rows if not is_kv_row(r)]
+    if head and rows:
+        lines += _budget_section(rows, head)
+    if failed:
+        lines += ["", "## Skipped or failed", ""]
+        lines += [
+            f"- {r['id']} ({r['method']} {r['sparsity']}, kernel {r['kernel']}, "
+            f"{r['threads']} thr): {r['status']}"
+            for r in failed
+        ]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _results_section(rows: list[dict], cols: list[str]) -> list[str]:
+    """The table of every finished experiment, and the dense model's metrics."""
+    lines = []
     header = ["id", "model", "method", "sparsity", "KV s", "kernel", "threads", "ctx", "new"]
     header += [c.replace(":", " ") for c in cols]
     header += ["tok/s", "stock tok/s", "speed-up", "ms/token", "compile s"]
@@ -167,81 +189,78 @@ def render_summary(out: Path, rows: list[dict], failed: list[dict], plots: list[
         d0 = rows[0]
         dense = ", ".join(f"{c.replace(':', ' ')} {_num(d0.get('dense:' + c))}" for c in cols)
         lines += ["", f"Dense model ({rows[0]['model']}): {dense}."]
-    kv_rows = [r for r in rows if is_kv_row(r)]
-    if kv_rows:
-        lines += [
-            "",
-            "## Sparse KV cache",
-            "",
-            "Rows with kv_sparsity > 0 decode through `model.generate` with the sparse KV "
-            "cache (K and V pruned at that sparsity; other settings from the base config's "
-            "`kv` section). Decode-path perplexity (`eval.decode_ppl`: news text fed token "
-            "by token) with it and with our dense cache, and its memory against the dense "
-            "cache's. They are left out of the plots and budgets below, whose accuracy "
-            "comes from lm-eval (prefill only).",
-            "",
-        ]
-        body = []
-        for r in kv_rows:
-            ppl, dense = _f(r.get("kv_decode_ppl")), _f(r.get("kv_dense_decode_ppl"))
-            change = f"{(ppl - dense) / dense:+.1%}" if ppl and dense else "–"
-            body.append(
-                [
-                    r["id"],
-                    f"{r['method']} {r['sparsity']}",
-                    f"{r.get('kv_method', '')} {r['kv_sparsity']}",
-                    f"{_num(ppl, '.4g')} ({change})",
-                    _num(dense, ".4g"),
-                    _num(r.get("kv_memory_ratio"), ".3f"),
-                    r["threads"],
-                    _num(r.get("tokens_per_s"), ".1f"),
-                ]
+    return lines
+
+
+def _kv_section(kv_rows: list[dict]) -> list[str]:
+    """The rows that decode with the sparse KV cache: perplexity and memory."""
+    lines = [
+        "",
+        "## Sparse KV cache",
+        "",
+        "Rows with kv_sparsity > 0 decode through `model.generate` with the sparse KV "
+        "cache (K and V pruned at that sparsity; other settings from the base config's "
+        "`kv` section). Decode-path perplexity (`eval.decode_ppl`: news text fed token "
+        "by token) with it and with our dense cache, and its memory against the dense "
+        "cache's. They are left out of the plots and budgets below, whose accuracy "
+        "comes from lm-eval (prefill only).",
+        "",
+    ]
+    body = []
+    for r in kv_rows:
+        ppl, dense = _f(r.get("kv_decode_ppl")), _f(r.get("kv_dense_decode_ppl"))
+        change = f"{(ppl - dense) / dense:+.1%}" if ppl and dense else "–"
+        body.append(
+            [
+                r["id"],
+                f"{r['method']} {r['sparsity']}",
+                f"{r.get('kv_method', '')} {r['kv_sparsity']}",
+                f"{_num(ppl, '.4g')} ({change})",
+                _num(dense, ".4g"),
+                _num(r.get("kv_memory_ratio"), ".3f"),
+                r["threads"],
+                _num(r.get("tokens_per_s"), ".1f"),
+            ]
+        )
+    cols_kv = ["id", "weights", "KV", "decode ppl", "dense-cache ppl", "KV memory", "threads"]
+    lines.append(_table([*cols_kv, "tok/s"], body))
+    return lines
+
+
+def _budget_section(rows: list[dict], head: str) -> list[str]:
+    """The fastest experiment within each accuracy budget, per thread count."""
+    kind = "increase" if lower_is_better(head) else "loss"
+    lines = [
+        "",
+        "## Best configuration per accuracy budget",
+        "",
+        f"Headline metric `{head}`; budget = largest relative {kind} against dense. "
+        "Fastest experiment within each budget, per thread count: id, method, "
+        "sparsity (metric, change vs dense) → decode tokens/s (speed-up vs stock).",
+        "",
+    ]
+    # One row per budget, one column per thread count: "id: method sparsity
+    # (metric, vs dense) -> tok/s (speed-up)".
+    picks = best_per_budget(rows, head)
+    threads = sorted({b["threads"] for b in picks})
+    body = []
+    for budget in BUDGETS:
+        label = "any" if budget is None else f"≤ {budget:.0%}"
+        cells = [label]
+        for t in threads:
+            r = next(b["row"] for b in picks if b["budget"] == budget and b["threads"] == t)
+            if r is None:
+                cells.append("none within budget")
+                continue
+            v, d, sp = _f(r.get(head)), _f(r.get("dense:" + head)), _f(r.get("speedup"))
+            change = f"{(v - d) / d:+.1%}" if v is not None and d else "–"
+            cells.append(
+                f"{r['id']}: {r['method']} {r['sparsity']} ({_num(v, '.4g')}, {change}) → "
+                f"{_num(r.get('tokens_per_s'), '.1f')} tok/s" + (f" ({sp:.2f}×)" if sp else "")
             )
-        cols_kv = ["id", "weights", "KV", "decode ppl", "dense-cache ppl", "KV memory", "threads"]
-        lines.append(_table([*cols_kv, "tok/s"], body))
-    rows = [r for r in rows if not is_kv_row(r)]
-    if head and rows:
-        kind = "increase" if lower_is_better(head) else "loss"
-        lines += [
-            "",
-            "## Best configuration per accuracy budget",
-            "",
-            f"Headline metric `{head}`; budget = largest relative {kind} against dense. "
-            "Fastest experiment within each budget, per thread count: id, method, "
-            "sparsity (metric, change vs dense) → decode tokens/s (speed-up vs stock).",
-            "",
-        ]
-        # One row per budget, one column per thread count: "id: method sparsity
-        # (metric, vs dense) -> tok/s (speed-up)".
-        picks = best_per_budget(rows, head)
-        threads = sorted({b["threads"] for b in picks})
-        body = []
-        for budget in BUDGETS:
-            label = "any" if budget is None else f"≤ {budget:.0%}"
-            cells = [label]
-            for t in threads:
-                r = next(b["row"] for b in picks if b["budget"] == budget and b["threads"] == t)
-                if r is None:
-                    cells.append("none within budget")
-                    continue
-                v, d, sp = _f(r.get(head)), _f(r.get("dense:" + head)), _f(r.get("speedup"))
-                change = f"{(v - d) / d:+.1%}" if v is not None and d else "–"
-                cells.append(
-                    f"{r['id']}: {r['method']} {r['sparsity']} ({_num(v, '.4g')}, {change}) → "
-                    f"{_num(r.get('tokens_per_s'), '.1f')} tok/s" + (f" ({sp:.2f}×)" if sp else "")
-                )
-            body.append(cells)
-        lines.append(_table(["budget", *(f"{t} thread(s)" for t in threads)], body))
-    if failed:
-        lines += ["", "## Skipped or failed", ""]
-        lines += [
-            f"- {r['id']} ({r['method']} {r['sparsity']}, kernel {r['kernel']}, "
-            f"{r['threads']} thr): {r['status']}"
-            for r in failed
-        ]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    lines.append(_table(["budget", *(f"{t} thread(s)" for t in threads)], body))
+    return lines
 
 
 def make_plots(rows: list[dict], out: Path) -> list[str]:
