@@ -5,6 +5,11 @@ The public API is ``__all__``. The names that need the native extension are impo
 on first use, so that the pure-Python parts (format, model loading, assets) work
 without a build; using one of them without a build raises an ImportError that says
 how to build.
+
+This is the runtime. The tooling around it lives in subpackages that the runtime never
+imports: ``sparamx.pipeline`` (``python -m sparamx.pipeline CONFIG``), ``sparamx.sweep``,
+``sparamx.serve`` (the OpenAI-compatible server) and ``sparamx.tools`` (demo, random-weight
+models); ``sparamx.cli`` is the ``sparamx`` command.
 """
 
 from importlib import import_module
@@ -23,12 +28,16 @@ _LAZY = {
     "load": ".artifact",
     "save": ".artifact",
     "ArtifactError": ".artifact",
+    "check": ".artifact",
+    "read_manifest": ".artifact",
     "generate": ".generate",
     "Generation": ".generate",
     "SamplingParams": ".sampling",
     "chat": ".conversation",
     "KVSettings": ".kv",
     "enable_sparse_kv": ".kv",
+    "disable_sparse_kv": ".kv",
+    "load_model": ".models",
 }
 
 __all__ = [
