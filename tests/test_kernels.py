@@ -77,6 +77,23 @@ def test_llama_sized_shape(kernel, threads, m):
     assert_matches_reference(packed_linear(x, pack(w), kernel=kernel), x, w)
 
 
+@pytest.mark.parametrize(
+    "kernel", ["amx_emulated", "amx"] if "amx" in RUNNABLE else ["amx_emulated"]
+)
+@pytest.mark.parametrize("storage", ["bitmap-bf16", "dense-bf16"])
+@pytest.mark.parametrize("m", [290, 520])
+def test_prefill_blocking_boundaries(kernel, threads, storage, m):
+    # The AMX prefill blocks rows by 256 and column groups by 128 per pass, and walks K in
+    # chunks of 16 tiles: N = 2090 gives a pass of 128 groups and one of 3 (a pair and a
+    # lone group), K = 1100 two full chunks and a short one, m = 520 a lone 8-row block;
+    # m = 290 keeps x under 1 MiB (narrow passes), m = 520 does not (wide passes).
+    w = random_weight(2090, 1100, 0.6, 3)
+    x = torch.randn(m, 1100, dtype=torch.bfloat16)
+    bias = torch.randn(2090)
+    y = packed_linear(x, pack(w, storage=storage), bias, kernel=kernel)
+    assert_matches_reference(y, x, w, bias)
+
+
 @pytest.mark.parametrize("kernel", RUNNABLE)
 def test_all_zero_rows_and_layer(kernel):
     w = random_weight(40, 70, 0.5, 2)
