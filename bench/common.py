@@ -41,14 +41,14 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
 
 
 def read_bandwidth_gbps(threads: int, mbytes: int = 1024, repeats: int = 5) -> float:
-    """Measured DRAM read bandwidth (GB/s): ``sparamx.bench.dram_read_gbps``."""
+    """Measured DRAM read bandwidth (GB/s): ``sparamx.pipeline.bench.dram_read_gbps``."""
     from sparamx.pipeline.bench import dram_read_gbps
 
     return dram_read_gbps(threads, mbytes, repeats)
 
 
 def environment(threads: int | None = None) -> dict:
-    """``sparamx.bench.machine_record`` (CPU model, ISA class, sparamx kernel per path,
+    """``sparamx.pipeline.bench.machine_record`` (CPU model, ISA class, sparamx kernel per path,
     threads, torch / transformers versions, command line, load average) plus the full
     ``kernel_info()``: the one record every bench JSON carries."""
     from sparamx import kernel_info

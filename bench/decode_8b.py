@@ -1,15 +1,15 @@
 """End-to-end decode at Llama-3-8B shapes: stock transformers bf16 vs packed artifacts,
-each (model, threads) in a fresh process through ``model.generate`` (sparamx.bench).
+each (model, threads) in a fresh process through ``model.generate`` (sparamx.pipeline.bench).
 
-    python -m sparamx.random_model --layers 32 --out /scratch/llama3-8b-32l
-    python -m sparamx.streaming /scratch/llama3-8b-32l /scratch/art-50 --sparsity 0.5
+    python -m sparamx.tools.random_model --layers 32 --out /scratch/llama3-8b-32l
+    python -m sparamx.pipeline.streaming /scratch/llama3-8b-32l /scratch/art-50 --sparsity 0.5
     python bench/decode_8b.py --stock /scratch/llama3-8b-32l --artifact /scratch/art-50 \\
         --threads 1 2 --new-tokens 8 --json bench_8b.json
 
 Prints ms per token, tokens/s, the speed-up over stock at the same thread count, and the
 fraction of memory bandwidth reached: bytes of linear weights read per token / time per
 token, over the DRAM read bandwidth measured in the same process. Each record carries
-``environment`` and ``flags`` (``sparamx.bench``): repeats that disagree by more than 20%,
+``environment`` and ``flags`` (``sparamx.pipeline.bench``): repeats that disagree by more than 20%,
 or a stock baseline slower with more threads, are marked ``!`` and listed as WARNINGs.
 ``--dtype``: the compute dtype (``auto``: fp32 on CPUs without a fast bf16 matmul).
 """

@@ -9,7 +9,7 @@ cache, our decode attention kernel), ``kv`` (sparse KV cache of ``--kv``, bitwis
 ``model.generate`` with that cache), ``kv-fast`` (the same, norms fused by inductor as
 in ``fast``). ``fast`` against ``kv-fast`` isolates the cache: same kernel family, same
 graph otherwise. The prompt is the first ``context`` tokens of real English text
-(``sparamx.bench.context_prompt``). Reports per (context, threads, mode) the median
+(``sparamx.pipeline.bench.context_prompt``). Reports per (context, threads, mode) the median
 over ``--repeats`` of the mean ms per decoded token, its spread, tokens/s and the KV
 cache bytes after the last token (sparse: compressed + dense window).
 """

@@ -262,7 +262,7 @@ def _kv_fields(last: dict, loop: str, args) -> dict:
 
 
 def _context_ids(args):
-    """The ``--context`` prompt: ``[1, N]`` ids of real text (sparamx.bench)."""
+    """The ``--context`` prompt: ``[1, N]`` ids of real text (sparamx.pipeline.bench)."""
     from transformers import AutoTokenizer
 
     from sparamx.models import resolve_source
