@@ -570,12 +570,15 @@ def test_context_prompt_has_exactly_the_asked_tokens():
     from sparamx.pipeline.bench import context_prompt
 
     _, tok = load_model("smollm2-135m")
-    for n in (1, 32, 300):
+    for n in (1, 32, 300, 8192):  # 8192: past the first text, into the second
         ids = context_prompt(tok, n)
         assert tuple(ids.shape) == (1, n)
     assert torch_equal_prefix(context_prompt(tok, 32), context_prompt(tok, 300))
+    assert torch_equal_prefix(context_prompt(tok, 300), context_prompt(tok, 8192))
     with pytest.raises(ValueError, match="context must be >= 1"):
         context_prompt(tok, 0)
+    with pytest.raises(ValueError, match="longer than the text"):
+        context_prompt(tok, 10**6)
 
 
 def torch_equal_prefix(a, b) -> bool:

@@ -233,7 +233,10 @@ ENGINES = {
     "lean": time_generate_lean,
     "lean-fast": functools.partial(time_generate_lean, attention="fast"),
 }
-CONTEXT_TEXT = "pang_lee_polarity.cor"  # movie-review sentences (not an evaluation set)
+# Real English text for long prompts, read in this order until there is enough: movie-
+# review sentences (not an evaluation set; ~6.3k SmolLM2 tokens), then news articles
+# (~80k more), so that contexts of 8k tokens and beyond are real text too.
+CONTEXT_TEXTS = ("pang_lee_polarity.cor", "lee_background.cor")
 
 
 def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
@@ -243,11 +246,16 @@ def context_prompt(tokenizer, tokens: int) -> torch.Tensor:
 
     if tokens < 1:
         raise ValueError(f"context must be >= 1 token, got {tokens}")
-    text = gensim_text(CONTEXT_TEXT).read_text(encoding="utf-8", errors="replace")
-    ids = tokenizer(text[: tokens * 16], return_tensors="pt")["input_ids"]
-    if ids.shape[1] < tokens:
-        raise ValueError(f"context of {tokens} tokens is longer than the text ({ids.shape[1]})")
-    return ids[:, :tokens]
+    parts: list[torch.Tensor] = []
+    have = 0
+    for name in CONTEXT_TEXTS:
+        text = gensim_text(name).read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer(text[: (tokens - have) * 16], return_tensors="pt")["input_ids"]
+        parts.append(ids)
+        have += ids.shape[1]
+        if have >= tokens:
+            return torch.cat(parts, dim=1)[:, :tokens]
+    raise ValueError(f"context of {tokens} tokens is longer than the text ({have})")
 
 
 def kv_dict(model) -> dict | None:
