@@ -10,6 +10,7 @@ Engines (``--engines``, default all):
 | `sparamx-lean-fast`  | packed artifact                     | the same, ``attention="fast"`` |
 | `sparamx-lean-eager` | packed artifact                     | the same, ``compile=False``    |
 | `sparamx-lean-kv`    | packed artifact, sparse KV cache    | ``sparamx.generate(kv=...)``   |
+| `sparamx-lean-kv-fast`| the same                            | the same, ``attention="fast"`` |
 | `dense-lean`         | dense bf16                          | ``sparamx.generate``           |
 | `llama.cpp-bf16`     | SmolLM2 GGUF, BF16 (same weights)   | llama-cpp-python's own loop    |
 | `llama.cpp-q4_1`     | SmolLM2 GGUF, Q4_1 (as shipped)     | llama-cpp-python's own loop    |
@@ -68,6 +69,7 @@ ENGINES = {  # name: (model, loop)
     "sparamx-lean-fast": ("packed", "lean-fast"),
     "sparamx-lean-eager": ("packed", "lean-eager"),
     "sparamx-lean-kv": ("packed", "lean-kv"),
+    "sparamx-lean-kv-fast": ("packed", "lean-kv-fast"),
     "dense-lean": ("dense", "lean"),
     "llama.cpp-bf16": ("gguf-bf16", "llama.cpp"),
     "llama.cpp-q4_1": ("gguf-q4_1", "llama.cpp"),
@@ -204,8 +206,8 @@ def run_worker(engine: str, args) -> dict:
             run = lambda p, n: _run_hf(model, tok, p, n)  # noqa: E731
         else:
             compile = loop != "lean-eager"
-            attention = "fast" if loop == "lean-fast" else "exact"
-            kv = args.kv if loop == "lean-kv" else False
+            attention = "fast" if loop in ("lean-fast", "lean-kv-fast") else "exact"
+            kv = args.kv if loop in ("lean-kv", "lean-kv-fast") else False
             run = lambda p, n: _run_lean(model, tok, p, n, compile, attention, kv)  # noqa: E731
     t0 = time.perf_counter()
     warm = run(prompts[0], args.new_tokens if loop.startswith("lean") else 8)

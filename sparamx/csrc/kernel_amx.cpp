@@ -31,6 +31,24 @@ inline void decompress_b_tile(const uint32_t* bits, const uint16_t*& v, uint16_t
   }
 }
 
+// One column group's 16 fp32 results of row r, plus bias, stored as bf16 or fp32 with
+// masked vector stores (clipped to n). The scalar store_group_row costs a few ns per
+// output, which is not small next to the tile products when K is small (SmolLM2's
+// K = 576: 576 multiply-adds per output).
+inline void store_row(const LinearArgs& a, int64_t g, int64_t r, const float* acc) {
+  const int64_t col0 = g * kGroupCols;
+  const int64_t cols = a.n - col0 < kGroupCols ? a.n - col0 : kGroupCols;
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+  __m512 v = _mm512_loadu_ps(acc);
+  if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, a.bias + col0));
+  if (a.y_bf16) {
+    auto* y = static_cast<uint16_t*>(a.y) + r * a.y_stride + col0;
+    _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(a.y) + r * a.y_stride + col0, mask, v);
+  }
+}
+
 }  // namespace amx_hw
 }  // namespace sparamx
 

@@ -18,6 +18,10 @@ inline void decompress_b_tile(const uint32_t* bits, const uint16_t*& v, uint16_t
   }
 }
 
+inline void store_row(const LinearArgs& a, int64_t g, int64_t r, const float* acc) {
+  store_group_row(a, g, r, acc);
+}
+
 }  // namespace amx_emu
 }  // namespace sparamx
 

@@ -10,6 +10,8 @@
 //   void decompress_b_tile(const uint32_t* bits, const uint16_t*& v, uint16_t* out);
 //     expands the 16 units with bitmaps bits[0..15] whose kept values start at v into
 //     out[16][32] (64-byte aligned), zeros where a bit is clear; advances v past them.
+//   void store_row(const LinearArgs& a, int64_t g, int64_t r, const float* acc);
+//     stores column group g's 16 fp32 results of row r as store_group_row does.
 //
 // Tiles (AMX palette 1, every tile 64 bytes wide):
 //   B tile = K-tile t of one column group = its units p = 16t .. 16t+15, one per row:
@@ -34,7 +36,7 @@
 // and the pass's C tiles are parked in a per-thread fp32 buffer between chunks.
 // Measured on a 2-core AMX Xeon (cache-resident, 1 thread, 4096x4096): the one-pair
 // order ran 920 GFLOP/s at M = 64 but 470 at M = 1024; wide passes run ~850 at M = 1024.
-// Finally bias and the output conversion go through store_group_row.
+// Finally bias and the output conversion go through store_row.
 #include "amx_tiles.h"
 #include "kernels.h"
 
@@ -201,7 +203,7 @@ inline void decode_set(Ctx& cx, int64_t g0) {
   }
   for (int j = 0; j < NG; ++j)
     for (int i = 0; i < cx.last_rows; ++i)
-      store_group_row(a, g0 + j, i, cx.c_ptr(0, j) + i * kGroupCols);
+      store_row(a, g0 + j, i, cx.c_ptr(0, j) + i * kGroupCols);
 }
 
 constexpr int64_t kPrefillRows = 256;    // rows of x per pass (16 row blocks)
@@ -232,17 +234,21 @@ inline void prefill_pass(Ctx& cx, int64_t gs, int64_t ge, int64_t rb_begin, int6
   cx.c_groups = ge - gs;
   cx.c_rb0 = rb_begin;
 
-  for (int64_t t0 = 0; t0 < cx.num_ktiles; t0 += kChunk2) {
-    const int64_t nt = min64(kChunk2, cx.num_ktiles - t0);
+  // Chunks of equal size (K = 576: 9 + 9 K-tiles, not 16 + 2): each chunk costs a load
+  // and a store of the parked C tiles, which a short last chunk barely amortises.
+  const int64_t chunks = (cx.num_ktiles + kChunk2 - 1) / kChunk2;
+  const int64_t chunk = (cx.num_ktiles + chunks - 1) / chunks;
+  for (int64_t t0 = 0; t0 < cx.num_ktiles; t0 += chunk) {
+    const int64_t nt = min64(chunk, cx.num_ktiles - t0);
     const CInit init = t0 == 0 ? CInit::kZero : CInit::kLoad;
     for (int64_t g0 = gs; g0 < ge; g0 += 2) {
       const uint16_t* b[2];
       cx.c_group0 = g0 - gs;
       if (ge - g0 >= 2) {
-        chunk_b_tiles<2>(cx, g0, t0, nt, kChunk2, cursor + (g0 - gs), b);
+        chunk_b_tiles<2>(cx, g0, t0, nt, chunk, cursor + (g0 - gs), b);
         prefill_rows<2>(cx, rb_begin, rb_end, b, t0, nt, init);
       } else {
-        chunk_b_tiles<1>(cx, g0, t0, nt, kChunk2, cursor + (g0 - gs), b);
+        chunk_b_tiles<1>(cx, g0, t0, nt, chunk, cursor + (g0 - gs), b);
         prefill_rows<1>(cx, rb_begin, rb_end, b, t0, nt, init);
       }
     }
@@ -253,7 +259,7 @@ inline void prefill_pass(Ctx& cx, int64_t gs, int64_t ge, int64_t rb_begin, int6
     const int rows = rb == cx.num_rblocks - 1 ? cx.last_rows : 16;
     for (int64_t g = gs; g < ge; ++g) {
       const float* c = cx.c_ptr(rb, static_cast<int>(g - gs));
-      for (int i = 0; i < rows; ++i) store_group_row(a, g, rb * 16 + i, c + i * kGroupCols);
+      for (int i = 0; i < rows; ++i) store_row(a, g, rb * 16 + i, c + i * kGroupCols);
     }
   }
 }
