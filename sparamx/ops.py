@@ -48,6 +48,24 @@ def _(x, bitmap, values, offsets, bias, n, k, impl):
     return _out_shape(x, n)
 
 
+@torch.library.register_fake("sparamx::sparse_linear_int8")
+def _(x, bitmap, values, offsets, scales, bias, n, k):
+    torch._check(x.dim() == 2 and x.shape[1] == k)
+    return _out_shape(x, n)
+
+
+@torch.library.register_fake("sparamx::dense_linear_int8")
+def _(x, values, scales, bias, n, k):
+    torch._check(x.dim() == 2 and x.shape[1] == k)
+    return _out_shape(x, n)
+
+
+@torch.library.register_fake("sparamx::linear_int8_with_kernel")
+def _(x, bitmap, values, offsets, scales, bias, n, k, impl):
+    torch._check(x.dim() == 2 and x.shape[1] == k)
+    return _out_shape(x, n)
+
+
 @torch.library.register_fake("sparamx::rms_norm")
 def _(x, weight, eps, offset_weight):
     dtype = x.dtype if offset_weight else torch.promote_types(weight.dtype, x.dtype)
@@ -62,9 +80,20 @@ def packed_linear(
 ) -> torch.Tensor:
     """``x[M, K] @ W.T + bias`` with the packed weight; ``kernel`` names one explicitly."""
     n, k = packed.shape
+    if kernel is not None and kernel not in TEST_KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not one of {TEST_KERNELS}")
+    if packed.is_int8:
+        p = packed
+        if kernel is not None:
+            return torch.ops.sparamx.linear_int8_with_kernel(
+                x, p.bitmap, p.values, p.offsets, p.scales, bias, n, k, kernel
+            )
+        if p.bitmap is None:
+            return torch.ops.sparamx.dense_linear_int8(x, p.values, p.scales, bias, n, k)
+        return torch.ops.sparamx.sparse_linear_int8(
+            x, p.bitmap, p.values, p.offsets, p.scales, bias, n, k
+        )
     if kernel is not None:
-        if kernel not in TEST_KERNELS:
-            raise ValueError(f"kernel {kernel!r} is not one of {TEST_KERNELS}")
         return torch.ops.sparamx.linear_with_kernel(
             x, packed.bitmap, packed.values, packed.offsets, bias, n, k, kernel
         )

@@ -68,6 +68,24 @@ struct ExpandTable {
 static_assert(sizeof(ExpandEntry) == 32, "two table entries per cache line");
 constexpr ExpandTable kExpand{};
 
+// kExpandI8.e[m].idx: the same placement for int8 values: the source byte goes to the
+// top byte of its 32-bit slot, so an arithmetic shift right by 24 gives the int32 q.
+struct ExpandTableI8 {
+  alignas(64) ExpandEntry e[256];
+  constexpr ExpandTableI8() : e{} {
+    for (int m = 0; m < 256; ++m) {
+      for (int j = 0; j < 2; ++j)
+        for (int c = 0; c < 4; ++c) {
+          const int b = 2 * c + j;
+          uint8_t* d = e[m].idx + 16 * j + 4 * c;
+          d[0] = d[1] = d[2] = d[3] = 0x80;
+          if ((m >> b) & 1) d[3] = static_cast<uint8_t>(popcount8(m & ((1 << b) - 1)));
+        }
+    }
+  }
+};
+constexpr ExpandTableI8 kExpandI8{};
+
 }  // namespace
 }  // namespace sparamx
 
@@ -460,6 +478,200 @@ void prefill(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
   std::free(xf);
 }
 
+// ---- Int8 layouts (bitmap-int8, dense-int8) ----
+//
+// The bf16 scheme with int8 values: per bitmap byte, the (at most 8) values at its first
+// kept one are broadcast with one 8-byte load, placed by a kExpandI8 shuffle, shifted to
+// int32 and converted to fp32 (exact), then FMA'd with x. The dense layout runs the same
+// code with every bit set (its unit's byte b starts at value 8b). Decode sums q * x per
+// scale block (64 K-pairs) and then multiplies by the block's scales into the total;
+// prefill stores the dequantized q * scale in the fp32 panel, so the bf16 panel kernel
+// runs unchanged.
+
+inline const int8_t* group_qvalues(const LinearArgs& a, int64_t g) {
+  return a.bitmap ? a.qvalues + a.offsets[g] : a.qvalues + g * a.k_pairs * kUnitVals;
+}
+
+// Byte `byte` of a unit as fp32 q (lanes as expand_byte); reads 8 bytes from v.
+inline __m256 expand_byte_i8(const int8_t* v, uint64_t byte) {
+  const __m256i src = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)));
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandI8.e[byte].idx));
+  return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_shuffle_epi8(src, idx), 24));
+}
+
+// The unit's four bytes and their value offsets; advances v past the unit.
+template <bool kSparse>
+inline void unit_bytes_i8(const uint32_t* bm, int64_t p, const int8_t*& v, uint64_t* by,
+                          const int8_t** u) {
+  if constexpr (kSparse) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(bm + p);
+    uint64_t o = 0;
+    _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) {
+      by[b] = bytes[b];
+      u[b] = v + o;
+      o += _mm_popcnt_u64(by[b]);
+    }
+    v += o;
+  } else {
+    _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) {
+      by[b] = 0xff;
+      u[b] = v + 8 * b;
+    }
+    v += kUnitVals;
+  }
+}
+
+// Streaming int8 decode: GI column groups g[0..GI), MB rows from r0, all K. acc holds the
+// current block's sums (registers), tot the scaled totals (touched once per block).
+template <bool kSparse, int GI, int MB>
+void decode_i8_groups(const LinearArgs& a, const int64_t* g, const float* xv, int64_t r0) {
+  const int64_t P = a.k_pairs;
+  __m256 acc[GI][MB][4];
+  __m256 tot[GI][MB][4];
+  const int8_t* v[GI];
+  const uint32_t* bm[GI];
+  const float* sc[GI];
+  _Pragma("GCC unroll 8") for (int gi = 0; gi < GI; ++gi) {
+    v[gi] = group_qvalues(a, g[gi]);
+    bm[gi] = kSparse ? a.bitmap + g[gi] * P : nullptr;
+    sc[gi] = a.scales + g[gi] * a.k_blocks * kGroupCols;
+  }
+  for (int64_t p0 = 0; p0 < P; p0 += kQBlockPairs) {
+    const int64_t p1 = min64(P, p0 + kQBlockPairs);
+    _Pragma("GCC unroll 8") for (int gi = 0; gi < GI; ++gi)
+      _Pragma("GCC unroll 8") for (int m = 0; m < MB; ++m)
+        _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) acc[gi][m][b] = _mm256_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) {
+      __m256 x[MB];
+      _Pragma("GCC unroll 8") for (int m = 0; m < MB; ++m)
+        x[m] = _mm256_load_ps(xv + ((r0 + m) * P + p) * 8);
+      _Pragma("GCC unroll 8") for (int gi = 0; gi < GI; ++gi) {
+        _mm_prefetch(reinterpret_cast<const char*>(v[gi]) + kPrefetchBytes, _MM_HINT_T0);
+        uint64_t by[4];
+        const int8_t* u[4];
+        unit_bytes_i8<kSparse>(bm[gi], p, v[gi], by, u);
+        _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) {
+          const __m256 w = expand_byte_i8(u[b], by[b]);
+          _Pragma("GCC unroll 8") for (int m = 0; m < MB; ++m)
+            acc[gi][m][b] = _mm256_fmadd_ps(w, x[m], acc[gi][m][b]);
+        }
+      }
+    }
+    _Pragma("GCC unroll 8") for (int gi = 0; gi < GI; ++gi)
+      _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) {
+        // Columns 4b .. 4b+3 in both lanes (j = 0 and j = 1 of the pair).
+        const __m256 s = _mm256_broadcast_ps(
+            reinterpret_cast<const __m128*>(sc[gi] + (p0 / kQBlockPairs) * kGroupCols + 4 * b));
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; ++m)
+          tot[gi][m][b] = p0 == 0 ? _mm256_mul_ps(acc[gi][m][b], s)
+                                  : _mm256_fmadd_ps(acc[gi][m][b], s, tot[gi][m][b]);
+      }
+  }
+  alignas(32) float out[kGroupCols];
+  _Pragma("GCC unroll 8") for (int gi = 0; gi < GI; ++gi)
+    _Pragma("GCC unroll 8") for (int m = 0; m < MB; ++m) {
+      fold_bytes(tot[gi][m], out);
+      store_group_row(a, g[gi], r0 + m, out);
+    }
+}
+
+// Rows in passes of at most 3 (as decode_rows), GI groups at a time.
+template <bool kSparse, int GI>
+void decode_i8_rows(const LinearArgs& a, const int64_t* g, const float* xv) {
+  for (int64_t r0 = 0; r0 < a.m;) {
+    const int64_t left = a.m - r0;
+    const int64_t rows = left == 4 ? 2 : min64(left, 3);
+    if (rows == 1)
+      decode_i8_groups<kSparse, GI, 1>(a, g, xv, r0);
+    else if (rows == 2)
+      decode_i8_groups<kSparse, GI, 2>(a, g, xv, r0);
+    else
+      decode_i8_groups<kSparse, GI, 3>(a, g, xv, r0);
+    r0 += rows;
+  }
+}
+
+// The streams of decode_streams; 3 groups at M = 1 (12 accumulators), 1 for more rows.
+template <bool kSparse, int GI>
+void decode_i8_streams(const LinearArgs& a, int64_t g_begin, int64_t g_end, const float* xv) {
+  const int64_t span = (g_end - g_begin + GI - 1) / GI;
+  for (int64_t b = 0; b < span; ++b) {
+    int64_t g[GI];
+    int live = 0;
+    for (int gi = 0; gi < GI; ++gi) {
+      const int64_t group = g_begin + gi * span + b;
+      if (group < g_end) g[live++] = group;
+    }
+    if (live == GI) {
+      decode_i8_rows<kSparse, GI>(a, g, xv);
+    } else {
+      for (int i = 0; i < live; ++i) decode_i8_rows<kSparse, 1>(a, g + i, xv);
+    }
+  }
+}
+
+template <bool kSparse>
+void decode_i8(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  const float* xv = pair_broadcasts(a, a.m);
+  if (a.m == 1) return decode_i8_streams<kSparse, 3>(a, g_begin, g_end, xv);
+  decode_i8_streams<kSparse, 1>(a, g_begin, g_end, xv);
+}
+
+// K-pairs [p0, p0 + np) of group g as dequantized fp32 q * scale into panel[2 np][16].
+template <bool kSparse>
+inline void fill_panel_i8(const LinearArgs& a, int64_t g, int64_t p0, int64_t np,
+                          const int8_t*& v, float* panel) {
+  const uint32_t* bm = kSparse ? a.bitmap + g * a.k_pairs : nullptr;
+  const float* sc = a.scales + g * a.k_blocks * kGroupCols;
+  for (int64_t i = 0; i < np; ++i) {
+    const int64_t p = p0 + i;
+    uint64_t by[4];
+    const int8_t* u[4];
+    unit_bytes_i8<kSparse>(bm, p, v, by, u);
+    const float* s = sc + (p / kQBlockPairs) * kGroupCols;
+    float* row0 = panel + (2 * i) * kGroupCols;
+    float* row1 = row0 + kGroupCols;
+    _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) {
+      const __m256 sb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(s + 4 * b));
+      const __m256 w = _mm256_mul_ps(expand_byte_i8(u[b], by[b]), sb);
+      _mm_store_ps(row0 + 4 * b, _mm256_castps256_ps128(w));
+      _mm_store_ps(row1 + 4 * b, _mm256_extractf128_ps(w, 1));
+    }
+  }
+}
+
+// prefill() with int8 panels.
+template <bool kSparse>
+void prefill_i8(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  constexpr int GI = kPanelGroups;
+  constexpr int64_t cs = GI * kGroupCols;
+  alignas(32) static thread_local float panel[GI][2 * kPanelPairs * kGroupCols];
+  const int64_t P = a.k_pairs, xs = 2 * P;
+  float* xf = x_as_float(a);
+  auto* c = static_cast<float*>(std::aligned_alloc(32, ((a.m * cs * 4 + 31) / 32) * 32));
+  if (!c) std::abort();
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += GI) {
+    const int ng = static_cast<int>(min64(GI, g_end - g0));
+    const int8_t* v[GI];
+    for (int gi = 0; gi < ng; ++gi) v[gi] = group_qvalues(a, g0 + gi);
+    for (int64_t p0 = 0; p0 < P; p0 += kPanelPairs) {
+      const int64_t np = min64(kPanelPairs, P - p0);
+      for (int gi = 0; gi < ng; ++gi)
+        fill_panel_i8<kSparse>(a, g0 + gi, p0, np, v[gi], panel[gi]);
+      for (int64_t r0 = 0; r0 < a.m; r0 += kPanelRows) {
+        const int rows = static_cast<int>(min64(kPanelRows, a.m - r0));
+        for (int gi = 0; gi < ng; ++gi)
+          panel_rows(rows, panel[gi], 2 * np, xf, xs, 2 * p0, r0, c + gi * kGroupCols, cs,
+                     p0 == 0);
+      }
+    }
+    for (int64_t r = 0; r < a.m; ++r)
+      for (int gi = 0; gi < ng; ++gi) store_group_row(a, g0 + gi, r, c + r * cs + gi * kGroupCols);
+  }
+  std::free(c);
+  std::free(xf);
+}
+
 }  // namespace
 
 void linear_avx2(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
@@ -468,6 +680,15 @@ void linear_avx2(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
     sparse ? decode<true>(a, g_begin, g_end) : decode<false>(a, g_begin, g_end);
   } else {
     sparse ? prefill<true>(a, g_begin, g_end) : prefill<false>(a, g_begin, g_end);
+  }
+}
+
+void linear_int8_avx2(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  const bool sparse = a.bitmap != nullptr;
+  if (a.m <= kDecodeMaxRows) {
+    sparse ? decode_i8<true>(a, g_begin, g_end) : decode_i8<false>(a, g_begin, g_end);
+  } else {
+    sparse ? prefill_i8<true>(a, g_begin, g_end) : prefill_i8<false>(a, g_begin, g_end);
   }
 }
 

@@ -152,15 +152,18 @@ inline void fill_panel(const LinearArgs& a, int64_t g, int64_t p0, int64_t np,
 
 // Panel kernel: MB rows from r0 times kGroupsPerBlock groups, K-pairs [p0, p0 + np),
 // accumulating into acc_buf[r][gi * 16 + c] (fp32 partial sums across panels).
-template <int MB>
+// kScaled (int8 layouts, the panel is one scale block of bf16 q): the panel's sums
+// start from zero and are multiplied by scale[gi][0..16) into acc_buf.
+template <int MB, bool kScaled = false>
 void panel_block(const LinearArgs& a, const uint16_t* panel, int64_t np, int64_t p0, int64_t r0,
-                 float* acc_buf, bool first) {
+                 float* acc_buf, bool first, const float* const* scale = nullptr) {
   constexpr int GI = kGroupsPerBlock;
   __m512 acc[GI][MB];
   _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
     _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
-      acc[gi][m] = first ? _mm512_setzero_ps()
-                         : _mm512_loadu_ps(acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols);
+      acc[gi][m] = first || kScaled
+                       ? _mm512_setzero_ps()
+                       : _mm512_loadu_ps(acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols);
   const uint32_t* x[MB];
   _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
     x[m] = reinterpret_cast<const uint32_t*>(a.x + (r0 + m) * a.x_stride) + p0;
@@ -175,19 +178,27 @@ void panel_block(const LinearArgs& a, const uint16_t* panel, int64_t np, int64_t
     }
   }
   _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
-    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
-      _mm512_storeu_ps(acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols, acc[gi][m]);
+    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
+      float* dst = acc_buf + (r0 + m) * GI * kGroupCols + gi * kGroupCols;
+      __m512 out = acc[gi][m];
+      if constexpr (kScaled) {
+        const __m512 s = _mm512_loadu_ps(scale[gi]);
+        out = first ? _mm512_mul_ps(out, s) : _mm512_fmadd_ps(out, s, _mm512_loadu_ps(dst));
+      }
+      _mm512_storeu_ps(dst, out);
+    }
 }
 
+template <bool kScaled = false>
 void panel_rows(const LinearArgs& a, const uint16_t* panel, int64_t np, int64_t p0, int64_t r0,
-                int64_t rows, float* acc_buf, bool first) {
+                int64_t rows, float* acc_buf, bool first, const float* const* scale = nullptr) {
   switch (rows) {
-    case 1: return panel_block<1>(a, panel, np, p0, r0, acc_buf, first);
-    case 2: return panel_block<2>(a, panel, np, p0, r0, acc_buf, first);
-    case 3: return panel_block<3>(a, panel, np, p0, r0, acc_buf, first);
-    case 4: return panel_block<4>(a, panel, np, p0, r0, acc_buf, first);
-    case 5: return panel_block<5>(a, panel, np, p0, r0, acc_buf, first);
-    default: return panel_block<6>(a, panel, np, p0, r0, acc_buf, first);
+    case 1: return panel_block<1, kScaled>(a, panel, np, p0, r0, acc_buf, first, scale);
+    case 2: return panel_block<2, kScaled>(a, panel, np, p0, r0, acc_buf, first, scale);
+    case 3: return panel_block<3, kScaled>(a, panel, np, p0, r0, acc_buf, first, scale);
+    case 4: return panel_block<4, kScaled>(a, panel, np, p0, r0, acc_buf, first, scale);
+    case 5: return panel_block<5, kScaled>(a, panel, np, p0, r0, acc_buf, first, scale);
+    default: return panel_block<6, kScaled>(a, panel, np, p0, r0, acc_buf, first, scale);
   }
 }
 
@@ -224,6 +235,164 @@ void prefill(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
   std::free(acc_buf);
 }
 
+// ---- Int8 layouts (bitmap-int8, dense-int8) ----
+//
+// A unit's 32 int8 are expanded with its bitmap (vpexpandb, dependency-free as in
+// expand_avx512.h), widened to fp32 and narrowed to bf16, which is exact for |q| <= 127,
+// so the bf16 units' vdpbf16ps loop applies unchanged: q * x products are exact and
+// summed in fp32 per scale block (64 K-pairs); at the end of each block the 16 sums of
+// a column group and row are multiplied by the block's row scales into the total. The
+// alternative, fp32 FMAs on pairs of fp32 weights, costs the same conversion plus two
+// FMAs per row instead of one vdpbf16ps, and a final fold of the pair lanes.
+
+static inline __m256i expand_unit_i8(uint32_t bits, __m256i kept) {
+  __m256i zero = _mm256_setzero_si256();
+  asm("" : "+v"(zero));
+  return _mm256_mask_expand_epi8(zero, bits, kept);
+}
+
+// 32 int8 -> 32 bf16 (in order), exact.
+inline __m512i unit_i8_to_bf16(__m256i q) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+inline const int8_t* group_qvalues(const LinearArgs& a, int64_t g) {
+  return a.bitmap ? a.qvalues + a.offsets[g] : a.qvalues + g * a.k_pairs * kUnitVals;
+}
+
+inline __m256i load_unit_i8(const LinearArgs& a, bool sparse, const uint32_t* bm, int64_t p,
+                            const int8_t*& v) {
+  if (sparse) {
+    const uint32_t bits = bm[p];
+    const __m256i q = expand_unit_i8(bits, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+    v += _mm_popcnt_u32(bits);
+    return q;
+  }
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  v += kUnitVals;
+  return q;
+}
+
+// Streaming int8 kernel: GI column groups, MB rows from r0, all K (see decode_block).
+template <int GI, int MB, bool kSparse>
+void decode_block_i8(const LinearArgs& a, const int64_t* g, int64_t r0) {
+  const int64_t P = a.k_pairs;
+  __m512 acc[GI][MB];
+  __m512 tot[GI][MB];
+  const int8_t* v[GI];
+  const uint32_t* bm[GI];
+  const float* sc[GI];
+  _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
+    v[gi] = group_qvalues(a, g[gi]);
+    bm[gi] = kSparse ? a.bitmap + g[gi] * P : nullptr;
+    sc[gi] = a.scales + g[gi] * a.k_blocks * kGroupCols;
+  }
+  const uint32_t* x[MB];
+  _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
+    x[m] = reinterpret_cast<const uint32_t*>(a.x + (r0 + m) * a.x_stride);
+  for (int64_t p0 = 0; p0 < P; p0 += kQBlockPairs) {
+    const int64_t p1 = min64(P, p0 + kQBlockPairs);
+    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
+      _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m) acc[gi][m] = _mm512_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) {
+      __m512i xb[MB];
+      _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
+        xb[m] = _mm512_set1_epi32(static_cast<int>(x[m][p]));
+      _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
+        const __m512i w = unit_i8_to_bf16(load_unit_i8(a, kSparse, bm[gi], p, v[gi]));
+        _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
+          acc[gi][m] = _mm512_dpbf16_ps(acc[gi][m], (__m512bh)w, (__m512bh)xb[m]);
+      }
+    }
+    _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
+      const __m512 s = _mm512_loadu_ps(sc[gi] + (p0 / kQBlockPairs) * kGroupCols);
+      _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m)
+        tot[gi][m] = p0 == 0 ? _mm512_mul_ps(acc[gi][m], s)
+                             : _mm512_fmadd_ps(acc[gi][m], s, tot[gi][m]);
+    }
+  }
+  _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi)
+    _Pragma("GCC unroll 16") for (int m = 0; m < MB; ++m) store_acc(a, g[gi], r0 + m, tot[gi][m]);
+}
+
+template <int GI, bool kSparse>
+void decode_rows_i8(const LinearArgs& a, const int64_t* g) {
+  switch (a.m) {
+    case 1: return decode_block_i8<GI, 1, kSparse>(a, g, 0);
+    case 2: return decode_block_i8<GI, 2, kSparse>(a, g, 0);
+    case 3: return decode_block_i8<GI, 3, kSparse>(a, g, 0);
+    default: return decode_block_i8<GI, 4, kSparse>(a, g, 0);
+  }
+}
+
+// The same streams over the thread's groups as decode().
+template <bool kSparse>
+void decode_i8(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  constexpr int GI = kGroupsPerBlock;
+  const int64_t span = (g_end - g_begin + GI - 1) / GI;
+  for (int64_t b = 0; b < span; ++b) {
+    int64_t g[GI];
+    int live = 0;
+    for (int gi = 0; gi < GI; ++gi) {
+      const int64_t group = g_begin + gi * span + b;
+      if (group < g_end) g[live++] = group;
+    }
+    if (live == GI) {
+      decode_rows_i8<GI, kSparse>(a, g);
+    } else {
+      for (int i = 0; i < live; ++i) decode_rows_i8<1, kSparse>(a, g + i);
+    }
+  }
+}
+
+// Prefill: each group's scale block (64 K-pairs) is decompressed to bf16 q once into
+// the panel and reused by every block of rows; panel_block<.., kScaled> applies the
+// block's scales as it adds the panel's sums into acc_buf.
+template <bool kSparse>
+void prefill_i8(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  constexpr int GI = kGroupsPerBlock;
+  alignas(64) static thread_local uint16_t panel[GI * kPanelPairs * kUnitVals];
+  alignas(64) static const float zero_scales[kGroupCols] = {};
+  float* acc_buf = static_cast<float*>(std::malloc(sizeof(float) * a.m * GI * kGroupCols));
+  if (!acc_buf) std::abort();  // out of memory: no exceptions across this boundary
+  const int64_t P = a.k_pairs;
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += GI) {
+    const int64_t ng = min64(GI, g_end - g0);
+    const int8_t* v[GI];
+    const uint32_t* bm[GI];
+    for (int gi = 0; gi < ng; ++gi) {
+      v[gi] = group_qvalues(a, g0 + gi);
+      bm[gi] = kSparse ? a.bitmap + (g0 + gi) * P : nullptr;
+    }
+    for (int64_t p0 = 0; p0 < P; p0 += kQBlockPairs) {
+      const int64_t np = min64(kQBlockPairs, P - p0);
+      const float* scale[GI];
+      _Pragma("GCC unroll 16") for (int gi = 0; gi < GI; ++gi) {
+        uint16_t* dst = panel + gi * kPanelPairs * kUnitVals;
+        if (gi < ng) {
+          for (int64_t p = 0; p < np; ++p)
+            _mm512_store_si512(dst + p * kUnitVals,
+                               unit_i8_to_bf16(load_unit_i8(a, kSparse, bm[gi], p0 + p, v[gi])));
+          scale[gi] = a.scales + ((g0 + gi) * a.k_blocks + p0 / kQBlockPairs) * kGroupCols;
+        } else {  // missing groups at the end of the range compute on zeros
+          std::memset(dst, 0, np * kUnitVals * sizeof(uint16_t));
+          scale[gi] = zero_scales;
+        }
+      }
+      for (int64_t r0 = 0; r0 < a.m; r0 += kPanelRows)
+        panel_rows<true>(a, panel, np, p0, r0, min64(kPanelRows, a.m - r0), acc_buf, p0 == 0,
+                         scale);
+    }
+    for (int64_t r = 0; r < a.m; ++r)
+      for (int gi = 0; gi < ng; ++gi)
+        store_acc(a, g0 + gi, r, _mm512_loadu_ps(acc_buf + r * GI * kGroupCols +
+                                                 gi * kGroupCols));
+  }
+  std::free(acc_buf);
+}
+
 }  // namespace
 
 void linear_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
@@ -232,6 +401,15 @@ void linear_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
     sparse ? decode<true>(a, g_begin, g_end) : decode<false>(a, g_begin, g_end);
   } else {
     sparse ? prefill<true>(a, g_begin, g_end) : prefill<false>(a, g_begin, g_end);
+  }
+}
+
+void linear_int8_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
+  const bool sparse = a.bitmap != nullptr;
+  if (a.m <= kDecodeMaxRows) {
+    sparse ? decode_i8<true>(a, g_begin, g_end) : decode_i8<false>(a, g_begin, g_end);
+  } else {
+    sparse ? prefill_i8<true>(a, g_begin, g_end) : prefill_i8<false>(a, g_begin, g_end);
   }
 }
 

@@ -7,4 +7,6 @@ namespace sparamx {
 void linear_avx2(const LinearArgs&, int64_t, int64_t) { std::abort(); }
 void linear_avx512(const LinearArgs&, int64_t, int64_t) { std::abort(); }
 void linear_amx(const LinearArgs&, int64_t, int64_t) { std::abort(); }
+void linear_int8_avx2(const LinearArgs&, int64_t, int64_t) { std::abort(); }
+void linear_int8_avx512(const LinearArgs&, int64_t, int64_t) { std::abort(); }
 }  // namespace sparamx

@@ -13,6 +13,13 @@
 //   offsets[g]      = int64 start of group g in values; offsets[G] = nnz
 // The dense layout ("dense-bf16") stores every unit whole: values[G, P, 32], no bitmap.
 //
+// Int8 layouts ("bitmap-int8", "dense-int8"): the same units, bitmap, offsets and dense
+// order, with int8 values q (|q| <= 127, symmetric) and fp32 scales[G, KB, 16], one per
+// output row and block of kQBlockPairs K-pairs (128 input columns; KB = ceil(Kp / 128)):
+//   W[16g+c, k] = q * scales[g, k / 128, c]
+// Scales are grouped by column group, like the values, so a thread starting at group g
+// reads one contiguous run of them. The sparse values end in kValuesPadI8 zero bytes.
+//
 // Kernel entry points take raw pointers (no torch headers) so that each ISA's source
 // can be compiled with its own target flags without leaking them into torch's inline
 // functions. Each computes the output column groups [g_begin, g_end); disjoint ranges
@@ -26,6 +33,13 @@ constexpr int kGroupCols = 16;  // output features per column group
 constexpr int kUnitVals = 32;   // bf16 per unit: 16 columns x one K-pair
 constexpr int kKAlign = 32;     // K is padded to a multiple of this (one AMX tile depth)
 constexpr int kValuesPad = 32;  // zero bf16 after the last kept value
+// Int8 scales: fp32, per 128 input columns. At 4 bytes per 128 weights they add 0.03
+// bytes per weight (5% of a 50%-sparse int8 stream; a 64-column block would double it)
+// and need no conversion in the kernels; bf16 scales would add a 2^-9 relative error to
+// every weight of the block, half the worst int8 rounding error again, and fp16 ones
+// underflow for the small scales of small-weight rows.
+constexpr int kQBlockPairs = 64;  // K-pairs per int8 scale block (128 input columns)
+constexpr int kValuesPadI8 = 32;  // zero int8 after the last kept value (a 32-byte load)
 
 struct LinearArgs {
   const uint16_t* x;       // activations, bf16 bits, [M, 2 * k_pairs], zero-padded past K
@@ -40,6 +54,10 @@ struct LinearArgs {
   void* y;                 // output [M, n], bf16 or fp32
   int64_t y_stride;        // elements between rows of y
   bool y_bf16;             // y is bf16 (else fp32)
+  // Int8 layouts only (the linear_int8_* kernels); values is then unused.
+  const int8_t* qvalues = nullptr;  // sparse: packed int8; dense: [G, P, 32]
+  const float* scales = nullptr;    // [G, k_blocks, 16]
+  int64_t k_blocks = 0;             // ceil(k_pairs / kQBlockPairs)
 };
 
 void linear_portable(const LinearArgs& a, int64_t g_begin, int64_t g_end);
@@ -48,6 +66,10 @@ void linear_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 void linear_amx(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 // The AMX kernel built on the plain-C++ tile emulation (any CPU; for tests).
 void linear_amx_emulated(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+// Int8 layouts (a.qvalues, a.scales). The AMX tier runs linear_int8_avx512 (see ops.cpp).
+void linear_int8_portable(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+void linear_int8_avx2(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+void linear_int8_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 
 // bf16 <-> fp32 helpers shared by the plain-C++ kernels.
 inline float bf16_to_float(uint16_t v) {

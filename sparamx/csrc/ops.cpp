@@ -4,6 +4,13 @@
 //   sparamx::sparse_linear(x, bitmap, values, offsets, bias?, n, k)  bitmap-bf16 layout
 //   sparamx::dense_linear(x, values, bias?, n, k)                     dense-bf16 layout
 //   sparamx::linear_with_kernel(..., impl)  same, with the kernel named (tests, benches)
+//   sparamx::sparse_linear_int8(x, bitmap, values, offsets, scales, bias?, n, k)  bitmap-int8
+//   sparamx::dense_linear_int8(x, values, scales, bias?, n, k)                     dense-int8
+//   sparamx::linear_int8_with_kernel(..., impl)
+// The int8 layouts run the linear_int8_* kernels of the chosen tier; the AMX tier runs
+// AVX-512's for them (every AMX CPU has AVX-512-BF16): its decode streams bytes faster
+// than tile loads, and an AMX int8 prefill (bf16 B tiles from int8 units, scaled per
+// block) is not written yet. The emulated AMX kernel runs the portable one.
 // x is [M, k] bf16 or fp32; the result is [M, n] in x's dtype. Weights are bf16 and the
 // products are accumulated in fp32 (fp32 inputs are rounded to bf16 first, as in a bf16
 // F.linear). The raw ops check shapes and dtypes and the offsets' total; that bitmap
@@ -33,6 +40,8 @@ constexpr int64_t kDecodeRows = 4;
 struct Kernel {
   const char* name;
   KernelFn fn;
+  const char* int8_name;  // the kernel that serves the int8 layouts on this tier
+  KernelFn int8_fn;
 };
 
 bool compiled_x86() {
@@ -45,26 +54,27 @@ bool compiled_x86() {
 
 Kernel kernel_by_name(const std::string& name) {
   const auto& f = cpu_features();
-  if (name == "portable") return {"portable", linear_portable};
-  if (name == "amx_emulated") return {"amx_emulated", linear_amx_emulated};
+  if (name == "portable") return {"portable", linear_portable, "portable", linear_int8_portable};
+  if (name == "amx_emulated")
+    return {"amx_emulated", linear_amx_emulated, "portable", linear_int8_portable};
 #if defined(__x86_64__) || defined(_M_X64)
   if (name == "avx2") {
     TORCH_CHECK(f.can_avx2(),
                 "sparamx: kernel 'avx2' needs AVX2/FMA/F16C/BMI2/POPCNT, which this CPU (or OS) "
                 "does not provide; use SPARAMX_KERNEL=portable or leave it unset");
-    return {"avx2", linear_avx2};
+    return {"avx2", linear_avx2, "avx2", linear_int8_avx2};
   }
   if (name == "avx512") {
     TORCH_CHECK(f.can_avx512(),
                 "sparamx: kernel 'avx512' needs AVX-512 F/BW/VL/DQ/BF16/VBMI2, which this CPU "
                 "(or OS) does not provide; use SPARAMX_KERNEL=avx2|portable or leave it unset");
-    return {"avx512", linear_avx512};
+    return {"avx512", linear_avx512, "avx512", linear_int8_avx512};
   }
   if (name == "amx") {
     TORCH_CHECK(f.can_amx(),
                 "sparamx: kernel 'amx' needs AMX-TILE/AMX-BF16 (and OS permission), which this "
                 "CPU does not provide; use SPARAMX_KERNEL=avx512|avx2|portable or leave it unset");
-    return {"amx", linear_amx};
+    return {"amx", linear_amx, "avx512", linear_int8_avx512};
   }
 #else
   TORCH_CHECK(name != "avx512" && name != "amx" && name != "avx2", "sparamx: kernel '", name,
@@ -105,16 +115,34 @@ void check_x(const at::Tensor& x, int64_t n, int64_t k) {
   TORCH_CHECK(n >= 1 && k >= 1, "sparamx: weight shape must be positive, got N=", n, " K=", k);
 }
 
+// `scales` set: an int8 layout (values int8, scales fp32 [G, KB, 16]).
 at::Tensor run(const Kernel& kernel, const at::Tensor& x, const at::Tensor* bitmap,
                const at::Tensor& values, const at::Tensor* offsets,
-               const c10::optional<at::Tensor>& bias, int64_t n, int64_t k) {
+               const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+               const at::Tensor* scales = nullptr) {
   check_x(x, n, k);
   const int64_t groups = ceil_div(n, kGroupCols);
   const int64_t kp = ceil_div(k, kKAlign) * kKAlign;
   const int64_t pairs = kp / 2;
-  TORCH_CHECK(values.scalar_type() == at::kBFloat16 && values.dim() == 1 &&
-                  values.is_contiguous() && values.device().is_cpu(),
-              "sparamx: values must be a contiguous 1-D bfloat16 CPU tensor");
+  const int64_t k_blocks = ceil_div(pairs, kQBlockPairs);
+  const int64_t pad = scales ? kValuesPadI8 : kValuesPad;
+  if (scales) {
+    TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 1 &&
+                    values.is_contiguous() && values.device().is_cpu(),
+                "sparamx: int8 layouts need values as a contiguous 1-D int8 CPU tensor, got ",
+                values.scalar_type(), " ", values.sizes());
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
+                    scales->device().is_cpu() && scales->dim() == 3 &&
+                    scales->size(0) == groups && scales->size(1) == k_blocks &&
+                    scales->size(2) == kGroupCols,
+                "sparamx: scales must be a contiguous float32 CPU tensor of shape [", groups,
+                ", ", k_blocks, ", ", kGroupCols, "] for N=", n, " K=", k, ", got ",
+                scales->scalar_type(), " ", scales->sizes());
+  } else {
+    TORCH_CHECK(values.scalar_type() == at::kBFloat16 && values.dim() == 1 &&
+                    values.is_contiguous() && values.device().is_cpu(),
+                "sparamx: values must be a contiguous 1-D bfloat16 CPU tensor");
+  }
   if (bitmap) {
     TORCH_CHECK(bitmap->scalar_type() == at::kInt && bitmap->is_contiguous() &&
                     bitmap->device().is_cpu() && bitmap->dim() == 2 &&
@@ -126,14 +154,14 @@ at::Tensor run(const Kernel& kernel, const at::Tensor& x, const at::Tensor* bitm
                     offsets->dim() == 1 && offsets->size(0) == groups + 1,
                 "sparamx: offsets must be a contiguous int64 tensor of length ", groups + 1);
     const int64_t* off = offsets->data_ptr<int64_t>();
-    TORCH_CHECK(off[0] == 0 && off[groups] + kValuesPad == values.numel(),
+    TORCH_CHECK(off[0] == 0 && off[groups] + pad == values.numel(),
                 "sparamx: offsets do not match values (offsets[0]=", off[0], ", offsets[-1]=",
-                off[groups], ", values has ", values.numel(), " = nnz + ", kValuesPad,
+                off[groups], ", values has ", values.numel(), " = nnz + ", pad,
                 " padding expected)");
   } else {
     TORCH_CHECK(values.numel() == groups * pairs * kUnitVals,
                 "sparamx: dense values must hold ", groups * pairs * kUnitVals,
-                " bf16 for N=", n, " K=", k, ", got ", values.numel());
+                scales ? " int8" : " bf16", " for N=", n, " K=", k, ", got ", values.numel());
   }
   at::Tensor b;
   if (bias.has_value()) {
@@ -159,7 +187,14 @@ at::Tensor run(const Kernel& kernel, const at::Tensor& x, const at::Tensor* bitm
   a.k_pairs = pairs;
   a.n = n;
   a.bitmap = bitmap ? reinterpret_cast<const uint32_t*>(bitmap->data_ptr<int32_t>()) : nullptr;
-  a.values = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
+  if (scales) {
+    a.values = nullptr;
+    a.qvalues = values.data_ptr<int8_t>();
+    a.scales = scales->data_ptr<float>();
+    a.k_blocks = k_blocks;
+  } else {
+    a.values = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
+  }
   a.offsets = offsets ? offsets->data_ptr<int64_t>() : nullptr;
   a.bias = bias.has_value() ? b.data_ptr<float>() : nullptr;
   a.y = y.data_ptr();
@@ -171,8 +206,9 @@ at::Tensor run(const Kernel& kernel, const at::Tensor& x, const at::Tensor* bitm
   const int64_t blocks = ceil_div(groups, kBlock);
   const int64_t block_work = kBlock * kGroupCols * kp * 2 * std::max<int64_t>(1, m / 4);
   const int64_t grain = std::max<int64_t>(1, (int64_t{256} << 10) / block_work);
+  const KernelFn fn = scales ? kernel.int8_fn : kernel.fn;
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    kernel.fn(a, b0 * kBlock, std::min(b1 * kBlock, groups));
+    fn(a, b0 * kBlock, std::min(b1 * kBlock, groups));
   });
   return y;
 }
@@ -197,6 +233,32 @@ at::Tensor linear_with_kernel(const at::Tensor& x, const c10::optional<at::Tenso
   const Kernel kern = kernel_by_name(std::string(kernel));
   return run(kern, x, bitmap ? &*bitmap : nullptr, values, offsets ? &*offsets : nullptr, bias, n,
              k);
+}
+
+at::Tensor sparse_linear_int8(const at::Tensor& x, const at::Tensor& bitmap,
+                              const at::Tensor& values, const at::Tensor& offsets,
+                              const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                              int64_t n, int64_t k) {
+  return run(choose_kernel(x.size(0)), x, &bitmap, values, &offsets, bias, n, k, &scales);
+}
+
+at::Tensor dense_linear_int8(const at::Tensor& x, const at::Tensor& values,
+                             const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                             int64_t n, int64_t k) {
+  return run(choose_kernel(x.size(0)), x, nullptr, values, nullptr, bias, n, k, &scales);
+}
+
+at::Tensor linear_int8_with_kernel(const at::Tensor& x, const c10::optional<at::Tensor>& bitmap,
+                                   const at::Tensor& values,
+                                   const c10::optional<at::Tensor>& offsets,
+                                   const at::Tensor& scales,
+                                   const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                                   c10::string_view kernel) {
+  TORCH_CHECK(bitmap.has_value() == offsets.has_value(),
+              "sparamx: bitmap and offsets go together (sparse) or are both None (dense)");
+  const Kernel kern = kernel_by_name(std::string(kernel));
+  return run(kern, x, bitmap ? &*bitmap : nullptr, values, offsets ? &*offsets : nullptr, bias, n,
+             k, &scales);
 }
 
 py::dict kernel_info() {
@@ -241,6 +303,8 @@ py::dict kernel_info() {
   paths["linear_prefill"] = choose_kernel(kDecodeRows + 1).name;
   paths["dense_decode"] = choose_kernel(1).name;
   paths["dense_prefill"] = choose_kernel(kDecodeRows + 1).name;
+  paths["int8_decode"] = choose_kernel(1).int8_name;
+  paths["int8_prefill"] = choose_kernel(kDecodeRows + 1).int8_name;
   paths["attention"] = attention_kernel_name();
   paths["norm"] = norm_kernel_name();
   info["paths"] = paths;
@@ -259,12 +323,21 @@ TORCH_LIBRARY(sparamx, m) {
   // FallbackKernel.create(kernel, ...), and an op argument named `kernel` collides with it.
   m.def("linear_with_kernel(Tensor x, Tensor? bitmap, Tensor values, Tensor? offsets, "
         "Tensor? bias, int n, int k, str impl) -> Tensor");
+  m.def("sparse_linear_int8(Tensor x, Tensor bitmap, Tensor values, Tensor offsets, "
+        "Tensor scales, Tensor? bias, int n, int k) -> Tensor");
+  m.def("dense_linear_int8(Tensor x, Tensor values, Tensor scales, Tensor? bias, int n, int k) "
+        "-> Tensor");
+  m.def("linear_int8_with_kernel(Tensor x, Tensor? bitmap, Tensor values, Tensor? offsets, "
+        "Tensor scales, Tensor? bias, int n, int k, str impl) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) {
   m.impl("sparse_linear", &sparse_linear);
   m.impl("dense_linear", &dense_linear);
   m.impl("linear_with_kernel", &linear_with_kernel);
+  m.impl("sparse_linear_int8", &sparse_linear_int8);
+  m.impl("dense_linear_int8", &dense_linear_int8);
+  m.impl("linear_int8_with_kernel", &linear_int8_with_kernel);
 }
 
 }  // namespace sparamx
