@@ -1,6 +1,7 @@
 """Packed artifact: a directory with ``sparamx.json`` (manifest), the HF config,
 generation config and tokenizer files, and safetensors (sharded past a size limit)
-holding the dense tensors plus ``<name>.bitmap|values|offsets`` per packed layer.
+holding the dense tensors plus ``<name>.bitmap|values|offsets`` per packed layer (and
+``<name>.scales`` for the int8 storages).
 
 ``save`` writes every file to a temp name and renames it, the manifest last, so a
 directory without ``sparamx.json`` is never a half-written artifact mistaken for a
@@ -23,7 +24,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .format import FORMAT_VERSION, STORAGES, PackedWeight, PackedWeightError
+from .format import (
+    BF16_STORAGES,
+    DENSE_STORAGES,
+    FORMAT_VERSION,
+    INT8_STORAGES,
+    STORAGES,
+    PackedWeight,
+    PackedWeightError,
+)
 from .integrity import ALGORITHM, file_digest, manifest_digest, tensor_digest, tensor_record
 from .layers import (
     PackedEmbedding,
@@ -38,6 +47,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "sparamx.json"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 << 30
+# Manifest versions this sparamx reads, and the storages each may name: version 2 added
+# the int8 storages; a version-1 artifact (bf16 layers only) loads unchanged.
+READ_VERSIONS = {1: BF16_STORAGES, 2: STORAGES}
+assert FORMAT_VERSION in READ_VERSIONS
 
 
 class ArtifactError(ValueError):
@@ -193,7 +206,7 @@ def save(
         (
             t.dtype
             for k, t in tensors.items()
-            if t.is_floating_point() and not k.endswith(".values")
+            if t.is_floating_point() and not k.endswith((".values", ".scales"))
         ),
         torch.bfloat16,
     )
@@ -316,10 +329,10 @@ def read_manifest(path: str | os.PathLike, *, verify: str = "invariants") -> dic
     if not isinstance(manifest, dict) or manifest.get("format") != "sparamx":
         raise ArtifactError(f"{mpath}: not a sparamx manifest (format field missing)")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READ_VERSIONS:
         raise ArtifactError(
             f"{mpath}: format_version {version!r} is not supported "
-            f"(this sparamx reads version {FORMAT_VERSION})"
+            f"(this sparamx reads versions {', '.join(map(str, READ_VERSIONS))})"
         )
     # Checked before the other fields: an edited manifest is then reported as edited,
     # rather than by whatever the edit broke.
@@ -377,6 +390,11 @@ def read_manifest(path: str | os.PathLike, *, verify: str = "invariants") -> dic
         )
         if not ok:
             raise ArtifactError(f"{mpath}: layers[{i}] is malformed: {lay!r}")
+        if lay["storage"] not in READ_VERSIONS[version]:
+            raise ArtifactError(
+                f"{mpath}: layers[{i}] ({lay['name']}) has storage {lay['storage']!r}, which "
+                f"format_version {version} does not have"
+            )
     return manifest
 
 
@@ -452,7 +470,10 @@ def _open_tensors(path: Path, manifest: dict, verify: str) -> dict[str, torch.Te
 
 def _packed_layer(lay: dict, tensors: dict[str, torch.Tensor]) -> SparseLinear:
     name = lay["name"]
-    keys = ["values"] if lay["storage"] == "dense-bf16" else ["bitmap", "values", "offsets"]
+    storage = lay["storage"]
+    keys = ["values"] if storage in DENSE_STORAGES else ["bitmap", "values", "offsets"]
+    if storage in INT8_STORAGES:
+        keys.append("scales")
     if lay["bias"]:
         keys.append("bias")
     got = {}
@@ -477,10 +498,11 @@ def _packed_layer(lay: dict, tensors: dict[str, torch.Tensor]) -> SparseLinear:
             got["values"],
             got.get("bitmap"),
             got.get("offsets"),
+            got.get("scales"),
         )
     except PackedWeightError as e:
         raise ArtifactError(f"packed layer {name}: {e}") from None
-    if "nnz" in lay and packed.nnz != lay["nnz"] and lay["storage"] == "bitmap-bf16":
+    if "nnz" in lay and packed.nnz != lay["nnz"] and storage not in DENSE_STORAGES:
         raise ArtifactError(f"packed layer {name}: nnz {packed.nnz} != manifest {lay['nnz']}")
     return SparseLinear(packed, bias)
 
@@ -761,8 +783,9 @@ def check(path: str | os.PathLike) -> dict:
         "package_version": manifest.get("package_version"),
         "model_type": model.config.model_type,
         "layers": len(storages),
-        "bitmap_layers": storages.count("bitmap-bf16"),
-        "dense_layers": storages.count("dense-bf16"),
+        "bitmap_layers": sum(s.startswith("bitmap-") for s in storages),
+        "dense_layers": sum(s.startswith("dense-") for s in storages),
+        "int8_layers": sum(s in INT8_STORAGES for s in storages),
         "packed_bytes": (manifest.get("totals") or {}).get("packed_bytes"),
         "dense_bytes": (manifest.get("totals") or {}).get("dense_bytes"),
         "kv": (manifest.get("kv") or {}).get("method", "none"),

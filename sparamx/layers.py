@@ -1,6 +1,6 @@
-"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight is packed (bitmap-bf16 or
-dense-bf16) and multiplied by the native kernels, and the helper that swaps the linears
-of a transformers model."""
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight is packed (bitmap-bf16,
+dense-bf16, or their int8 variants) and multiplied by the native kernels, and the helper
+that swaps the linears of a transformers model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import ops as _ops  # noqa: F401  (loads the native ops: torch.ops.sparamx.*)
-from .format import PackedWeight, pack
+from .format import DENSE_STORAGES, PackedWeight, pack
 from .select import check_patterns, is_selected, unmatched
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", packed.values)
         self.register_buffer("bitmap", packed.bitmap)
         self.register_buffer("offsets", packed.offsets)
+        self.register_buffer("scales", packed.scales)  # int8 storages only
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    _packed_buffers = ("values", "bitmap", "offsets")
+    _packed_buffers = ("values", "bitmap", "offsets", "scales")
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping_packed(self, fn, recurse, super()._apply)
@@ -53,6 +54,7 @@ class SparseLinear(nn.Module):
             self.values,
             self.bitmap,
             self.offsets,
+            self.scales,
         )
 
     @property
@@ -69,7 +71,16 @@ class SparseLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         n, k = self.out_features, self.in_features
-        if self.bitmap is None:
+        if self.scales is not None:  # int8 storages
+            if self.bitmap is None:
+                y = torch.ops.sparamx.dense_linear_int8(
+                    x2, self.values, self.scales, self.bias, n, k
+                )
+            else:
+                y = torch.ops.sparamx.sparse_linear_int8(
+                    x2, self.bitmap, self.values, self.offsets, self.scales, self.bias, n, k
+                )
+        elif self.bitmap is None:
             y = torch.ops.sparamx.dense_linear(x2, self.values, self.bias, n, k)
         else:
             y = torch.ops.sparamx.sparse_linear(
@@ -106,25 +117,36 @@ def _apply_keeping_packed(module: nn.Module, fn, recurse: bool, base_apply, prob
             f"to {probe.device}"
         )
     held = {n: module._buffers.pop(n) for n in module._packed_buffers if n in module._buffers}
+
+    def apply(t):
+        if t is None or keep_as_is:
+            return t
+        out = fn(t)
+        # On the CPU the packed tensors keep the format's dtypes: model.to(bfloat16)
+        # leaves the fp32 int8 scales fp32.
+        return t if probe.device.type == "cpu" and out.dtype != t.dtype else out
+
     try:
         base_apply(fn, recurse)
     finally:
         for n, t in held.items():
-            module._buffers[n] = t if t is None or keep_as_is else fn(t)
+            module._buffers[n] = apply(t)
     return probe
 
 
 class DenseLinear(SparseLinear):
-    """``SparseLinear`` in the dense VNNI layout (no bitmap): our own bf16 GEMV/GEMM for
-    layers that stay dense, such as ``lm_head``; streams weights faster than torch's."""
+    """``SparseLinear`` in the dense VNNI layout (no bitmap): our own bf16 (or int8) GEMV/GEMM
+    for layers that stay dense, such as ``lm_head``; streams weights faster than torch's."""
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, mask: torch.Tensor | None = None, storage: str = "dense-bf16"
     ) -> DenseLinear:
-        if storage != "dense-bf16":
-            raise ValueError(f"DenseLinear stores dense-bf16 only, got storage={storage!r}")
-        return super().from_linear(linear, mask, storage="dense-bf16")
+        if storage not in DENSE_STORAGES:
+            raise ValueError(
+                f"DenseLinear stores dense-int8 or dense-bf16 only, got storage={storage!r}"
+            )
+        return super().from_linear(linear, mask, storage=storage)
 
 
 class PackedEmbedding(nn.Module):
