@@ -16,7 +16,7 @@ CPU = INFO["cpu"]
 RUNNABLE = ["portable", "amx_emulated"]
 if all(CPU[f] for f in ("avx2", "fma", "f16c", "bmi2", "popcnt", "os_avx")):
     RUNNABLE.append("avx2")
-if CPU["avx512f"] and CPU["avx512_bf16"] and CPU["avx512_vbmi2"] and CPU["os_avx512"]:
+if all(CPU[f] for f in ("avx512f", "avx512_bf16", "avx512_vbmi", "avx512_vbmi2", "os_avx512")):
     RUNNABLE.append("avx512")
 if CPU["os_amx"] and CPU["amx_bf16"]:
     RUNNABLE.append("amx")

@@ -51,6 +51,7 @@ CpuFeatures detect() {
   f.avx512dq = (b >> 17) & 1;
   f.avx512bw = (b >> 30) & 1;
   f.avx512vl = (b >> 31) & 1;
+  f.avx512_vbmi = (c >> 1) & 1;
   f.avx512_vbmi2 = (c >> 6) & 1;
   f.amx_bf16 = (d >> 22) & 1;
   f.amx_tile = (d >> 24) & 1;

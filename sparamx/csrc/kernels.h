@@ -39,7 +39,7 @@ constexpr int kValuesPad = 32;  // zero bf16 after the last kept value
 // every weight of the block, half the worst int8 rounding error again, and fp16 ones
 // underflow for the small scales of small-weight rows.
 constexpr int kQBlockPairs = 64;  // K-pairs per int8 scale block (128 input columns)
-constexpr int kValuesPadI8 = 32;  // zero int8 after the last kept value (a 32-byte load)
+constexpr int kValuesPadI8 = 64;  // zero int8 after the last kept value (a 64-byte load)
 
 struct LinearArgs {
   const uint16_t* x;       // activations, bf16 bits, [M, 2 * k_pairs], zero-padded past K

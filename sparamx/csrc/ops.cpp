@@ -66,7 +66,7 @@ Kernel kernel_by_name(const std::string& name) {
   }
   if (name == "avx512") {
     TORCH_CHECK(f.can_avx512(),
-                "sparamx: kernel 'avx512' needs AVX-512 F/BW/VL/DQ/BF16/VBMI2, which this CPU "
+                "sparamx: kernel 'avx512' needs AVX-512 F/BW/VL/DQ/BF16/VBMI/VBMI2, which this CPU "
                 "(or OS) does not provide; use SPARAMX_KERNEL=avx2|portable or leave it unset");
     return {"avx512", linear_avx512, "avx512", linear_int8_avx512};
   }
@@ -276,6 +276,7 @@ py::dict kernel_info() {
   cpu["avx512vl"] = f.avx512vl;
   cpu["avx512dq"] = f.avx512dq;
   cpu["avx512_bf16"] = f.avx512_bf16;
+  cpu["avx512_vbmi"] = f.avx512_vbmi;
   cpu["avx512_vbmi2"] = f.avx512_vbmi2;
   cpu["os_avx512"] = f.os_avx512;
   cpu["amx_tile"] = f.amx_tile;
