@@ -1,6 +1,7 @@
 """Python side of the native ops: loads ``sparamx._C`` (which registers
 ``torch.ops.sparamx.*``), gives each op a fake kernel so ``torch.compile`` can trace
-it, and exposes thin wrappers.
+it, and exposes thin wrappers. ``packed_linear`` picks the op from the storage (the int8
+storages call ``sparse_linear_int8`` / ``dense_linear_int8``).
 
 Kernel names: ``amx``, ``avx512``, ``avx2``, ``portable`` (``SPARAMX_KERNEL`` forces one) and
 ``amx_emulated`` (the AMX kernel on emulated tiles; for tests on CPUs without AMX).
