@@ -43,7 +43,7 @@ def write_model(path, tokenizer, tie=False, shard="60KB"):
     return path
 
 
-def in_memory_artifact(src, out, method, calib, shard_bytes, allocation="uniform"):
+def in_memory_artifact(src, out, method, calib, shard_bytes, allocation="uniform", storage="auto"):
     model, tok = sparamx.models.load_model(str(src), dtype="bfloat16")
     pruning.prune(
         model,
@@ -54,7 +54,7 @@ def in_memory_artifact(src, out, method, calib, shard_bytes, allocation="uniform
         progress=False,
         allocation=allocation,
     )
-    swap_linears(model, exclude=[])
+    swap_linears(model, exclude=[], storage=storage)
     sparamx.save(model, tok, out, max_shard_bytes=shard_bytes)
     return out
 
@@ -116,6 +116,27 @@ def test_streamed_artifact_equals_in_memory(tmp_path, tokenizer, method, tie, al
     ids = tok("The history of the printing press", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("storage", ["bitmap-int8", "dense-int8"])
+def test_streamed_int8_artifact_equals_in_memory(tmp_path, tokenizer, storage):
+    # int8 layers carry fp32 scales: the streaming writer must keep them fp32, as the
+    # in-memory save does, instead of casting every float tensor to the work dtype.
+    src = write_model(tmp_path / "src", tokenizer, tie=False)
+    ref = in_memory_artifact(src, tmp_path / "mem", "magnitude", None, 40_000, storage=storage)
+    res = stream_prune_pack(
+        src,
+        tmp_path / "stream",
+        method="magnitude",
+        sparsity=0.5,
+        exclude=[],
+        storage=storage,
+        max_shard_bytes=40_000,
+        progress=False,
+    )
+    assert_same_artifact(ref, res.path)
+    model, _ = sparamx.load(res.path, verify="checksums")
+    assert sum(type(m).__name__ in ("SparseLinear", "DenseLinear") for m in model.modules()) > 0
 
 
 def test_missing_shard_file_is_named(tmp_path, tokenizer):

@@ -408,9 +408,12 @@ class _Stream:
         tensors, aliases = dedupe_tensors(items, seen)
         self.tied.update(aliases)
         for name, t in tensors.items():
-            if t.is_floating_point() and t.dtype != self.dtype and not name.endswith(".values"):
-                t = t.to(self.dtype)  # dense tensors are stored as read, not in the work dtype
-            if not self.first_dtype and t.is_floating_point() and not name.endswith(".values"):
+            # Packed tensors keep their own dtypes (bf16 values, fp32 int8 scales); dense
+            # ones are stored as read, not in the work dtype.
+            dense = t.is_floating_point() and not name.endswith((".values", ".scales"))
+            if dense and t.dtype != self.dtype:
+                t = t.to(self.dtype)
+            if not self.first_dtype and dense:
                 self.first_dtype.append(t.dtype)
             self.writer.add(name, t)
 
