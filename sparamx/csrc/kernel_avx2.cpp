@@ -93,6 +93,8 @@ constexpr ExpandTableI8 kExpandI8{};
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 #include <immintrin.h>
 
+#include "decode_streams.h"
+
 namespace sparamx {
 namespace {
 
@@ -333,20 +335,9 @@ void decode_rows(const LinearArgs& a, const int64_t* g, const float* xv) {
 // streams' groups one at a time. (Same scheme as the AVX-512 decode.)
 template <bool kSparse, int GI>
 void decode_streams(const LinearArgs& a, int64_t g_begin, int64_t g_end, const float* xv) {
-  const int64_t span = (g_end - g_begin + GI - 1) / GI;
-  for (int64_t b = 0; b < span; ++b) {
-    int64_t g[GI];
-    int live = 0;
-    for (int gi = 0; gi < GI; ++gi) {
-      const int64_t group = g_begin + gi * span + b;
-      if (group < g_end) g[live++] = group;
-    }
-    if (live == GI) {
-      decode_rows<kSparse, GI>(a, g, xv);
-    } else {
-      for (int i = 0; i < live; ++i) decode_rows<kSparse, 1>(a, g + i, xv);
-    }
-  }
+  for_stream_blocks<GI>(
+      g_begin, g_end, [&](const int64_t* g) { decode_rows<kSparse, GI>(a, g, xv); },
+      [&](const int64_t* g) { decode_rows<kSparse, 1>(a, g, xv); });
 }
 
 template <bool kSparse>
@@ -594,20 +585,9 @@ void decode_i8_rows(const LinearArgs& a, const int64_t* g, const float* xv) {
 // The streams of decode_streams; 3 groups at M = 1 (12 accumulators), 1 for more rows.
 template <bool kSparse, int GI>
 void decode_i8_streams(const LinearArgs& a, int64_t g_begin, int64_t g_end, const float* xv) {
-  const int64_t span = (g_end - g_begin + GI - 1) / GI;
-  for (int64_t b = 0; b < span; ++b) {
-    int64_t g[GI];
-    int live = 0;
-    for (int gi = 0; gi < GI; ++gi) {
-      const int64_t group = g_begin + gi * span + b;
-      if (group < g_end) g[live++] = group;
-    }
-    if (live == GI) {
-      decode_i8_rows<kSparse, GI>(a, g, xv);
-    } else {
-      for (int i = 0; i < live; ++i) decode_i8_rows<kSparse, 1>(a, g + i, xv);
-    }
-  }
+  for_stream_blocks<GI>(
+      g_begin, g_end, [&](const int64_t* g) { decode_i8_rows<kSparse, GI>(a, g, xv); },
+      [&](const int64_t* g) { decode_i8_rows<kSparse, 1>(a, g, xv); });
 }
 
 template <bool kSparse>

@@ -28,6 +28,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,avx512vbmi2,popcnt")
 #include <immintrin.h>
 
+#include "decode_streams.h"
 #include "expand_avx512.h"
 
 namespace sparamx {
@@ -115,20 +116,9 @@ void decode_rows(const LinearArgs& a, const int64_t* g) {
 template <bool kSparse>
 void decode(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
   constexpr int GI = kGroupsPerBlock;
-  const int64_t span = (g_end - g_begin + GI - 1) / GI;
-  for (int64_t b = 0; b < span; ++b) {
-    int64_t g[GI];
-    int live = 0;
-    for (int gi = 0; gi < GI; ++gi) {
-      const int64_t group = g_begin + gi * span + b;
-      if (group < g_end) g[live++] = group;
-    }
-    if (live == GI) {
-      decode_rows<GI, kSparse>(a, g);
-    } else {
-      for (int i = 0; i < live; ++i) decode_rows<1, kSparse>(a, g + i);
-    }
-  }
+  for_stream_blocks<GI>(
+      g_begin, g_end, [&](const int64_t* g) { decode_rows<GI, kSparse>(a, g); },
+      [&](const int64_t* g) { decode_rows<1, kSparse>(a, g); });
 }
 
 // Decompress K-pairs [p0, p0 + np) of one group into a dense panel [np, 32].
@@ -416,20 +406,9 @@ void decode_rows_i8(const LinearArgs& a, const int64_t* g) {
 template <bool kSparse>
 void decode_i8(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
   constexpr int GI = kGroupsPerBlock;
-  const int64_t span = (g_end - g_begin + GI - 1) / GI;
-  for (int64_t b = 0; b < span; ++b) {
-    int64_t g[GI];
-    int live = 0;
-    for (int gi = 0; gi < GI; ++gi) {
-      const int64_t group = g_begin + gi * span + b;
-      if (group < g_end) g[live++] = group;
-    }
-    if (live == GI) {
-      decode_rows_i8<GI, kSparse>(a, g);
-    } else {
-      for (int i = 0; i < live; ++i) decode_rows_i8<1, kSparse>(a, g + i);
-    }
-  }
+  for_stream_blocks<GI>(
+      g_begin, g_end, [&](const int64_t* g) { decode_rows_i8<GI, kSparse>(a, g); },
+      [&](const int64_t* g) { decode_rows_i8<1, kSparse>(a, g); });
 }
 
 // Prefill: each group's scale block (64 K-pairs) is decompressed to bf16 q once into

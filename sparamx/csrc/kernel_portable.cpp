@@ -50,10 +50,6 @@ void linear_portable(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
   }
 }
 
-}  // namespace sparamx
-
-namespace sparamx {
-
 // Int8 layouts: per scale block, sum_k q * x in fp32 (each product exact), then times
 // the block's 16 row scales into the row's total.
 void linear_int8_portable(const LinearArgs& a, int64_t g_begin, int64_t g_end) {
