@@ -32,6 +32,8 @@ _LAZY = {
     "read_manifest": ".artifact",
     "generate": ".generate",
     "Generation": ".generate",
+    "generate_batch": ".batch",
+    "BatchDecoder": ".batch",
     "SamplingParams": ".sampling",
     "chat": ".conversation",
     "KVSettings": ".kv",

@@ -59,3 +59,19 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
     )
+
+
+def magnitude_packed(model):
+    """50% magnitude pruning per output row (lm_head kept), then pack, in place."""
+    from torch import nn
+
+    import sparamx
+
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and name != "lm_head":
+                score = mod.weight.abs().float()
+                kth = score.kthvalue(mod.weight.shape[1] // 2, dim=1, keepdim=True).values
+                mod.weight[score <= kth] = 0
+    sparamx.swap_linears(model)
+    return model

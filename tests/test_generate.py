@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import magnitude_packed, tiny_config
 from torch import nn
 
 import sparamx
@@ -305,24 +305,12 @@ PROMPTS = [
 ]
 
 
-def _magnitude_packed(model):
-    """50% magnitude pruning per output row, then pack (in place)."""
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and name != "lm_head":
-                score = mod.weight.abs().float()
-                kth = score.kthvalue(mod.weight.shape[1] // 2, dim=1, keepdim=True).values
-                mod.weight[score <= kth] = 0
-    sparamx.swap_linears(model)
-    return model
-
-
 @pytest.fixture(scope="module")
 def smollm2_packed():
     from sparamx.models import load_model
 
     model, tok = load_model("smollm2-135m", dtype="bfloat16")
-    return _magnitude_packed(model), tok
+    return magnitude_packed(model), tok
 
 
 @pytest.mark.slow
