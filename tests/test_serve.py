@@ -62,11 +62,13 @@ def loaded(artifact):
     return model, tok
 
 
-@pytest.fixture(scope="module")
-def served(loaded):
-    """(server, engine, base url) for the whole module."""
+@pytest.fixture(scope="module", params=[8, 1], ids=["batched", "one-at-a-time"])
+def served(loaded, request):
+    """(server, engine, base url) for the whole module: requests decoded together
+    (continuous batching, 8 slots) or one at a time (``sparamx.generate``)."""
     model, tok = loaded
-    engine = Engine(model, tok, context=256, max_queue=8, compile=False).start(warm_up=False)
+    engine = Engine(model, tok, context=256, max_queue=8, compile=False, slots=request.param)
+    engine.start(warm_up=False)
     server = Server(engine, NAME, default_max_tokens=16)
     with ServerThread(create_app(server)) as st:
         yield server, engine, f"http://127.0.0.1:{st.port}"
@@ -268,6 +270,35 @@ def test_concurrent_requests_each_get_their_own_reply(client):
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(ask, prompts))
     assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
+
+
+def test_waiting_requests_are_decoded_together(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, context=256, max_queue=8, compile=False, slots=4)
+    release, events = threading.Event(), []
+
+    def hold(kind, data):  # keeps the worker in the first job's prefill
+        release.wait(10)
+        events.append((0, kind, data))
+
+    def record(i):
+        return lambda kind, data: events.append((i, kind, data))
+
+    engine.submit(Job([72, 105], 4, hold))
+    for i in range(1, 4):
+        engine.submit(Job([72 + i, 101], 6, record(i)))
+    engine.start(warm_up=False)
+    release.set()
+    _idle(engine)
+    engine.stop()
+    done = {i: data for i, kind, data in events if kind == "done"}
+    assert sorted(done) == [0, 1, 2, 3] and engine.stats.served == 4
+    assert [len(done[i].ids) for i in range(4)] == [4, 6, 6, 6]
+    # all four joined before the first step: 5 steps in all, not 3 + 3 * 5
+    assert engine.batch.steps == 5
+    for i in range(1, 4):
+        alone = sparamx.generate(model, tok, [72 + i, 101], 6, compile=False)
+        assert done[i].ids == alone.ids
 
 
 # ------------------------------------------------------------ bad requests

@@ -4,9 +4,10 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 ``"stream": true`` as server-sent events in OpenAI's chunk format, ending with
-``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Requests are decoded one at a
-time by ``sparamx.serve.engine.Engine`` (one worker thread, a bounded queue: a full queue
-answers 429). A client that disconnects cancels its request, queued or running.
+``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Requests are decoded by
+``sparamx.serve.engine.Engine``: one worker thread, up to ``--slots`` requests together
+(continuous batching), a bounded queue of waiting ones (a full queue answers 429). A
+client that disconnects cancels its request, queued or running.
 
 Every malformed request gets a 4xx with OpenAI's error body (``{"error": {"message",
 "type", "param", "code"}}``): unreadable JSON or a wrong field 400, an unknown model
@@ -45,7 +46,7 @@ except ImportError as e:  # the server's packages are an extra
         "`pip install 'sparamx[serve]'`"
     ) from e
 
-from .engine import Engine, Job, QueueFull
+from .engine import DEFAULT_SLOTS, Engine, Job, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,7 @@ class Server:
             "context": self.engine.context,
             "waiting": self.engine.waiting,
             "running": s.running,
+            "slots": self.engine.slots,
             "max_queue": self.engine.max_queue,
             "served": s.served,
             "cancelled": s.cancelled,
@@ -520,10 +522,17 @@ def build_parser() -> argparse.ArgumentParser:
         "capped by the model's)",
     )
     ap.add_argument(
+        "--slots",
+        type=int,
+        default=DEFAULT_SLOTS,
+        help=f"requests decoded together (default {DEFAULT_SLOTS}; 1: one at a time, "
+        "through sparamx.generate, with the artifact's sparse KV cache if it records one)",
+    )
+    ap.add_argument(
         "--max-queue",
         type=int,
         default=16,
-        help="requests waiting beyond the running one; more get 429 (default 16)",
+        help="requests waiting beyond the running ones; more get 429 (default 16)",
     )
     ap.add_argument(
         "--default-max-tokens",
@@ -543,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in (
         ("--context", args.context),
         ("--max-queue", args.max_queue),
+        ("--slots", args.slots),
         ("--default-max-tokens", args.default_max_tokens),
     ):
         if value is not None and value < 1:
@@ -573,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_queue=args.max_queue,
         compile=not args.no_compile,
         attention=args.attention,
+        slots=args.slots,
     ).start(warm_up=not args.no_compile)
     server = Server(engine, args.model_name or model_name_for(path), args.default_max_tokens)
     log.info("serving %s as %r on http://%s:%d", path, server.model_name, args.host, args.port)

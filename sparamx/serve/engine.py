@@ -1,13 +1,18 @@
 """One model, one decode thread, a bounded queue in front: what ``sparamx.serve`` runs.
 
-torch does not support two forward passes on one model at once from several threads
-(and the lean decode loop keeps one KV cache per model), so every request goes through
-a single worker thread, one at a time, in arrival order. ``Engine.submit`` never blocks:
-when ``max_queue`` requests already wait it raises ``QueueFull`` (the server answers
-429). Each ``Job`` reports back through its ``on_event`` callback, called on the worker
-thread: ``("text", piece)`` as text is decoded, then exactly one of ``("done",
-Generation)``, ``("error", exception)`` or ``("cancelled", None)``. Setting
-``job.cancelled`` stops a job before it starts or after its current token.
+torch does not support two forward passes on one model at once from several threads, so
+every request goes through a single worker thread, in arrival order. With ``slots`` > 1
+(the default, ``DEFAULT_SLOTS``) it decodes up to that many requests together
+(``sparamx.batch.BatchDecoder``, continuous batching: a waiting request joins between
+two steps as soon as a slot is free; its prefill runs alone, the others wait for it).
+With ``slots=1`` requests run one at a time through ``sparamx.generate``, which also
+serves the sparse KV cache that an artifact may record (the batch decoder's cache is
+dense). ``Engine.submit`` never blocks: when ``max_queue`` requests already wait it
+raises ``QueueFull`` (the server answers 429). Each ``Job`` reports back through its
+``on_event`` callback, called on the worker thread: ``("text", piece)`` as text is
+decoded, then exactly one of ``("done", Generation)``, ``("error", exception)`` or
+``("cancelled", None)``. Setting ``job.cancelled`` stops a job before it starts or after
+its current token.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SLOTS = 8  # requests decoded together (the batch decoder's rows)
 
 
 class QueueFull(RuntimeError):
@@ -46,9 +53,29 @@ class EngineStats:
     running: int = 0
 
 
+def _batch_decoder(model, tokenizer, slots: int, context: int, compile):
+    """The ``BatchDecoder`` for ``slots`` > 1, or None (a logged fallback to one request
+    at a time) for a model it does not serve."""
+    from ..batch import BatchDecoder
+
+    try:
+        dec = BatchDecoder(model, tokenizer, slots=slots, max_len=context, compile=compile)
+    except ValueError as e:
+        log.warning("%s: serving one request at a time", e)
+        return None
+    if getattr(model, "_sparamx_kv", None) is not None:
+        log.info(
+            "batched decode (%d slots) runs a dense KV cache; the model's sparse KV cache "
+            "settings apply with --slots 1",
+            slots,
+        )
+    return dec
+
+
 class Engine:
     """The decode worker for one loaded model. ``context``: the KV cache length every
-    request decodes with (one cache, compiled once; prompt + new tokens must fit)."""
+    request decodes with (one cache, compiled once; prompt + new tokens must fit);
+    ``slots``: requests decoded together (see the module docstring)."""
 
     def __init__(
         self,
@@ -59,9 +86,16 @@ class Engine:
         max_queue: int = 16,
         compile: bool | str = True,
         attention: str = "exact",
+        slots: int = DEFAULT_SLOTS,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.slots, self.batch = slots, None
+        if slots > 1:
+            self.batch = _batch_decoder(model, tokenizer, slots, context, compile)
+            self.slots = 1 if self.batch is None else slots
         self.model, self.tokenizer = model, tokenizer
         self.context, self.max_queue = context, max_queue
         self.compile, self.attention = compile, attention
@@ -112,6 +146,9 @@ class Engine:
         if self._warm:
             self._warm_up()
         self.ready.set()
+        if self.batch is not None:
+            self._run_batched()
+            return
         while (job := self._queue.get()) is not None:
             if job.cancelled.is_set():
                 self._finish(job, "cancelled", None)
@@ -122,10 +159,77 @@ class Engine:
             finally:
                 self.stats.running = 0
 
+    def _run_batched(self) -> None:
+        """Continuous batching: admit waiting jobs into free slots, then one step for
+        all active ones; block on the queue only when nothing is active."""
+        dec, stopping = self.batch, False
+        while not stopping or dec.active:
+            while dec.free and not stopping:
+                try:
+                    job = self._queue.get(block=dec.active == 0)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True  # stop(): the active jobs finish first
+                else:
+                    self._admit(job)
+            self.stats.running = dec.active
+            if dec.active:
+                self._step()
+                self.stats.running = dec.active
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self._finish(job, "cancelled", None)
+            return
+        try:
+            seq = self.batch.add(
+                job.prompt_ids,
+                job.max_new_tokens,
+                stream=lambda text: self._emit(job, "text", text),
+                stop_at_eos=job.stop_at_eos,
+                tag=job,
+                **job.sampling,
+            )
+        except Exception as e:  # noqa: BLE001  (reported to the request; the worker lives on)
+            log.exception("prefill failed")
+            self._finish(job, "error", e)
+            return
+        if seq.result is not None:  # its first token ended it
+            self._retired(seq)
+
+    def _step(self) -> None:
+        dec = self.batch
+        try:
+            done = dec.step(should_stop=lambda seq: seq.tag.cancelled.is_set())
+        except Exception as e:  # noqa: BLE001  (fails the batch's jobs, not the server)
+            log.exception("batched decode step failed")
+            for seq in list(dec.rows):
+                dec.cancel(seq)
+                self._finish(seq.tag, "error", e)
+            return
+        for seq in done:
+            self._retired(seq)
+
+    def _retired(self, seq) -> None:
+        out = seq.result
+        kind = "cancelled" if out.stop_reason == "cancelled" else "done"
+        self._finish(seq.tag, kind, None if kind == "cancelled" else out)
+
     def _warm_up(self) -> None:
-        """One short generation per decode step (greedy, sampling) at the serving cache
-        length, so the first request does not wait for a compile."""
+        """Compile the decode steps at the serving cache length, so that the first
+        request does not wait for a compile: batched, a step at batch size 1 and one at
+        2 (the graph for every larger batch); one at a time, one short generation per
+        decode step (greedy, sampling)."""
         t0 = time.perf_counter()
+        if self.batch is not None:
+            try:
+                self._warm_up_batch()
+            except Exception:  # noqa: BLE001  (a warm-up failure must not kill the server)
+                log.exception("warm-up failed; requests will compile on first use")
+            self.warm_up_s = time.perf_counter() - t0
+            log.info("batched decode steps ready in %.1f s", self.warm_up_s)
+            return
         for sampling in ({"do_sample": False}, {"do_sample": True, "seed": 0}):
             try:
                 self._decode([0], 2, sampling, None, None, True)
@@ -133,6 +237,15 @@ class Engine:
                 log.exception("warm-up generation failed; requests will compile on first use")
         self.warm_up_s = time.perf_counter() - t0
         log.info("decode steps ready in %.1f s", self.warm_up_s)
+
+    def _warm_up_batch(self) -> None:
+        dec = self.batch
+        first = dec.add([0], 3, stop_at_eos=False)
+        dec.step()  # batch size 1
+        dec.add([0], 3, stop_at_eos=False)
+        dec.run()  # batch size 2, then 1 again
+        if first.result is None:
+            raise RuntimeError("warm-up sequence did not finish")
 
     def _decode(self, ids, max_new_tokens, sampling, stream, should_stop, stop_at_eos):
         from ..generate import generate
