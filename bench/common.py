@@ -72,8 +72,8 @@ def print_flags(rows: list[dict], label) -> None:
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """columns: (key, header, format spec)."""
-    cells = [[_cell(r[k], f) for k, _, f in columns] for r in rows]
+    """columns: (key, header, format spec); a key a row lacks shows as "-"."""
+    cells = [[_cell(r.get(k), f) for k, _, f in columns] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h, _) in enumerate(columns)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths, strict=True)))
     for c in cells:
