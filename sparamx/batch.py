@@ -11,12 +11,13 @@ sequence's row is refilled by moving the last row down, so the active rows stay
 contiguous and no step reads a hole).
 
 Inside a step every row sits at its own position: the new tokens' K/V are written at
-each row's own length and a boolean mask ``[n, 1, 1, L]`` (``L``: the longest row)
-hides each row's unfilled tail. This runs as the transformers attention function
-``"sparamx_batch"``: the model gets ``use_cache=False`` (no transformers cache) and the
-``BatchKV`` through the attention kwargs; rotary positions come from ``position_ids``
-``[n, 1]``. The step is compiled once with the batch size and ``L`` as symbolic sizes
-(dynamo specialises batch size 1, so that size compiles once more).
+each row's own length and a boolean mask ``[n, 1, 1, L]`` (``L``: the longest row) hides
+each row's unfilled tail. This runs as the transformers attention function
+``"sparamx_batch"`` (on a bf16 cache: our decode attention kernel, each row over its own
+length; else SDPA with the mask): the model gets ``use_cache=False`` (no transformers
+cache) and the ``BatchKV`` through the attention kwargs; rotary positions come from
+``position_ids`` ``[n, 1]``. The step is compiled once with the batch size and ``L`` as
+symbolic sizes (dynamo specialises batch size 1, so that size compiles once more).
 
 Rows see the same floats as the same sequence decoded alone only up to the kernels'
 summation order at another M; tests check the logits against a per-sequence forward.
@@ -45,6 +46,7 @@ from .generate import (
 )
 
 BATCH_ATTENTION = "sparamx_batch"
+KERNEL_MAX_HEAD_DIM = 256  # sparamx/csrc/attention_ops.cpp: kMaxHeadDim
 DEFAULT_SLOTS = 8
 
 
@@ -117,10 +119,38 @@ def batch_attention(
             values[rows, :, positions] = value[:, :, 0]
             length = attention_mask.shape[-1]
             key, value = keys[:n, :, :length], values[:n, :, :length]
+            if key.dtype == torch.bfloat16 and query.shape[-1] <= KERNEL_MAX_HEAD_DIM:
+                return _kernel_attention(query, key, value, positions + 1, scaling), None
             is_causal = False
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw
     )
+
+
+def _kernel_attention(query, key, value, lengths, scaling) -> torch.Tensor:
+    """``sparamx::kv_decode_attention`` over the dense cache rows, each row to its own
+    length: K/V read once per KV head for its whole GQA group (SDPA with a mask
+    repeats them per query head and scores the masked tail). ``[n, 1, Hq, D]``."""
+    from . import kv  # noqa: F401  (the op's fake kernel)
+
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    empty = key[:, :, :0]
+    out = torch.ops.sparamx.kv_decode_attention(
+        query[:, :, 0],
+        empty,
+        None,
+        empty,
+        None,
+        0,
+        key,
+        value,
+        float(scale),
+        None,
+        1,
+        None,
+        lengths,
+    )
+    return out.unsqueeze(1)
 
 
 def _register() -> None:

@@ -374,6 +374,41 @@ def test_kernel_reads_a_strided_window_and_returns_bf16_for_bf16_queries():
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_rows_attend_to_their_own_lengths(kernel, threads):
+    # batched decode (sparamx.batch): rows of one dense cache, each over its own prefix;
+    # lengths on both sides of the 256-token split and of 16-token sub-blocks
+    gen = torch.Generator().manual_seed(5)
+    lengths = [1, 17, 300, 613, 600]
+    k = torch.randn(5, 3, 613, 80, generator=gen).to(torch.bfloat16)
+    v = torch.randn(5, 3, 613, 80, generator=gen).to(torch.bfloat16)
+    q = torch.randn(5, 9, 80, generator=gen).to(torch.bfloat16)
+    empty = k[:, :, :0]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.sparamx.kv_decode_attention(
+            q, empty, None, empty, None, 0, k, v, 0.1, kernel, 1, None, torch.tensor(lengths)
+        )
+    finally:
+        torch.set_num_threads(old)
+    for b, n in enumerate(lengths):
+        ref = kv.reference_decode_attention(
+            q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], 0.1
+        )
+        torch.testing.assert_close(out[b : b + 1].float(), ref, atol=2e-2, rtol=2e-2)
+    for bad, says in (
+        ([0, 1, 1, 1, 1], "lengths\\[0\\] = 0 is not in 1..613"),
+        ([1, 1, 1, 1, 614], "lengths\\[4\\] = 614"),
+        ([1, 2], "int64 CPU tensor \\[5\\]"),
+    ):
+        with pytest.raises(RuntimeError, match=says):
+            torch.ops.sparamx.kv_decode_attention(
+                q, empty, None, empty, None, 0, k, v, 0.1, kernel, 1, None, torch.tensor(bad)
+            )
+
+
 def test_kernel_rejects_bad_arguments():
     q = torch.randn(1, 3, 64)
     kvals = torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16)

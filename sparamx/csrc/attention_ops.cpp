@@ -14,7 +14,9 @@
 //   bitmaps given, values in the block layouts of attention.h);
 //   k_fill [B, Hkv, cap / 16, 32 ceil(D/32)] bf16 or None: with mask_tokens 16, what each
 //   block's pruned key entries read as (zero at kept dimensions; kv.group_fill);
-//   k_win / v_win [B, Hkv, n_win, D] bf16, unit stride along D (the dense recent window).
+//   k_win / v_win [B, Hkv, n_win, D] bf16, unit stride along D (the dense recent window);
+//   lengths [B] int64 or None: row b attends to its first lengths[b] tokens only (1 ..
+//   n_comp + n_win; batched decode of sequences of unequal lengths, sparamx/batch.py).
 // Hq must be a multiple of Hkv (GQA); each K/V byte is read once per KV head.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -124,7 +126,8 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
                                const c10::optional<at::Tensor>& v_bits, int64_t n_comp,
                                const at::Tensor& k_win, const at::Tensor& v_win, double scale,
                                c10::optional<c10::string_view> kernel, int64_t mask_tokens,
-                               const c10::optional<at::Tensor>& k_fill) {
+                               const c10::optional<at::Tensor>& k_fill,
+                               const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kBFloat16 ||
                                       q.scalar_type() == at::kFloat) && q.dim() == 3,
               "sparamx: q must be a bfloat16 or float32 CPU tensor [B, Hq, D], got ",
@@ -161,6 +164,22 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
   const int64_t n_win = k_win.size(2), n = n_comp + n_win;
   TORCH_CHECK(n >= 1, "sparamx: attention over an empty cache (n_comp + n_win = 0)");
   const AttnFn fn = attention_kernel(kernel);
+  // Tokens each row attends to: n, or the row's own length (the rest is another
+  // sequence's unfilled tail).
+  std::vector<int64_t> row_tokens(static_cast<size_t>(B), n);
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 &&
+                    lengths->size(0) == B && lengths->device().is_cpu(),
+                "sparamx: lengths must be an int64 CPU tensor [", B, "], got ",
+                lengths->scalar_type(), " ", lengths->sizes());
+    const at::Tensor lc = lengths->contiguous();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t len = lc.data_ptr<int64_t>()[b];
+      TORCH_CHECK(len >= 1 && len <= n, "sparamx: lengths[", b, "] = ", len,
+                  " is not in 1..", n, " (the cached tokens)");
+      row_tokens[static_cast<size_t>(b)] = len;
+    }
+  }
 
   const int64_t words = (D + 31) / 32, dp = 32 * words;
   // The kernels read q as bf16 rows of Dp; copy only when q is not that already.
@@ -232,8 +251,9 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
       float* acc = l + gsize;
       std::fill(m, m + gsize, -std::numeric_limits<float>::infinity());
       std::fill(l, l + gsize + gsize * dp, 0.f);
-      if (ng > 0)
-        fn(a, bh / H, bh % H, g0, ng, tc * chunk, std::min(n, (tc + 1) * chunk), m, l, acc);
+      const int64_t t0 = tc * chunk;
+      const int64_t t1 = std::min(row_tokens[static_cast<size_t>(bh / H)], (tc + 1) * chunk);
+      if (ng > 0 && t0 < t1) fn(a, bh / H, bh % H, g0, ng, t0, t1, m, l, acc);
     }
   });
   // Merge token chunks: out = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c.
@@ -276,7 +296,7 @@ at::Tensor kv_decode_attention(const at::Tensor& q, const at::Tensor& k_vals,
 TORCH_LIBRARY_FRAGMENT(sparamx, m) {
   m.def("kv_decode_attention(Tensor q, Tensor k_vals, Tensor? k_bits, Tensor v_vals, "
         "Tensor? v_bits, SymInt n_comp, Tensor k_win, Tensor v_win, float scale, "
-        "str? impl=None, int mask_tokens=1, Tensor? k_fill=None) -> Tensor");
+        "str? impl=None, int mask_tokens=1, Tensor? k_fill=None, Tensor? lengths=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparamx, CPU, m) { m.impl("kv_decode_attention", &kv_decode_attention); }
