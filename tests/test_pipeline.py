@@ -79,6 +79,11 @@ def finished(run_dir):
         (["nonsense"], "expected key=value"),
         (["name=a/b"], "name"),
         (["bench.engine=fast"], "bench.engine: 'fast' is not one of lean, lean-fast, hf"),
+        (
+            ["pack.storage=int8"],
+            "pack.storage: 'int8' is not one of auto, auto-int8, bitmap-bf16, dense-bf16, "
+            "bitmap-int8, dense-int8",
+        ),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
@@ -96,6 +101,39 @@ def test_config_file_errors(tmp_path, capsys):
     bad.write_text("prune:\n  method: foo\n")
     assert pipeline.main([str(bad)]) == 2
     assert "prune.method" in capsys.readouterr().err
+
+
+def test_pack_storages_are_the_formats():
+    from sparamx.format import PACK_STORAGES
+    from sparamx.pipeline.config import STORAGES
+
+    assert set(STORAGES) == set(PACK_STORAGES)
+    for storage in STORAGES:
+        assert load_config(None, [f"pack.storage={storage}"]).pack.storage == storage
+
+
+def test_int8_storage_through_the_pipeline(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, eval={"limit": 1}, pack={"storage": "auto-int8"})
+    assert pipeline.main([str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run / "pack" / "artifact" / "sparamx.json").read_text())
+    storages = {lay["name"]: lay["storage"] for lay in manifest["layers"]}
+    assert storages.pop("lm_head") == "dense-int8"  # unpruned: below 5% sparsity
+    assert set(storages.values()) == {"bitmap-int8"}
+    state = json.loads((run / "state.json").read_text())["stages"]
+    assert "as auto-int8 (14 bitmap-int8, 1 dense-int8)" in state["pack"]["summary"]
+    assert json.loads((run / "verify" / "verify.json").read_text())["passed"]
+    meta = json.loads((run / "eval-packed" / "packed.json").read_text())["meta"]
+    assert meta["storage"] == "auto-int8"
+    assert meta["storage_layers"] == {"bitmap-int8": 14, "dense-int8": 1}
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["storage"] == {
+        "requested": "auto-int8",
+        "layers": {"bitmap-int8": 14, "dense-int8": 1},
+    }
+    assert "word_perplexity" in report["eval"]["packed"]["lee_news_ppl"]
+    md = (run / "report" / "report.md").read_text()
+    assert "packed storage: **auto-int8** (14 bitmap-int8, 1 dense-int8)" in md
 
 
 def test_shipped_configs_are_valid():
