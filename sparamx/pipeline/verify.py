@@ -73,7 +73,8 @@ def verify_against_checkpoint(
     artifact, source, dtype: str = "bfloat16", rows: int = 4, seed: int = 0
 ) -> dict:
     """The streaming run's check, one linear at a time (no dense model in RAM): each
-    packed weight holds exactly the source checkpoint's values where it keeps any, and
+    packed weight holds the source checkpoint's values where it keeps any (exactly, or
+    for int8 within half a quantization step: :func:`kept_weights_match`), and
     the packed kernel's output on random inputs matches ``F.linear`` on the unpacked
     weight."""
     from tqdm.auto import tqdm
@@ -85,18 +86,21 @@ def verify_against_checkpoint(
     model, _ = load(artifact)
     ckpt = SafetensorsCheckpoint(source)
     dtype = parse_dtype(dtype)
-    # A head tied to the embeddings has no tensor of its own in the source.
+    # A head tied to the embeddings has no tensor of its own in the source: it was packed
+    # from the embedding's (shared with it as a PackedEmbedding, or not: an int8 head).
     source_of = {head: emb for emb, head in model.sparamx_manifest["packed_embeddings"].items()}
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(head, SparseLinear) and f"{names[id(head)]}.weight" not in ckpt.weight_map:
+        source_of.setdefault(names[id(head)], names[id(emb)])
     gen = torch.Generator().manual_seed(seed)
     layers = []
     packed = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     with torch.inference_mode():
         for name, mod in tqdm(packed, desc="verify", unit="linear"):
             key = source_of.get(name, name) + ".weight"
-            w_src = ckpt.read([key], dtype)[key].to(torch.bfloat16)
-            w = mod.packed.unpack()
-            kept = w != 0
-            match = bool(torch.equal(w[kept], w_src[kept]))
+            w_src = ckpt.read([key], dtype)[key]
+            w, kept, match = kept_weights_match(mod.packed, w_src)
             x = torch.randn(rows, mod.in_features, generator=gen).to(torch.bfloat16)
             y = mod(x).float()
             y_ref = x.float() @ w.float().T
@@ -120,6 +124,22 @@ def verify_against_checkpoint(
         "worst_layer_rel_l2": max((r["rel_l2"] for r in layers), default=0.0),
         "layers": layers,
     }
+
+
+def kept_weights_match(packed, w_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Whether ``packed`` holds the source weight's values where it keeps any: exactly
+    (bf16 storages: the source rounded to bf16), or within half a quantization step
+    (int8: ``q = round(w / scale)``, from the source as read). Returns the unpacked
+    weight (fp32 for int8: what the kernels multiply by), the keep mask, the verdict."""
+    if not packed.is_int8:
+        w = packed.unpack()
+        kept = w != 0
+        return w, kept, bool(torch.equal(w[kept], w_src.to(torch.bfloat16)[kept]))
+    w, kept = packed.unpack(torch.float32), packed.kept()
+    err = (w - w_src.float()).abs()[kept]
+    # half a step, plus fp32's rounding of w / scale and of q * scale
+    match = bool((err <= packed.weight_scales()[kept] * (0.5 + 1e-5)).all())
+    return w, kept, match
 
 
 # ------------------------------------------------------------------ the stage
