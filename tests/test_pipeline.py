@@ -137,9 +137,15 @@ def test_int8_storage_through_the_pipeline(tmp_path, tiny_model_dir):
 
 
 def test_shipped_configs_are_valid():
-    for name in ("smollm2-135m", "llama8b"):
+    for name in ("smollm2-135m", "llama8b", "smollm2-135m-int8"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.prune.method == "wanda"
+    # The int8 example is the default run with int8 storage, nothing else changed.
+    base = load_config("configs/smollm2-135m.yaml").to_dict()
+    int8 = load_config("configs/smollm2-135m-int8.yaml").to_dict()
+    assert int8.pop("name") != base.pop("name")
+    assert int8["pack"].pop("storage") == "auto-int8" and base["pack"].pop("storage") == "auto"
+    assert int8 == base
 
 
 @pytest.mark.slow
