@@ -490,6 +490,15 @@ def test_tied_head_packed_int8_keeps_the_bf16_embedding(tmp_path, caplog):
     with torch.no_grad():
         assert torch.equal(loaded.generate(IDS, max_new_tokens=16, do_sample=False), want)
         assert torch.equal(loaded(IDS).logits, logits)
+    # verify's reference: the head's dequantized weight, the tied embedding left alone
+    from sparamx.pipeline.verify import dequantize_into
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    assert dequantize_into(ref, loaded) == 15
+    assert torch.equal(ref.model.embed_tokens.weight, emb)
+    head = loaded.lm_head.packed.unpack(torch.float32).bfloat16()
+    assert torch.equal(ref.lm_head.weight, head) and not torch.equal(head, emb)
 
 
 def rewrite_tensor(path, change):

@@ -122,7 +122,10 @@ def test_int8_storage_through_the_pipeline(tmp_path, tiny_model_dir):
     assert set(storages.values()) == {"bitmap-int8"}
     state = json.loads((run / "state.json").read_text())["stages"]
     assert "as auto-int8 (14 bitmap-int8, 1 dense-int8)" in state["pack"]["summary"]
-    assert json.loads((run / "verify" / "verify.json").read_text())["passed"]
+    verify = json.loads((run / "verify" / "verify.json").read_text())
+    assert verify["passed"] and verify["reference"] == "masked dense, int8 layers dequantized"
+    # against the weights it holds the artifact is closer than against the unquantized ones
+    assert verify["logits_rel_l2"] < verify["vs_unquantized"]["logits_rel_l2"]
     meta = json.loads((run / "eval-packed" / "packed.json").read_text())["meta"]
     assert meta["storage"] == "auto-int8"
     assert meta["storage_layers"] == {"bitmap-int8": 14, "dense-int8": 1}
@@ -134,6 +137,7 @@ def test_int8_storage_through_the_pipeline(tmp_path, tiny_model_dir):
     assert "word_perplexity" in report["eval"]["packed"]["lee_news_ppl"]
     md = (run / "report" / "report.md").read_text()
     assert "packed storage: **auto-int8** (14 bitmap-int8, 1 dense-int8)" in md
+    assert "compared with their dequantized weights" in md
 
 
 def test_shipped_configs_are_valid():

@@ -184,6 +184,18 @@ def _verify_section(v: dict | None) -> list[str]:
             "",
         ]
     elif v:
+        u = v.get("vs_unquantized")
+        quant = (
+            []
+            if not u
+            else [
+                f"The int8 layers are compared with their dequantized weights (q x scale); "
+                f"against the unquantized masked model the logits differ by "
+                f"{u['logits_rel_l2']:.2e} (relative L2), top-1 agreement "
+                f"{u['top1_agreement']:.1%}: the quantization's own effect.",
+                "",
+            ]
+        )
         return [
             "## Verification (packed vs masked dense, same tokens)",
             "",
@@ -192,6 +204,7 @@ def _verify_section(v: dict | None) -> list[str]:
             f"{v['top1_agreement']:.1%}, worst layer relative error "
             f"{v['worst_layer_rel_l2']:.2e}: **{'passed' if v['passed'] else 'FAILED'}**.",
             "",
+            *quant,
         ]
     return []
 
