@@ -206,7 +206,7 @@ def test_fast_mask_selection_equals_stable_sort(granularity):
         assert torch.equal(fast, ref.reshape(s.shape)), sparsity
 
 
-def pipeline_config(tmp_path, **model):
+def pipeline_config(tmp_path, storage="auto", **model):
     import yaml
 
     cfg = {
@@ -215,7 +215,7 @@ def pipeline_config(tmp_path, **model):
         "model": model,
         "prune": {"method": "magnitude", "sparsity": 0.5},
         "eval": {"tasks": []},
-        "pack": {"exclude": [], "max_shard_gb": 0.0002},
+        "pack": {"exclude": [], "max_shard_gb": 0.0002, "storage": storage},
         "bench": {"enabled": False},
     }
     path = tmp_path / "cfg.yaml"
@@ -223,7 +223,8 @@ def pipeline_config(tmp_path, **model):
     return path
 
 
-def test_pipeline_streams_a_random_model(tmp_path):
+@pytest.mark.parametrize("storage", ["auto", "auto-int8"])
+def test_pipeline_streams_a_random_model(tmp_path, storage):
     """configs/llama8b-random.yaml's path in miniature: the load stage writes a random
     model, prune + pack stream it into a sharded artifact, verify checks it against the
     source checkpoint; a rerun skips every stage."""
@@ -232,6 +233,7 @@ def test_pipeline_streams_a_random_model(tmp_path):
     src = tmp_path / "models" / "tiny"
     cfg = pipeline_config(
         tmp_path,
+        storage,
         source=str(src),
         streaming=True,
         random={"preset": "tiny-llama", "num_layers": 3},
@@ -252,6 +254,8 @@ def test_pipeline_streams_a_random_model(tmp_path):
     model, tok = sparamx.load(art)
     assert model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=2).shape[1] > 1
     state = json.loads((run / "state.json").read_text())
+    kind = "int8" if storage == "auto-int8" else "bf16"
+    assert f"as {storage} (21 bitmap-{kind}, 1 dense-{kind})" in state["stages"]["pack"]["summary"]
     assert pipeline.main([str(cfg)]) == 0
     assert json.loads((run / "state.json").read_text()) == state  # nothing re-ran
 
