@@ -42,6 +42,10 @@ BF16_STORAGES = ("bitmap-bf16", "dense-bf16")
 INT8_STORAGES = ("bitmap-int8", "dense-int8")
 STORAGES = (*BF16_STORAGES, *INT8_STORAGES)
 DENSE_STORAGES = ("dense-bf16", "dense-int8")
+# What ``pack`` may be asked for besides a storage: a choice per weight, the bitmap at
+# ``min_sparsity`` and above, the dense layout below it, within one value type.
+AUTO_STORAGES = {"auto": ("bitmap-bf16", "dense-bf16"), "auto-int8": ("bitmap-int8", "dense-int8")}
+PACK_STORAGES = (*AUTO_STORAGES, *STORAGES)
 
 _BYTE_BITS = torch.arange(8, dtype=torch.uint8)
 
@@ -249,10 +253,25 @@ class PackedWeight:
             units[bitmap_to_mask(self.bitmap)] = self.values[: int(self.offsets[-1])]
         if not self.is_int8:
             return _from_units(units, n, k).to(dtype)
-        q = _from_units(units, np_, kp).float()  # [Np, Kp]
+        q = _from_units(units, n, k).float()
+        return (q * self.weight_scales()).to(dtype)
+
+    def weight_scales(self) -> torch.Tensor:
+        """float32 [N, K]: the scale of every weight (int8 storages: one quantization step)."""
+        if not self.is_int8:
+            raise ValueError(f"{self.storage} storage has no scales")
+        n, k = self.shape
+        np_ = padded_shape(n, k)[0]
         s = self.scales.permute(0, 2, 1).reshape(np_, -1)  # [Np, KB]
-        s = s.repeat_interleave(QBLOCK, dim=1)[:, :kp]
-        return (q * s)[:n, :k].contiguous().to(dtype)
+        return s.repeat_interleave(QBLOCK, dim=1)[:n, :k].contiguous()
+
+    def kept(self) -> torch.Tensor:
+        """bool [N, K]: the entries a bitmap keeps (also an int8 value that rounded to 0);
+        for the dense storages, the non-zeros."""
+        n, k = self.shape
+        if self.storage in DENSE_STORAGES:
+            return self.unpack(torch.float32) != 0
+        return _from_units(bitmap_to_mask(self.bitmap), *padded_shape(n, k))[:n, :k].contiguous()
 
 
 def pack(
@@ -262,35 +281,37 @@ def pack(
     min_sparsity: float = 0.05,
 ) -> PackedWeight:
     """Pack a 2-D weight. ``mask`` (bool, same shape) selects kept entries; without it
-    the non-zeros are kept. ``storage="auto"`` keeps weights sparser than
-    ``min_sparsity`` in the dense layout (the bitmap would cost more bytes)."""
+    the non-zeros are kept. ``storage="auto"`` (``"auto-int8"``) keeps weights less
+    sparse than ``min_sparsity`` in the dense-bf16 (dense-int8) layout, where a bitmap
+    would cost more bytes, and the others in bitmap-bf16 (bitmap-int8)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(
             f"pack expects a 2-D weight tensor, got {getattr(weight, 'shape', weight)}"
         )
     if not weight.is_floating_point():
         raise ValueError(f"pack expects a floating-point weight, got {weight.dtype}")
-    if storage not in (*STORAGES, "auto"):
-        raise ValueError(f"storage {storage!r} is not one of {(*STORAGES, 'auto')}")
+    if storage not in PACK_STORAGES:
+        raise ValueError(f"storage {storage!r} is not one of {', '.join(PACK_STORAGES)}")
     n, k = weight.shape
     if n < 1 or k < 1:
         raise ValueError(f"pack expects a non-empty weight, got shape {tuple(weight.shape)}")
     # int8 quantizes from the weight as given (fp32), bf16 stores it rounded to bf16.
-    int8 = storage in INT8_STORAGES
+    int8 = storage in (*INT8_STORAGES, "auto-int8")
     w = weight.detach().to("cpu", torch.float32 if int8 else torch.bfloat16)
     if mask is not None:
         if mask.shape != weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {(n, k)}")
         w = torch.where(mask.to("cpu", torch.bool), w, torch.zeros((), dtype=w.dtype))
+    if storage in AUTO_STORAGES:
+        sparsity = 1.0 - int(torch.count_nonzero(w)) / (n * k)
+        bitmap, dense = AUTO_STORAGES[storage]
+        storage = bitmap if sparsity >= min_sparsity else dense
     if int8:
         if not bool(torch.isfinite(w).all()):
             raise ValueError("pack: an int8 storage needs a finite weight (it has inf or NaN)")
         return _pack_int8(w, storage)
     units = _to_units(w)  # [G, P, 32]
     keep = units != 0
-    if storage == "auto":
-        sparsity = 1.0 - int(keep.sum()) / (n * k)
-        storage = "bitmap-bf16" if sparsity >= min_sparsity else "dense-bf16"
     if storage == "dense-bf16":
         return PackedWeight((n, k), storage, units.reshape(-1).contiguous())
     bitmap = mask_to_bitmap(keep)

@@ -276,9 +276,25 @@ def share_tied_embedding(model: nn.Module) -> bool:
     )
     packed = PackedEmbedding.like(emb, head) if ok else None
     if packed is None or not _lookup_matches(emb, packed):
+        # An int8 head (or a bitmap) has no bf16 rows to read: the embedding keeps the
+        # exact weights it had, the head its packed copy, and each is stored.
+        why = (
+            f"lm_head is {head.storage}, a lookup needs dense-bf16"
+            if head.storage != "dense-bf16"
+            else "its lookup is not a plain one"
+        )
+        w = getattr(emb, "weight", None)
+        kept = (
+            f"{str(w.dtype).removeprefix('torch.')}, {w.numel() * w.element_size() / 1e6:.1f} MB"
+            if isinstance(w, torch.Tensor)
+            else "as it is"
+        )
         log.info(
-            "the packed lm_head and the %s input embedding keep separate copies",
+            "the packed lm_head and the tied %s input embedding keep separate copies (%s); "
+            "the embedding stays %s",
             type(emb).__name__,
+            why,
+            kept,
         )
         untie_config(model)
         return False

@@ -121,6 +121,36 @@ def test_bytes_per_weight():
     assert per_weight["bitmap-bf16", 0.5] / per_weight["bitmap-int8", 0.5] > 1.7
 
 
+def test_auto_int8_chooses_the_layout_by_sparsity():
+    w = torch.randn(40, 200)
+    assert pack(w, storage="auto-int8").storage == "dense-int8"  # 0% sparse
+    w[:, ::10] = 0  # 10% >= min_sparsity
+    assert pack(w, storage="auto-int8").storage == "bitmap-int8"
+    assert pack(w, storage="auto-int8", min_sparsity=0.2).storage == "dense-int8"
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    p = pack(w, mask, storage="auto-int8")
+    assert p.storage == "bitmap-int8" and torch.equal(p.kept(), mask & (w != 0))
+    want = pack(w * mask, storage="bitmap-int8")  # what naming the storage gives
+    for key, t in want.tensors().items():
+        assert torch.equal(p.tensors()[key], t), key
+    assert pack(w.bfloat16(), storage="auto").storage == "bitmap-bf16"
+    with pytest.raises(ValueError, match="'int4' is not one of auto, auto-int8, bitmap-bf16"):
+        pack(w, storage="int4")
+
+
+def test_weight_scales_and_kept():
+    w = torch.randn(20, 300)
+    w[w.abs() < 0.5] = 0
+    for storage in INT8:
+        p = pack(w, storage=storage)
+        step = p.weight_scales()
+        assert step.shape == w.shape
+        assert ((p.unpack(torch.float32) - w).abs() <= step * (0.5 + 1e-5)).all()
+        assert torch.equal(p.kept(), p.unpack(torch.float32) != 0 if storage[0] == "d" else w != 0)
+    with pytest.raises(ValueError, match="no scales"):
+        pack(w, storage="bitmap-bf16").weight_scales()
+
+
 @pytest.mark.parametrize("storage", INT8)
 def test_round_trip_through_tensors_and_requantize(storage):
     w = random_weight(33, 200, 0.5, 1).float()
@@ -422,6 +452,53 @@ def test_int8_artifact_round_trip(saved_int8):
             assert torch.equal(loaded(IDS).logits, ref)
     summary = sparamx.artifact.check(path)
     assert summary["int8_layers"] == 6 and summary["layers"] == 7
+
+
+def test_tied_head_packed_int8_keeps_the_bf16_embedding(tmp_path, caplog):
+    """A tied lm_head packed as dense-int8 cannot serve the embedding lookup (that needs
+    bf16 rows): the embedding keeps its exact bf16 weight, stored beside the int8 head,
+    and the artifact generates the in-memory model's tokens."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", num_hidden_layers=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        for mod in model.model.layers.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight[torch.rand(mod.weight.shape) < 0.5] = 0
+    emb = model.model.embed_tokens.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="sparamx.layers"):
+        sparamx.swap_linears(model, exclude=[], storage="auto-int8")
+    assert "lm_head is dense-int8" in caplog.text and "keep separate copies" in caplog.text
+    assert model.lm_head.storage == "dense-int8"
+    assert model.model.layers[0].mlp.up_proj.storage == "bitmap-int8"
+    assert type(model.model.embed_tokens) is nn.Embedding
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+    with torch.no_grad():
+        want = model.generate(IDS, max_new_tokens=16, do_sample=False)
+        logits = model(IDS).logits
+    sparamx.save(model, tiny_tokenizer(), tmp_path / "art")
+    m = read_manifest(tmp_path / "art")
+    assert m["tied"] == {} and m["packed_embeddings"] == {}
+    loaded, _ = sparamx.load(tmp_path / "art", verify="checksums")
+    assert loaded.lm_head.storage == "dense-int8" and loaded.lm_head.scales is not None
+    assert torch.equal(loaded.model.embed_tokens.weight, emb)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(IDS, max_new_tokens=16, do_sample=False), want)
+        assert torch.equal(loaded(IDS).logits, logits)
+    # verify's reference: the head's dequantized weight, the tied embedding left alone
+    from sparamx.pipeline.verify import dequantize_into
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    assert dequantize_into(ref, loaded) == 15
+    assert torch.equal(ref.model.embed_tokens.weight, emb)
+    head = loaded.lm_head.packed.unpack(torch.float32).bfloat16()
+    assert torch.equal(ref.lm_head.weight, head) and not torch.equal(head, emb)
 
 
 def rewrite_tensor(path, change):

@@ -79,6 +79,11 @@ def finished(run_dir):
         (["nonsense"], "expected key=value"),
         (["name=a/b"], "name"),
         (["bench.engine=fast"], "bench.engine: 'fast' is not one of lean, lean-fast, hf"),
+        (
+            ["pack.storage=int8"],
+            "pack.storage: 'int8' is not one of auto, auto-int8, bitmap-bf16, dense-bf16, "
+            "bitmap-int8, dense-int8",
+        ),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
@@ -98,10 +103,53 @@ def test_config_file_errors(tmp_path, capsys):
     assert "prune.method" in capsys.readouterr().err
 
 
+def test_pack_storages_are_the_formats():
+    from sparamx.format import PACK_STORAGES
+    from sparamx.pipeline.config import STORAGES
+
+    assert set(STORAGES) == set(PACK_STORAGES)
+    for storage in STORAGES:
+        assert load_config(None, [f"pack.storage={storage}"]).pack.storage == storage
+
+
+def test_int8_storage_through_the_pipeline(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, eval={"limit": 1}, pack={"storage": "auto-int8"})
+    assert pipeline.main([str(cfg)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run / "pack" / "artifact" / "sparamx.json").read_text())
+    storages = {lay["name"]: lay["storage"] for lay in manifest["layers"]}
+    assert storages.pop("lm_head") == "dense-int8"  # unpruned: below 5% sparsity
+    assert set(storages.values()) == {"bitmap-int8"}
+    state = json.loads((run / "state.json").read_text())["stages"]
+    assert "as auto-int8 (14 bitmap-int8, 1 dense-int8)" in state["pack"]["summary"]
+    verify = json.loads((run / "verify" / "verify.json").read_text())
+    assert verify["passed"] and verify["reference"] == "masked dense, int8 layers dequantized"
+    # against the weights it holds the artifact is closer than against the unquantized ones
+    assert verify["logits_rel_l2"] < verify["vs_unquantized"]["logits_rel_l2"]
+    meta = json.loads((run / "eval-packed" / "packed.json").read_text())["meta"]
+    assert meta["storage"] == "auto-int8"
+    assert meta["storage_layers"] == {"bitmap-int8": 14, "dense-int8": 1}
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["storage"] == {
+        "requested": "auto-int8",
+        "layers": {"bitmap-int8": 14, "dense-int8": 1},
+    }
+    assert "word_perplexity" in report["eval"]["packed"]["lee_news_ppl"]
+    md = (run / "report" / "report.md").read_text()
+    assert "packed storage: **auto-int8** (14 bitmap-int8, 1 dense-int8)" in md
+    assert "compared with their dequantized weights" in md
+
+
 def test_shipped_configs_are_valid():
-    for name in ("smollm2-135m", "llama8b"):
+    for name in ("smollm2-135m", "llama8b", "smollm2-135m-int8"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.prune.method == "wanda"
+    # The int8 example is the default run with int8 storage, nothing else changed.
+    base = load_config("configs/smollm2-135m.yaml").to_dict()
+    int8 = load_config("configs/smollm2-135m-int8.yaml").to_dict()
+    assert int8.pop("name") != base.pop("name")
+    assert int8["pack"].pop("storage") == "auto-int8" and base["pack"].pop("storage") == "auto"
+    assert int8 == base
 
 
 @pytest.mark.slow

@@ -118,11 +118,17 @@ def test_streamed_artifact_equals_in_memory(tmp_path, tokenizer, method, tie, al
     assert out.shape[1] == ids["input_ids"].shape[1] + 4
 
 
-@pytest.mark.parametrize("storage", ["bitmap-int8", "dense-int8"])
-def test_streamed_int8_artifact_equals_in_memory(tmp_path, tokenizer, storage):
+@pytest.mark.parametrize(
+    "storage, tie", [("bitmap-int8", False), ("dense-int8", False), ("auto-int8", True)]
+)
+def test_streamed_int8_artifact_equals_in_memory(tmp_path, tokenizer, storage, tie):
     # int8 layers carry fp32 scales: the streaming writer must keep them fp32, as the
-    # in-memory save does, instead of casting every float tensor to the work dtype.
-    src = write_model(tmp_path / "src", tokenizer, tie=False)
+    # in-memory save does, instead of casting every float tensor to the work dtype. A
+    # tied head packed as int8 (auto-int8: dense-int8, unpruned) keeps the embedding
+    # bf16 beside it, streamed or not.
+    from sparamx.pipeline.verify import verify_against_checkpoint
+
+    src = write_model(tmp_path / "src", tokenizer, tie=tie)
     ref = in_memory_artifact(src, tmp_path / "mem", "magnitude", None, 40_000, storage=storage)
     res = stream_prune_pack(
         src,
@@ -137,6 +143,14 @@ def test_streamed_int8_artifact_equals_in_memory(tmp_path, tokenizer, storage):
     assert_same_artifact(ref, res.path)
     model, _ = sparamx.load(res.path, verify="checksums")
     assert sum(type(m).__name__ in ("SparseLinear", "DenseLinear") for m in model.modules()) > 0
+    if storage == "auto-int8":
+        assert {lay["storage"] for lay in res.layers} == {"bitmap-int8", "dense-int8"}
+        assert model.lm_head.storage == "dense-int8"
+        assert type(model.model.embed_tokens) is torch.nn.Embedding
+    # the streaming run's verify: kept int8 values within half a step of the source's
+    rep = verify_against_checkpoint(res.path, src)
+    assert rep["weights_match"] and rep["worst_layer_rel_l2"] < 1e-2
+    assert len(rep["layers"]) == 3 * 7 + 1
 
 
 def test_missing_shard_file_is_named(tmp_path, tokenizer):
@@ -192,7 +206,7 @@ def test_fast_mask_selection_equals_stable_sort(granularity):
         assert torch.equal(fast, ref.reshape(s.shape)), sparsity
 
 
-def pipeline_config(tmp_path, **model):
+def pipeline_config(tmp_path, storage="auto", **model):
     import yaml
 
     cfg = {
@@ -201,7 +215,7 @@ def pipeline_config(tmp_path, **model):
         "model": model,
         "prune": {"method": "magnitude", "sparsity": 0.5},
         "eval": {"tasks": []},
-        "pack": {"exclude": [], "max_shard_gb": 0.0002},
+        "pack": {"exclude": [], "max_shard_gb": 0.0002, "storage": storage},
         "bench": {"enabled": False},
     }
     path = tmp_path / "cfg.yaml"
@@ -209,7 +223,8 @@ def pipeline_config(tmp_path, **model):
     return path
 
 
-def test_pipeline_streams_a_random_model(tmp_path):
+@pytest.mark.parametrize("storage", ["auto", "auto-int8"])
+def test_pipeline_streams_a_random_model(tmp_path, storage):
     """configs/llama8b-random.yaml's path in miniature: the load stage writes a random
     model, prune + pack stream it into a sharded artifact, verify checks it against the
     source checkpoint; a rerun skips every stage."""
@@ -218,6 +233,7 @@ def test_pipeline_streams_a_random_model(tmp_path):
     src = tmp_path / "models" / "tiny"
     cfg = pipeline_config(
         tmp_path,
+        storage,
         source=str(src),
         streaming=True,
         random={"preset": "tiny-llama", "num_layers": 3},
@@ -238,6 +254,8 @@ def test_pipeline_streams_a_random_model(tmp_path):
     model, tok = sparamx.load(art)
     assert model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=2).shape[1] > 1
     state = json.loads((run / "state.json").read_text())
+    kind = "int8" if storage == "auto-int8" else "bf16"
+    assert f"as {storage} (21 bitmap-{kind}, 1 dense-{kind})" in state["stages"]["pack"]["summary"]
     assert pipeline.main([str(cfg)]) == 0
     assert json.loads((run / "state.json").read_text()) == state  # nothing re-ran
 

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..artifact import atomic_write_json
+from .pack import storage_counts, storage_line
 from .runstate import StageResult
 
 log = logging.getLogger("sparamx.pipeline")
@@ -37,8 +38,12 @@ def run_packed_stage(pipe) -> StageResult:
     # Packed weights stay bf16; norms, embeddings, attention and activations run in
     # the compute dtype (fp32 where bf16 arithmetic is slow; see set_activation_dtype).
     model, tok = load(pipe.path("pack", "artifact"), dtype=pipe.compute_dtype)
-    res = evaluate(pipe, model, tok, pipe.path("eval-packed", "packed.json"), "packed")
-    outputs, summary = ["eval-packed/packed.json"], f"packed {metric_line(res)}"
+    layers = model.sparamx_manifest["layers"]
+    # The storage goes with the numbers: an int8 artifact's accuracy is not a bf16 one's.
+    meta = {"storage": pipe.cfg.pack.storage, "storage_layers": storage_counts(layers)}
+    res = evaluate(pipe, model, tok, pipe.path("eval-packed", "packed.json"), "packed", meta)
+    outputs = ["eval-packed/packed.json"]
+    summary = f"packed ({storage_line(layers)}) {metric_line(res)}"
     kvc = pipe.cfg.kv
     if kvc.method != "none":
         # lm-eval's loglikelihood tasks run prefill only (dense): the sparse KV cache is
@@ -66,11 +71,12 @@ def run_packed_stage(pipe) -> StageResult:
     return StageResult(outputs, summary)
 
 
-def evaluate(pipe, model, tok, out: Path, label: str) -> dict:
+def evaluate(pipe, model, tok, out: Path, label: str, meta: dict | None = None) -> dict:
     import eval as sx_eval
 
     e = pipe.cfg.eval
     res = sx_eval.evaluate(model, tok, e.tasks, limit=e.limit, batch_size=e.batch_size)
+    res["meta"].update(meta or {})
     sx_eval.write_json(out, res)
     log.info("%s: %s", label, metric_line(res))
     return res

@@ -48,13 +48,24 @@ def run_stage(pipe) -> StageResult:
     )
     man = json.loads((art / "sparamx.json").read_text())
     t = man["totals"]
-    storages = [lay["storage"] for lay in man["layers"]]
     return StageResult(
         ["pack/artifact"],
-        f"{len(names)} linears packed ({storages.count('bitmap-bf16')} bitmap, "
-        f"{storages.count('dense-bf16')} dense): {t['packed_bytes'] / 1e6:.1f} MB "
-        f"vs {t['dense_bytes'] / 1e6:.1f} MB dense bf16",
+        f"{len(names)} linears packed as {pk.storage} ({storage_line(man['layers'])}): "
+        f"{t['packed_bytes'] / 1e6:.1f} MB vs {t['dense_bytes'] / 1e6:.1f} MB dense bf16",
     )
+
+
+def storage_counts(layers: list[dict]) -> dict[str, int]:
+    """{storage: number of linears} over manifest layer records, in the format's order."""
+    from ..format import STORAGES
+
+    found = [lay["storage"] for lay in layers]
+    return {s: found.count(s) for s in STORAGES if s in found}
+
+
+def storage_line(layers: list[dict]) -> str:
+    """``"209 bitmap-int8, 1 dense-int8"``: what the layers were packed as."""
+    return ", ".join(f"{n} {s}" for s, n in storage_counts(layers).items()) or "none"
 
 
 def _run_streaming(pipe) -> StageResult:
@@ -109,7 +120,6 @@ def _run_streaming(pipe) -> StageResult:
         "layers": res.stats,
     }
     atomic_write_json(pipe.path("pack", "layers.json"), layers)
-    storages = [lay["storage"] for lay in res.layers]
     packed = sum(lay["bytes"] for lay in res.layers)
     dense = sum(2 * lay["shape"][0] * lay["shape"][1] for lay in res.layers)
     nnz = sum(s["nnz"] for s in res.stats)
@@ -118,7 +128,7 @@ def _run_streaming(pipe) -> StageResult:
         ["pack/artifact", "pack/layers.json"],
         f"streamed: {p.method} {p.sparsity:.0%} on {len(res.stats)} linears (overall "
         f"{1 - nnz / max(total, 1):.1%}), {len(res.layers)} packed "
-        f"({storages.count('bitmap-bf16')} bitmap, {storages.count('dense-bf16')} dense): "
+        f"as {pk.storage} ({storage_line(res.layers)}): "
         f"{packed / 1e6:.1f} MB vs {dense / 1e6:.1f} MB dense bf16, in {res.seconds:.0f} s, "
         f"peak RSS {res.peak_rss_mb / 1024:.2f} GiB",
     )

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..artifact import atomic_write_json, atomic_write_text
+from .pack import storage_counts
 from .runstate import StageResult
 
 
@@ -112,6 +113,10 @@ def write_report(pipe) -> list[str]:
         "layers": prune.get("layers", []),
         "packed_layers": manifest.get("layers", []),
         "packed_totals": manifest.get("totals", {}),
+        "storage": {
+            "requested": pipe.cfg.pack.storage,
+            "layers": storage_counts(manifest.get("layers", [])),
+        },
         "verify": {k: v for k, v in verify.items() if k != "layers"},
         "stages": pipe.state.data["stages"],
         "compute_dtype": pipe.compute.to_dict(),
@@ -138,6 +143,7 @@ def render_markdown(r: dict, eval_table: str) -> str:
         f"- pruning: {p['method']} {p['sparsity']:.0%} per {p['granularity']}, "
         f"calibration {_calibration_line(p)}, skip {p['skip']}",
         f"- artifact: `{r['artifact']}`",
+        _storage_line(r.get("storage")),
         f"- CPU: {env['cpu_model']} (ISA class `{env.get('isa', '?')}`, "
         f"{env.get('cores', '?')} cores); kernels: decode `{env['kernel_decode']}`, prefill "
         f"`{env['kernel_prefill']}`; torch {env['torch']}, transformers "
@@ -178,6 +184,18 @@ def _verify_section(v: dict | None) -> list[str]:
             "",
         ]
     elif v:
+        u = v.get("vs_unquantized")
+        quant = (
+            []
+            if not u
+            else [
+                f"The int8 layers are compared with their dequantized weights (q x scale); "
+                f"against the unquantized masked model the logits differ by "
+                f"{u['logits_rel_l2']:.2e} (relative L2), top-1 agreement "
+                f"{u['top1_agreement']:.1%}: the quantization's own effect.",
+                "",
+            ]
+        )
         return [
             "## Verification (packed vs masked dense, same tokens)",
             "",
@@ -186,6 +204,7 @@ def _verify_section(v: dict | None) -> list[str]:
             f"{v['top1_agreement']:.1%}, worst layer relative error "
             f"{v['worst_layer_rel_l2']:.2e}: **{'passed' if v['passed'] else 'FAILED'}**.",
             "",
+            *quant,
         ]
     return []
 
@@ -198,7 +217,7 @@ def _bench_section(r: dict, b: dict) -> list[str]:
         f"{len(b['prompts'])} prompts x {b['repeats']} repeats, {b['new_tokens']} new "
         "tokens each, medians; one warm-up generation per process is not timed. "
         "`stock` = transformers dense (unpruned), computing in the `dtype` column's "
-        "dtype; `sparse` = packed artifact (bf16 weights, activations in that dtype) "
+        "dtype; `sparse` = packed artifact (weights as packed, activations in that dtype) "
         "with a dense KV cache (weights only); `sparse+kv` = the same with the "
         "artifact's sparse KV cache. Loop: `hf` = `model.generate`, `lean` = "
         "`sparamx.generate` (static cache, compiled decode step; compile time in the "
@@ -279,13 +298,21 @@ def _packed_section(r: dict) -> list[str]:
     return lines
 
 
+def _storage_line(st: dict | None) -> str:
+    """How the linears were packed: what the config asked for and what each layer got."""
+    if not st:
+        return "- packed storage: not recorded"
+    got = ", ".join(f"{n} {s}" for s, n in st["layers"].items()) or "no layers packed"
+    return f"- packed storage: **{st['requested']}** ({got})"
+
+
 def _compute_line(c: dict | None) -> str:
     if not c:
         return "- compute dtype: not recorded"
     return (
         f"- compute dtype: **{c['resolved']}** (requested `{c['requested']}`; {c['reason']}): "
         "calibration, dense / pruned / packed evaluation, verification and the stock "
-        "baseline compute in it; packed weights are bf16"
+        "baseline compute in it; packed weights keep their storage's type (bf16 or int8)"
     )
 
 

@@ -69,11 +69,28 @@ def compare_models(
     }
 
 
+def dequantize_into(reference: nn.Module, packed: nn.Module) -> int:
+    """Give every ``nn.Linear`` of ``reference`` whose counterpart in ``packed`` is int8
+    the weight that layer holds (``q * scale``, in the reference's dtype); returns how
+    many. A new parameter, not a copy into the old one: a head tied to the embedding
+    must not change the reference's embedding (the packed model keeps it as it was)."""
+    ref_mods = dict(reference.named_modules())
+    changed = 0
+    for name, mod in packed.named_modules():
+        ref = ref_mods.get(name)
+        if isinstance(mod, SparseLinear) and mod.packed.is_int8 and isinstance(ref, nn.Linear):
+            w = mod.packed.unpack(torch.float32).to(ref.weight.dtype)
+            ref.weight = nn.Parameter(w, requires_grad=False)
+            changed += 1
+    return changed
+
+
 def verify_against_checkpoint(
     artifact, source, dtype: str = "bfloat16", rows: int = 4, seed: int = 0
 ) -> dict:
     """The streaming run's check, one linear at a time (no dense model in RAM): each
-    packed weight holds exactly the source checkpoint's values where it keeps any, and
+    packed weight holds the source checkpoint's values where it keeps any (exactly, or
+    for int8 within half a quantization step: :func:`kept_weights_match`), and
     the packed kernel's output on random inputs matches ``F.linear`` on the unpacked
     weight."""
     from tqdm.auto import tqdm
@@ -85,18 +102,21 @@ def verify_against_checkpoint(
     model, _ = load(artifact)
     ckpt = SafetensorsCheckpoint(source)
     dtype = parse_dtype(dtype)
-    # A head tied to the embeddings has no tensor of its own in the source.
+    # A head tied to the embeddings has no tensor of its own in the source: it was packed
+    # from the embedding's (shared with it as a PackedEmbedding, or not: an int8 head).
     source_of = {head: emb for emb, head in model.sparamx_manifest["packed_embeddings"].items()}
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(head, SparseLinear) and f"{names[id(head)]}.weight" not in ckpt.weight_map:
+        source_of.setdefault(names[id(head)], names[id(emb)])
     gen = torch.Generator().manual_seed(seed)
     layers = []
     packed = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     with torch.inference_mode():
         for name, mod in tqdm(packed, desc="verify", unit="linear"):
             key = source_of.get(name, name) + ".weight"
-            w_src = ckpt.read([key], dtype)[key].to(torch.bfloat16)
-            w = mod.packed.unpack()
-            kept = w != 0
-            match = bool(torch.equal(w[kept], w_src[kept]))
+            w_src = ckpt.read([key], dtype)[key]
+            w, kept, match = kept_weights_match(mod.packed, w_src)
             x = torch.randn(rows, mod.in_features, generator=gen).to(torch.bfloat16)
             y = mod(x).float()
             y_ref = x.float() @ w.float().T
@@ -122,6 +142,22 @@ def verify_against_checkpoint(
     }
 
 
+def kept_weights_match(packed, w_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Whether ``packed`` holds the source weight's values where it keeps any: exactly
+    (bf16 storages: the source rounded to bf16), or within half a quantization step
+    (int8: ``q = round(w / scale)``, from the source as read). Returns the unpacked
+    weight (fp32 for int8: what the kernels multiply by), the keep mask, the verdict."""
+    if not packed.is_int8:
+        w = packed.unpack()
+        kept = w != 0
+        return w, kept, bool(torch.equal(w[kept], w_src.to(torch.bfloat16)[kept]))
+    w, kept = packed.unpack(torch.float32), packed.kept()
+    err = (w - w_src.float()).abs()[kept]
+    # half a step, plus fp32's rounding of w / scale and of q * scale
+    match = bool((err <= packed.weight_scales()[kept] * (0.5 + 1e-5)).all())
+    return w, kept, match
+
+
 # ------------------------------------------------------------------ the stage
 
 
@@ -134,6 +170,14 @@ def run_stage(pipe) -> StageResult:
     packed, tok = load(pipe.path("pack", "artifact"), dtype=pipe.compute_dtype)
     masked, _ = pipe.pruned_model()
     rep = compare_models(masked, packed, tok, VERIFY_TEXT_TOKENS)
+    unquantized = None
+    if dequantize_into(masked, packed):
+        # int8 layers: the criteria judge the kernels against the weights the artifact
+        # holds (q * scale); the quantization's own effect is reported beside them.
+        unquantized = {k: rep[k] for k in ("logits_rel_l2", "logits_max_abs", "top1_agreement")}
+        rep = compare_models(masked, packed, tok, VERIFY_TEXT_TOKENS)
+        rep["reference"] = "masked dense, int8 layers dequantized"
+        rep["vs_unquantized"] = unquantized
     ok = rep["logits_rel_l2"] <= VERIFY_REL_TOL and rep["top1_agreement"] >= VERIFY_TOP1
     rep["compute_dtype"] = pipe.compute.resolved
     rep["passed"] = ok
@@ -143,6 +187,12 @@ def run_stage(pipe) -> StageResult:
         f"logits rel. L2 error {rep['logits_rel_l2']:.2e}, max abs "
         f"{rep['logits_max_abs']:.3g}, top-1 agreement {rep['top1_agreement']:.1%}"
     )
+    if unquantized:
+        u = unquantized
+        summary += (
+            f" (int8 dequantized; vs the unquantized masked model {u['logits_rel_l2']:.2e}, "
+            f"top-1 {u['top1_agreement']:.1%})"
+        )
     if not ok:
         worst = sorted(rep["layers"], key=lambda r: -r["rel_l2"])[:10]
         table = "\n".join(
