@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -472,8 +473,8 @@ def serving_context(model, asked: int | None) -> int:
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on a background thread (tests, benchmarks): a context
-    manager that returns once the socket listens and stops the server on exit."""
+    """uvicorn serving ``app`` on a background thread (``main``, tests, benchmarks): a
+    context manager that returns once the socket listens and stops the server on exit."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
@@ -487,7 +488,10 @@ class ServerThread:
         deadline = time.monotonic() + 30
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
+                cfg = self.server.config
+                raise RuntimeError(
+                    f"the HTTP server did not start on {cfg.host}:{cfg.port} (port in use?)"
+                )
             time.sleep(0.01)
         return self
 
@@ -546,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -565,7 +573,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sparamx serve: error: {why}", file=sys.stderr)
         return 2
     import torch
-    import uvicorn
 
     from ..artifact import ArtifactError, load
 
@@ -584,11 +591,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile=not args.no_compile,
         attention=args.attention,
         slots=args.slots,
-    ).start(warm_up=not args.no_compile)
+    )
     server = Server(engine, args.model_name or model_name_for(path), args.default_max_tokens)
-    log.info("serving %s as %r on http://%s:%d", path, server.model_name, args.host, args.port)
+    # The decode loop runs on this (the main) thread and uvicorn on another: see
+    # Engine.run (torch's OpenMP threads are slow from a second thread). SIGTERM stops
+    # it as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.stop()
+        with ServerThread(create_app(server), args.host, args.port) as st:
+            log.info(
+                "serving %s as %r on http://%s:%d", path, server.model_name, args.host, st.port
+            )
+            engine.run(warm_up=not args.no_compile)
+    except KeyboardInterrupt:
+        log.info("interrupted; stopping")
+    except RuntimeError as e:  # the HTTP server did not start (e.g. the port is taken)
+        print(f"sparamx serve: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -108,11 +108,22 @@ class Engine:
     # ------------------------------------------------------------- control
 
     def start(self, warm_up: bool = True) -> Engine:
-        """Start the worker; with ``warm_up`` it first compiles the greedy and the
-        sampling decode steps for the context (``ready`` is set after)."""
+        """Start the worker on a thread of its own; with ``warm_up`` it first compiles
+        the decode steps for the context (``ready`` is set after). See ``run`` for
+        why a server runs it on its main thread instead."""
         self._warm = warm_up
         self._thread.start()
         return self
+
+    def run(self, warm_up: bool = True) -> None:
+        """The worker on the calling thread, until ``stop``. ``python -m sparamx.serve``
+        runs it on the main thread (uvicorn on another): with OpenMP (torch's CPU
+        threads), a thread other than the one that first ran parallel work gets a
+        thread team of its own beside the first one's, and with 2 threads on 2 cores
+        each parallel op then took 1.6-1.9x as long (SmolLM2 decode from a worker
+        thread: 39 tok/s against 79 from the main thread, 2-core AMX Xeon)."""
+        self._warm = warm_up
+        self._run()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let the current job finish (the waiting ones are cancelled), then end the
@@ -125,7 +136,8 @@ class Engine:
             if job is not None:
                 self._finish(job, "cancelled", None)
         self._queue.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         try:
