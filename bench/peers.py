@@ -14,6 +14,12 @@ Engines (``--engines``, default all):
 | `dense-lean`         | dense bf16                          | ``sparamx.generate``           |
 | `llama.cpp-bf16`     | SmolLM2 GGUF, BF16 (same weights)   | llama-cpp-python's own loop    |
 | `llama.cpp-q4_1`     | SmolLM2 GGUF, Q4_1 (as shipped)     | llama-cpp-python's own loop    |
+| `llama.cpp-q8_0`     | SmolLM2 GGUF, Q8_0 (llama.cpp's quantizer on the BF16 one) | the same |
+
+A llama.cpp engine that dies of SIGSEGV is run once more without llama.cpp's CPU weight
+repacking (``use_extra_bufts=False``; on a 2-core AMX Xeon its Q4_1 and Q8_0 models
+crashed on the first token with it); its record then says ``"llama_cpp_repack": false``
+and its format ends in ``(no repack)``.
 
 ``--context N`` makes the prompt the first N tokens of real English text (the same
 ids for every engine, llama.cpp included; ``--new-tokens`` are generated after it), so
@@ -54,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,7 +80,9 @@ ENGINES = {  # name: (model, loop)
     "dense-lean": ("dense", "lean"),
     "llama.cpp-bf16": ("gguf-bf16", "llama.cpp"),
     "llama.cpp-q4_1": ("gguf-q4_1", "llama.cpp"),
+    "llama.cpp-q8_0": ("gguf-q8_0", "llama.cpp"),
 }
+NO_REPACK_ENV = "SPARAMX_LLAMA_NO_REPACK"  # set by run_subprocess for the retry
 SAME_AS = {"sparamx-lean": "sparamx-hf", "sparamx-lean-eager": "sparamx-hf"}
 SAME_AS["sparamx-lean-fast"] = "sparamx-hf"  # not bitwise: may differ after a near-tie
 SAME_AS["dense-lean"] = "transformers"
@@ -105,11 +114,13 @@ def _load(kind: str, args):
     (artifact,) = args.artifact
     model, tok = sparamx.load(artifact, dtype=dtype)
     manifest = read_manifest(artifact)
-    sparsity = manifest.get("recipe", {}).get("sparsity")
-    if all(layer.get("storage") == "dense-bf16" for layer in manifest.get("layers", [])):
-        fmt = "dense-bf16 (packed)"
+    sparsity = (manifest.get("recipe") or {}).get("sparsity")
+    storages = [layer.get("storage") for layer in manifest.get("layers", [])]
+    main = max(set(storages), key=storages.count) if storages else "packed"
+    if main.startswith("dense"):
+        fmt = f"{main} (packed)"
     else:
-        fmt = "bitmap-bf16" + (f" {sparsity:.0%}" if sparsity is not None else "")
+        fmt = main + (f" {sparsity:.0%}" if sparsity is not None else "")
     return model, tok, fmt, model_bytes(model)
 
 
@@ -143,9 +154,10 @@ def _llama_cpp_runner(threads: int, kind: str, n_ctx: int):
         from llama_cpp import Llama
     except ImportError:
         return None
-    from sparamx.assets import smollm2_gguf, smollm2_gguf_bf16
-
-    gguf = smollm2_gguf_bf16() if kind == "gguf-bf16" else smollm2_gguf()
+    repack = os.environ.get(NO_REPACK_ENV) != "1"
+    if not repack:
+        _disable_llama_cpp_repack()
+    gguf = _gguf(kind)
     llm = Llama(
         model_path=str(gguf),
         n_ctx=n_ctx,
@@ -177,7 +189,50 @@ def _llama_cpp_runner(threads: int, kind: str, n_ctx: int):
         }
 
     fmt = "gguf-" + gguf.stem.rsplit(".", 1)[-1].lower()  # e.g. gguf-q4_1
-    return run, fmt, gguf.stat().st_size
+    return run, fmt + ("" if repack else " (no repack)"), gguf.stat().st_size
+
+
+def _gguf(kind: str):
+    """The GGUF file of a llama.cpp engine: the shipped Q4_1, its BF16 conversion, or a
+    Q8_0 quantized from that BF16 by llama.cpp's own quantizer (written once, beside it)."""
+    from sparamx.assets import smollm2_gguf, smollm2_gguf_bf16
+
+    if kind == "gguf-q4_1":
+        return smollm2_gguf()
+    bf16 = smollm2_gguf_bf16()
+    if kind == "gguf-bf16":
+        return bf16
+    out = bf16.with_name(bf16.name.replace(".BF16.", ".Q8_0."))
+    if not out.exists():
+        import ctypes
+
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        tmp = out.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(
+            str(bf16).encode(), str(tmp).encode(), ctypes.byref(params)
+        ):
+            raise RuntimeError(f"llama.cpp could not quantize {bf16} to Q8_0")
+        os.replace(tmp, out)
+    return out
+
+
+def _disable_llama_cpp_repack() -> None:
+    """Make ``Llama`` load with ``use_extra_bufts=False`` (no CPU weight repacking): it
+    reads its model parameters from ``llama_model_default_params``, which has no
+    keyword of its own in ``Llama``."""
+    import llama_cpp.llama as llama_module
+
+    default = llama_module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
 
 
 def run_worker(engine: str, args) -> dict:
@@ -294,10 +349,17 @@ def run_subprocess(engine: str, threads: int, args, artifact: str | None = None)
         cmd += ["--prompt", p]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    retried = False
+    if proc.returncode == -signal.SIGSEGV and ENGINES[engine][1] == "llama.cpp":
+        env[NO_REPACK_ENV], retried = "1", True
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         why = f"exit status {proc.returncode}\n{proc.stderr[-1500:]}"
         return {"engine": engine, "threads": threads, "artifact": artifact, "failed": why}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    if ENGINES[engine][1] == "llama.cpp":
+        rec["llama_cpp_repack"] = not retried
+    return rec
 
 
 def _same_tokens(a: str, b: str, eos: str | None) -> bool:
