@@ -17,6 +17,7 @@ sources = [
     "cpu_features.cpp",
     "kernel_portable.cpp",
     "kernel_amx_emu.cpp",
+    "kernel_int8_amx.cpp",
     "attention_ops.cpp",
     "attention_portable.cpp",
     "norm_ops.cpp",

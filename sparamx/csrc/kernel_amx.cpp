@@ -50,6 +50,43 @@ inline void store_row(const LinearArgs& a, int64_t g, int64_t r, const float* ac
 }
 
 }  // namespace amx_hw
+
+// int8 -> bf16 for the AMX int8 prefill (kernel_int8_amx.cpp): per unit, the kept int8
+// are expanded to their bit positions (vpexpandb), widened to fp32, multiplied by their
+// column's scale (lane 2c + j holds column c), rounded to bf16 (RNE, as float_to_bf16)
+// and, sparse, compressed back to the kept positions (vpcompressw). The 32-byte load may
+// read past a unit's values; the format pads them with kValuesPadI8 zero bytes.
+void int8_to_bf16_avx512(const LinearArgs& a, int64_t g0, int64_t g1, uint16_t* out) {
+  const int8_t* q = a.qvalues + (a.bitmap ? a.offsets[g0] : g0 * a.k_pairs * kUnitVals);
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t p0 = 0; p0 < a.k_pairs; p0 += kQBlockPairs) {
+      const __m512 s = _mm512_loadu_ps(a.scales + (g * a.k_blocks + p0 / kQBlockPairs) * 16);
+      const __m512 s_lo = _mm512_permutexvar_ps(lo_idx, s);
+      const __m512 s_hi = _mm512_permutexvar_ps(hi_idx, s);
+      const int64_t p1 = p0 + kQBlockPairs < a.k_pairs ? p0 + kQBlockPairs : a.k_pairs;
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint32_t bits = a.bitmap ? a.bitmap[g * a.k_pairs + p] : ~0u;
+        __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        if (a.bitmap) w = _mm256_maskz_expand_epi8(bits, w);
+        const __m512 f_lo = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(w))), s_lo);
+        const __m512 f_hi = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(w, 1))), s_hi);
+        const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(f_hi, f_lo);
+        const int kept = __builtin_popcount(bits);
+        if (a.bitmap) {
+          _mm512_mask_compressstoreu_epi16(out, bits, b);
+        } else {
+          _mm512_storeu_si512(out, b);
+        }
+        out += kept;
+        q += kept;
+      }
+    }
+}
+
 }  // namespace sparamx
 
 #define SPARAMX_AMX_KERNEL_NAME linear_amx

@@ -66,10 +66,18 @@ void linear_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 void linear_amx(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 // The AMX kernel built on the plain-C++ tile emulation (any CPU; for tests).
 void linear_amx_emulated(const LinearArgs& a, int64_t g_begin, int64_t g_end);
-// Int8 layouts (a.qvalues, a.scales). The AMX tier runs linear_int8_avx512 (see ops.cpp).
+// Int8 layouts (a.qvalues, a.scales).
 void linear_int8_portable(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 void linear_int8_avx2(const LinearArgs& a, int64_t g_begin, int64_t g_end);
 void linear_int8_avx512(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+// AMX (kernel_int8_amx.cpp): M > 4 converts chunks of groups to bf16 and runs the AMX
+// kernel (real or emulated tiles); M <= 4 runs linear_int8_avx512 / _portable.
+void linear_int8_amx(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+void linear_int8_amx_emulated(const LinearArgs& a, int64_t g_begin, int64_t g_end);
+// Groups [g0, g1) of an int8 layout as the bf16 layout's values, each weight
+// bf16(q * scale): sparse, the kept values in order; dense, [g1 - g0][P][32].
+void int8_to_bf16_portable(const LinearArgs& a, int64_t g0, int64_t g1, uint16_t* out);
+void int8_to_bf16_avx512(const LinearArgs& a, int64_t g0, int64_t g1, uint16_t* out);
 
 // bf16 <-> fp32 helpers shared by the plain-C++ kernels.
 inline float bf16_to_float(uint16_t v) {

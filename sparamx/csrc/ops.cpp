@@ -56,7 +56,7 @@ Kernel kernel_by_name(const std::string& name) {
   const auto& f = cpu_features();
   if (name == "portable") return {"portable", linear_portable, "portable", linear_int8_portable};
   if (name == "amx_emulated")
-    return {"amx_emulated", linear_amx_emulated, "portable", linear_int8_portable};
+    return {"amx_emulated", linear_amx_emulated, "amx_emulated", linear_int8_amx_emulated};
 #if defined(__x86_64__) || defined(_M_X64)
   if (name == "avx2") {
     TORCH_CHECK(f.can_avx2(),
@@ -74,7 +74,7 @@ Kernel kernel_by_name(const std::string& name) {
     TORCH_CHECK(f.can_amx(),
                 "sparamx: kernel 'amx' needs AMX-TILE/AMX-BF16 (and OS permission), which this "
                 "CPU does not provide; use SPARAMX_KERNEL=avx512|avx2|portable or leave it unset");
-    return {"amx", linear_amx, "avx512", linear_int8_avx512};
+    return {"amx", linear_amx, "amx", linear_int8_amx};
   }
 #else
   TORCH_CHECK(name != "avx512" && name != "amx" && name != "avx2", "sparamx: kernel '", name,
