@@ -13,15 +13,16 @@ Servers (``--servers``, each its own process, all started first and measured in 
 
 llama-cpp-python's server (``pip install 'llama-cpp-python[server]'``) decodes one
 request at a time (``--interrupt_requests False``: a new request waits instead of
-cancelling the running one). The baseline, ``sparamx.generate`` called directly in this
-process, runs with the same threads, attention and KV cache length. Each of
-``--repeats`` rounds runs, back to back, one direct generation per prompt and, for each
-server and each ``--clients`` level, ``--requests`` streaming completions of
-``--new-tokens`` tokens sent by that many client threads with the official ``openai``
-client: on a shared machine the load changes from minute to minute, and this way every
-side of a round sees the same. Our server gets ``ignore_eos``; llama.cpp's gets a
-``logit_bias`` of -100 on the end-of-sequence tokens (it has no ``ignore_eos``), so both
-decode the full count.
+cancelling the running one); ``--llama-no-repack`` runs it with llama.cpp's CPU weight
+repacking off (its Q4_1 model crashes with it on an AMX Xeon). The baseline,
+``sparamx.generate`` called directly in this process, runs with the same threads,
+attention and KV cache length. Each of ``--repeats`` rounds runs, back to back, one
+direct generation per prompt and, for each server and each ``--clients`` level,
+``--requests`` streaming completions of ``--new-tokens`` tokens sent by that many client
+threads with the official ``openai`` client: on a shared machine the load changes from
+minute to minute, and this way every side of a round sees the same. Our server gets
+``ignore_eos``; llama.cpp's gets a ``logit_bias`` of -100 on the end-of-sequence tokens
+(it has no ``ignore_eos``), so both decode the full count.
 
 Per request: TTFT (request sent -> first text chunk), latency (-> last chunk) and
 its decode rate (tokens after the first / time after the first). Per server and level:
@@ -111,6 +112,18 @@ class Direct:
 # ------------------------------------------------------------------ server
 
 SERVERS = ("sparamx", "sparamx-slots1", "llama.cpp-bf16", "llama.cpp-q4_1")
+# llama_cpp.server with llama.cpp's CPU weight repacking off (its Q4_1 model crashes with
+# it on a 2-core AMX Xeon): Llama reads its model parameters from this function.
+NO_REPACK_SERVER = """
+import runpy, llama_cpp.llama as m
+default = m.llama_cpp.llama_model_default_params
+def params():
+    p = default()
+    p.use_extra_bufts = False
+    return p
+m.llama_cpp.llama_model_default_params = params
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
 
 
 def _free_port() -> int:
@@ -130,7 +143,9 @@ def server_command(kind: str, args, port: int) -> list[str]:
     from sparamx.assets import smollm2_gguf, smollm2_gguf_bf16
 
     gguf = smollm2_gguf_bf16() if kind == "llama.cpp-bf16" else smollm2_gguf()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
+    # --llama-no-repack: the same server with use_extra_bufts=False (see peers.py)
+    server = ["-c", NO_REPACK_SERVER] if args.llama_no_repack else ["-m", "llama_cpp.server"]
+    cmd = [sys.executable, *server, "--model", str(gguf), "--port", str(port)]
     cmd += ["--model_alias", NAME, "--n_threads", str(args.threads)]
     cmd += ["--n_threads_batch", str(args.threads), "--n_ctx", str(args.context)]
     return cmd + ["--interrupt_requests", "False", "--verbose", "False"]
@@ -272,6 +287,11 @@ def parse_args(argv):
     ap.add_argument("--context", type=int, default=512, help="KV cache length, all sides")
     ap.add_argument("--attention", choices=("exact", "fast"), default="exact")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument(
+        "--llama-no-repack",
+        action="store_true",
+        help="llama.cpp servers without CPU weight repacking (use_extra_bufts=False)",
+    )
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -400,6 +420,7 @@ def main(argv=None) -> int:
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "slots": args.slots,
+            "llama_no_repack": args.llama_no_repack,
             "context": args.context,
             "attention": args.attention,
             "compile": not args.no_compile,
