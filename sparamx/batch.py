@@ -399,13 +399,16 @@ class BatchDecoder:
         n = len(self.rows)
         if n == 0:
             return []
-        tokens = torch.tensor([[s.ids[-1]] for s in self.rows])
-        positions = torch.tensor([[s.length - 1] for s in self.rows])
-        length = int(positions.max()) + 1
-        mask = (self.positions[:length].unsqueeze(0) <= positions).view(n, 1, 1, length)
-        if self.backend:
-            self._mark_dynamic(n, tokens, positions, mask)
+        # The inputs are made in inference mode whatever the caller's mode (a caller
+        # inside torch.inference_mode would otherwise hand the compiled step inference
+        # tensors one time and normal ones another: a recompile each switch).
         with torch.inference_mode(), _batch_attention(self.model):
+            tokens = torch.tensor([[s.ids[-1]] for s in self.rows])
+            positions = torch.tensor([[s.length - 1] for s in self.rows])
+            length = int(positions.max()) + 1
+            mask = (self.positions[:length].unsqueeze(0) <= positions).view(n, 1, 1, length)
+            if self.backend:
+                self._mark_dynamic(n, tokens, positions, mask)
             logits = self._step(self.model, tokens, positions, mask, self.kv)
         self.steps += 1
         done = []

@@ -113,6 +113,26 @@ def test_compiled_steps_equal_eager_and_do_not_recompile_per_length():
     assert counters["stats"]["unique_graphs"] <= 3
 
 
+def test_caller_inference_mode_does_not_recompile():
+    # the demo steps the decoder from inside transformers' generate (inference mode)
+    from torch._dynamo.utils import counters
+
+    model = _tiny(dtype=torch.bfloat16, sparsity=0.5)
+    dec = BatchDecoder(model, slots=1, max_len=64, compile="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    dec.add(PROMPTS[1], 12, stop_at_eos=False)
+    dec.step()
+    dec.step()
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        dec.step()
+    dec.step()
+    with torch.no_grad():
+        dec.step()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_stops_sampling_and_streaming():
     model, tok = _tiny(), tiny_tokenizer()
     pieces: list[str] = []

@@ -8,19 +8,21 @@ speed-up.
     python -m sparamx.tools.demo ARTIFACT --no-live         # no animation: final texts + speeds
 
 Left: the artifact's source model, dense bf16, through transformers' ``model.generate``
-(what a user runs without sparamx). Right: the packed model through
-``sparamx.generate``. Both run greedy decoding in one process with the same thread
-count, taking turns token by token (a baton passed between two threads): the columns
-grow together, and each model's tokens/s counts only the time it held the CPU, so the
-two never slow each other down. The first token (prefill) is not in the tokens/s; the
-sparse decode step is compiled before the race starts (its compile time is shown).
+(what a user runs without sparamx). Right: the packed model through sparamx's decoder
+(``sparamx.BatchDecoder`` with one slot: a compiled decode step, one token per call).
+Both run greedy decoding on the calling thread with the same thread count, taking turns
+token by token: the stock model's streamer runs one sparse step after each stock token,
+so the columns grow together, and each model's tokens/s counts only its own time. (Two
+Python threads would each get their own OpenMP thread team, which made both lanes
+1.5-1.8x slower at 2 threads on a 2-core AMX Xeon; see ``sparamx.serve.engine``.) The
+first token (prefill) is not in the tokens/s; the sparse decode step is compiled before
+the race starts (its compile time is shown).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,77 +55,63 @@ class Lane:
         return len(rest) / sum(rest) if rest and sum(rest) > 0 else None
 
 
-class Baton:
-    """Turn-taking between the two generating threads: a thread computes while it holds
-    the baton and hands it over after each token, so both columns advance together and
-    neither's timing includes the other's work."""
+class _SparseLane:
+    """The packed model's column, one token per ``next()`` (prefill and first token on
+    the first call), timed on its own."""
 
-    def __init__(self, order: list[str]):
-        self.order = order
-        self.turn = order[0]
-        self.finished: set[str] = set()
-        self.cond = threading.Condition()
+    def __init__(self, decoder, prompt: str, new_tokens: int, lane: Lane, on_change):
+        self.decoder, self.prompt, self.new_tokens = decoder, prompt, new_tokens
+        self.lane, self.on_change = lane, on_change
+        self.seq = None
 
-    def wait(self, who: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.turn == who or self._others_done(who))
+    def _piece(self, text: str) -> None:
+        self.lane.text += text
 
-    def _others_done(self, who: str) -> bool:
-        return all(o in self.finished for o in self.order if o != who)
-
-    def pass_on(self, who: str) -> None:
-        with self.cond:
-            others = [o for o in self.order if o != who and o not in self.finished]
-            if others:
-                self.turn = others[0]
-            self.cond.notify_all()
-
-    def finish(self, who: str) -> None:
-        with self.cond:
-            self.finished.add(who)
-            self.cond.notify_all()
-        self.pass_on(who)
-
-
-class _Racer:
-    """Per-lane bookkeeping shared by the stock streamer and the sparse callback: on each
-    new piece of text, charge the time since this lane got the baton, hand it over, and
-    wait for the next turn."""
-
-    def __init__(self, lane: Lane, who: str, baton: Baton, on_change: Callable[[], None]):
-        self.lane, self.who, self.baton, self.on_change = lane, who, baton, on_change
-        self.started = 0.0
-
-    def begin(self) -> None:
-        self.baton.wait(self.who)
-        self.started = time.perf_counter()
-
-    def token(self, piece: str) -> None:
-        self.lane.durations.append(time.perf_counter() - self.started)
-        self.lane.text += piece
+    def next(self) -> bool:
+        """One more token; False once the sequence has ended."""
+        if self.lane.done:
+            return False
+        t0 = time.perf_counter()
+        try:
+            if self.seq is None:
+                self.seq = self.decoder.add(self.prompt, self.new_tokens, stream=self._piece)
+            else:
+                self.decoder.step()
+        except Exception as e:  # noqa: BLE001 - shown in its column, the other lane goes on
+            self.lane.error, self.lane.done = f"{type(e).__name__}: {e}", True
+            self.on_change()
+            return False
+        self.lane.durations.append(time.perf_counter() - t0)
+        self.lane.done = self.seq.result is not None
         self.on_change()
-        self.baton.pass_on(self.who)
-        self.begin()
+        return not self.lane.done
 
 
 class _StockStreamer:
-    """A transformers streamer (``put``/``end``) turning token ids into text pieces."""
+    """A transformers streamer (``put``/``end``) for the stock column: each new token is
+    charged the time since the stock model last resumed, then the sparse lane takes its
+    turn (``turn``), then the stock model resumes."""
 
-    def __init__(self, tokenizer, racer: _Racer):
-        self.tokenizer, self.racer = tokenizer, racer
+    def __init__(self, tokenizer, lane: Lane, turn: Callable[[], bool], on_change):
+        self.tokenizer, self.lane, self.turn, self.on_change = tokenizer, lane, turn, on_change
         self.ids: list[int] = []
         self.sent = 0
         self.prompt_seen = False
+        self.resumed = time.perf_counter()
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
+        self.lane.durations.append(time.perf_counter() - self.resumed)
         self.ids.extend(int(t) for t in value.reshape(-1))
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         piece = text[self.sent :] if not text.endswith("\ufffd") else ""
         self.sent += len(piece)
-        self.racer.token(piece)
+        self.lane.text += piece
+        self.on_change()
+        self.turn()
+        self.resumed = time.perf_counter()
 
     def end(self) -> None:
         pass
@@ -149,6 +137,26 @@ def load_models(artifact: str | Path, stock: bool, stock_source: str | None, dty
     return sparse, tok, dense, desc
 
 
+def _cache_len(tokenizer, prompt: str, new_tokens: int) -> int:
+    from ..generate import CACHE_BUCKET
+
+    n = tokenizer(prompt, return_tensors="pt")["input_ids"].shape[1]
+    return -(-(n + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def sparse_decoder(sparse, tokenizer, prompt: str, new_tokens: int, compile: bool = True):
+    """The packed model's one-slot ``BatchDecoder`` for this prompt, kept on the model
+    so that the warm-up's compiled step serves the race."""
+    from ..batch import BatchDecoder
+
+    key = (_cache_len(tokenizer, prompt, new_tokens), compile)
+    cached = getattr(sparse, "_sparamx_demo_decoder", None)
+    if cached is None or cached[0] != key:
+        dec = BatchDecoder(sparse, tokenizer, slots=1, max_len=key[0], compile=compile)
+        sparse._sparamx_demo_decoder = cached = (key, dec)
+    return cached[1]
+
+
 def race(
     sparse,
     dense,
@@ -160,74 +168,44 @@ def race(
     lanes: dict[str, Lane] | None = None,
     compile: bool = True,
 ) -> dict[str, Lane]:
-    """Generate ``prompt`` with both models, turn by turn (see the module docstring);
-    ``dense`` None: the sparse model alone."""
-    from ..generate import CACHE_BUCKET, generate
-
+    """Generate ``prompt`` with both models on this thread, turn by turn (see the
+    module docstring); ``dense`` None: the sparse model alone."""
     torch.set_num_threads(threads)
     if lanes is None:
         lanes = {SPARSE: Lane("sparamx packed")}
         if dense is not None:
             lanes[STOCK] = Lane("stock transformers")
-    order = [STOCK, SPARSE] if dense is not None else [SPARSE]
-    baton = Baton(order)
-    ids = tokenizer(prompt, return_tensors="pt")
-    cache_len = -(-(ids["input_ids"].shape[1] + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-
-    def run_stock():
-        racer = _Racer(lanes[STOCK], STOCK, baton, on_change)
+    decoder = sparse_decoder(sparse, tokenizer, prompt, new_tokens, compile)
+    sparse_lane = _SparseLane(decoder, prompt, new_tokens, lanes[SPARSE], on_change)
+    if dense is not None:
+        streamer = _StockStreamer(tokenizer, lanes[STOCK], sparse_lane.next, on_change)
         try:
-            torch.set_num_threads(threads)  # the thread count is per OS thread in OpenMP
-            racer.begin()
             with torch.inference_mode():
                 dense.generate(
-                    **ids,
+                    **tokenizer(prompt, return_tensors="pt"),
                     max_new_tokens=new_tokens,
                     do_sample=False,
-                    streamer=_StockStreamer(tokenizer, racer),
+                    streamer=streamer,
                     pad_token_id=tokenizer.pad_token_id,
                 )
         except Exception as e:  # noqa: BLE001 - shown in its column, the other lane goes on
             lanes[STOCK].error = f"{type(e).__name__}: {e}"
         finally:
             lanes[STOCK].done = True
-            baton.finish(STOCK)
             on_change()
-
-    worker = None
-    if dense is not None:
-        worker = threading.Thread(target=run_stock, name="stock-generate", daemon=True)
-        worker.start()
-    # The sparse model runs in the main thread (torch.compile's home).
-    racer = _Racer(lanes[SPARSE], SPARSE, baton, on_change)
-    try:
-        racer.begin()
-        generate(
-            sparse,
-            tokenizer,
-            prompt,
-            new_tokens,
-            stream=racer.token,
-            max_cache_len=cache_len,
-            compile=compile,
-        )
-    finally:
-        lanes[SPARSE].done = True
-        baton.finish(SPARSE)
-        on_change()
-    if worker is not None:
-        worker.join()
+    while sparse_lane.next():  # the rest of the sparse column (or all of it, alone)
+        pass
     return lanes
 
 
 def warm_up(sparse, dense, tokenizer, prompt: str, new_tokens: int, compile: bool = True) -> float:
     """Compile the sparse decode step for the race's cache length and run each model
-    once, outside the clock; returns the sparse compile seconds."""
-    from ..generate import CACHE_BUCKET, generate
-
-    n = tokenizer(prompt, return_tensors="pt")["input_ids"].shape[1]
-    cache_len = -(-(n + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    out = generate(sparse, tokenizer, prompt, 2, max_cache_len=cache_len, compile=compile)
+    once, outside the clock; returns the sparse warm-up seconds (compile included)."""
+    decoder = sparse_decoder(sparse, tokenizer, prompt, new_tokens, compile)
+    t0 = time.perf_counter()
+    decoder.add(prompt, 3, stop_at_eos=False)
+    decoder.run()  # the first step compiles (batch size 1)
+    warm = time.perf_counter() - t0
     if dense is not None:
         with torch.inference_mode():
             dense.generate(
@@ -236,7 +214,7 @@ def warm_up(sparse, dense, tokenizer, prompt: str, new_tokens: int, compile: boo
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
-    return out.compile_s
+    return warm
 
 
 def _speedup(lanes: dict[str, Lane]) -> float | None:
