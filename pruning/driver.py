@@ -264,9 +264,8 @@ def prune(
     return_masks: also return the boolean keep-masks (True = kept) by module name.
     batch_size: calibration samples per layer call; bounds activation memory.
     percdamp, block_size: sparsegpt's damping (fraction of mean diag H) and column block.
-    quantize: "none" or "int8" (sparsegpt only): round the kept weights onto the
-        bitmap-int8 packer's grid in the same OBS pass; the exact float32 weights are in
-        the result's ``quantized`` (the model holds them rounded to its dtype).
+    quantize: "none" or "int8" (sparsegpt): kept weights rounded onto the int8 packer's
+        grid in the same OBS pass; exact fp32 in ``.quantized``, rounded in the model.
     """
     check_method(method)
     check_quantize(method, quantize, block_size)
@@ -294,25 +293,18 @@ def prune(
         targets = [sparsity] * len(layers)
         if owl is not None:
             alloc = owl_allocation(
-                layers,
-                inputs,
-                owl,
-                sparsity,
-                skip=skip,
-                include=include,
-                prefix=prefix,
-                progress=progress,
+                *(layers, inputs, owl, sparsity),
+                **dict(skip=skip, include=include, prefix=prefix, progress=progress),
             )
             targets = [rec["target"] for rec in alloc["layers"]]
         states = inputs.states if inputs and NEEDS_ACTIVATIONS[method] else None
         stats, masks, held = [], {}, 0
         quantized = {} if quantize != "none" else None
         bar = tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="layer", disable=not progress)
+        sgpt = {"percdamp": percdamp, "block_size": block_size, "quantize": quantize}
         for i, layer in enumerate(bar):
             res = prune_decoder_layer(
-                layer,
-                states,
-                inputs.kwargs[i] if states is not None else None,
+                *(layer, states, inputs.kwargs[i] if states is not None else None),
                 method=method,
                 sparsity=targets[i],
                 granularity=granularity,
@@ -321,10 +313,8 @@ def prune(
                 layer_index=i,
                 return_masks=return_masks,
                 include=include,
-                percdamp=percdamp,
-                block_size=block_size,
-                quantize=quantize,
                 quantized=quantized,
+                **sgpt,
             )
             states = res.states
             stats += res.stats
@@ -348,9 +338,7 @@ def prune(
         seconds,
         masks if return_masks else None,
         add_realised(alloc, stats),
-        held / 2**20,
-        quantize,
-        quantized,
+        *(held / 2**20, quantize, quantized),
     )
     log.info(
         "pruned %d linears with %s (%s) at %.0f%% (%s) in %.1f s\n%s",

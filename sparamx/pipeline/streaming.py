@@ -288,11 +288,8 @@ def stream_prune_pack(
     timings["layers_s"] = time.perf_counter() - t0
     timings["statistics_peak_mb"] = held / 2**20
 
-    outer_stats, _ = prune_outer_linears(
-        *(st.base, outer_targets, states, method, sparsity, granularity, False),
-        **sgpt,
-        quantized=st.exact,
-    )
+    outer_args = (st.base, outer_targets, states, method, sparsity, granularity, False)
+    outer_stats, _ = prune_outer_linears(*outer_args, **sgpt, quantized=st.exact)
     stats += outer_stats
     del states, inputs
     files = st.close(storage)
