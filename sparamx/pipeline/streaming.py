@@ -44,6 +44,7 @@ from ..artifact import (
     layer_record,
     write_metadata,
 )
+from ..format import pack
 from ..layers import PackedEmbedding, SparseLinear, linear_names, share_tied_embedding
 from ..models import parse_dtype
 
@@ -162,10 +163,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _swap(root: nn.Module, name: str, storage: str) -> SparseLinear:
+def _swap(
+    root: nn.Module, name: str, storage: str, exact: dict[str, torch.Tensor] | None = None
+) -> SparseLinear:
+    """Pack linear ``name`` of ``root`` in place; from ``exact[name]`` (popped) where
+    present: SparseGPT's jointly quantized float32 weight, which the module holds only
+    rounded to its dtype."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    packed = SparseLinear.from_linear(getattr(parent, child), storage=storage)
+    linear = getattr(parent, child)
+    weight = exact.pop(name, None) if exact else None
+    if weight is None:
+        packed = SparseLinear.from_linear(linear, storage=storage)
+    else:
+        packed = SparseLinear(pack(weight, storage=storage), linear.bias)
     setattr(parent, child, packed)
     return packed
 
@@ -194,6 +205,7 @@ def stream_prune_pack(
     allocation="uniform",
     percdamp: float | None = None,
     block_size: int | None = None,
+    quantize: str = "none",
     skip: Sequence[str] | None = None,
     prune_include: Sequence[str] | None = None,
     calibration_ids: torch.Tensor | None = None,
@@ -214,7 +226,7 @@ def stream_prune_pack(
     and write the packed artifact to ``out``.
 
     Arguments mean what they mean in :func:`pruning.prune` (method, sparsity,
-    granularity, allocation, percdamp, block_size, skip, ``prune_include`` = its
+    granularity, allocation, percdamp, block_size, quantize, skip, ``prune_include`` = its
     ``include``; ``calibration_ids`` is the ``[samples, seqlen]`` token tensor that
     every method but magnitude, and OWL, need) and :func:`sparamx.swap_linears`
     (include, exclude, storage). ``dtype``: the precision the weights are read in and
@@ -226,7 +238,7 @@ def stream_prune_pack(
     from pruning.layerwise import DEFAULT_SKIP, NEEDS_ACTIVATIONS, capture_layer_inputs
 
     start = time.perf_counter()
-    owl, sgpt = _checked_recipe(method, sparsity, allocation, percdamp, block_size)
+    owl, sgpt = _checked_recipe(method, sparsity, allocation, percdamp, block_size, quantize)
     calibrated = NEEDS_ACTIVATIONS[method] or owl is not None
     if calibrated and calibration_ids is None:
         raise ValueError(
@@ -276,9 +288,8 @@ def stream_prune_pack(
     timings["layers_s"] = time.perf_counter() - t0
     timings["statistics_peak_mb"] = held / 2**20
 
-    outer_stats, _ = prune_outer_linears(
-        st.base, outer_targets, states, method, sparsity, granularity, False, **sgpt
-    )
+    outer_args = (st.base, outer_targets, states, method, sparsity, granularity, False)
+    outer_stats, _ = prune_outer_linears(*outer_args, **sgpt, quantized=st.exact)
     stats += outer_stats
     del states, inputs
     files = st.close(storage)
@@ -306,9 +317,11 @@ def stream_prune_pack(
     return result
 
 
-def _checked_recipe(method: str, sparsity: float, allocation, percdamp, block_size):
+def _checked_recipe(
+    method: str, sparsity: float, allocation, percdamp, block_size, quantize="none"
+):
     """The recipe's checks: the OWL allocation (None: uniform) and SparseGPT's settings."""
-    from pruning.layerwise import check_method
+    from pruning.layerwise import check_method, check_quantize
     from pruning.owl import resolve_allocation
     from pruning.scores import check_sparsity
     from pruning.sparsegpt import BLOCK_SIZE, PERCDAMP
@@ -319,7 +332,9 @@ def _checked_recipe(method: str, sparsity: float, allocation, percdamp, block_si
     sgpt = {
         "percdamp": PERCDAMP if percdamp is None else percdamp,
         "block_size": BLOCK_SIZE if block_size is None else block_size,
+        "quantize": quantize,
     }
+    check_quantize(method, quantize, sgpt["block_size"])
     return owl, sgpt
 
 
@@ -333,6 +348,9 @@ class _Stream:
 
         self.source, self.dtype, self.work = source, dtype, work
         self.include, self.exclude = include, exclude
+        # Jointly quantized float32 weights of the linears outside the decoder layers,
+        # packed from these (not from their dtype-rounded copies) in close().
+        self.exact: dict[str, torch.Tensor] = {}
         self.ckpt = SafetensorsCheckpoint(source)
         self.model = model = build_skeleton(source, work)
         self.base, self.layers = decoder_layers(model)
@@ -435,10 +453,14 @@ class _Stream:
 
         layer = self.load_layer(i)
         lp = f"{self.prefix}{i}."
-        res = prune_decoder_layer(layer, states, kwargs, prefix=lp, layer_index=i, **prune)
+        exact = {}  # joint quantization: the layer's exact weights, by global name
+        res = prune_decoder_layer(
+            layer, states, kwargs, prefix=lp, layer_index=i, quantized=exact, **prune
+        )
+        exact = {k.removeprefix(lp): w for k, w in exact.items()}
         for n, m in list(layer.named_modules()):
             if isinstance(m, nn.Linear) and lp + n in self.selected:
-                self.records[lp + n] = layer_record(lp + n, _swap(layer, n, storage))
+                self.records[lp + n] = layer_record(lp + n, _swap(layer, n, storage, exact))
         self.emit(layer.state_dict(prefix=lp).items(), {})
         # The writer holds the packed tensors until their shard is written; the dense
         # weights and the layer's modules go now.
@@ -474,7 +496,7 @@ class _Stream:
         for name in sorted(self.selected):
             mod = model.get_submodule(name)
             if not name.startswith(self.prefix) and type(mod) is nn.Linear:
-                _swap(model, name, storage)
+                _swap(model, name, storage, self.exact)
         share_tied_embedding(model)
         sd = model.state_dict()
         last = max(i for i, k in enumerate(sd) if k.startswith(self.prefix))
