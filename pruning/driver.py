@@ -26,7 +26,6 @@ from .layerwise import (
     calibration_statistics,
     capture_layer_inputs,
     check_method,
-    check_quantize,
     decoder_layers,
     is_skipped,
     layer_outlier_ratio,
@@ -53,10 +52,6 @@ class PruneResult:
     # "uniform", or OWL's settings with per decoder layer: outlier ratio, target, realised
     allocation: dict = field(default_factory=lambda: {"method": "uniform"})
     statistics_mb: float = 0.0  # largest calibration statistics of one layer (Hessians)
-    quantize: str = "none"  # sparsegpt's joint quantization ("int8")
-    # with quantize: the exact float32 weights by module name (the linears hold them
-    # rounded to the model's dtype); what the int8 packer stores losslessly
-    quantized: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def table(self) -> str:
         return format_table(self.stats)
@@ -71,7 +66,6 @@ class PruneResult:
             "seconds": self.seconds,
             "allocation": self.allocation,
             "statistics_mb": self.statistics_mb,
-            "quantize": self.quantize,
             "layers": self.stats,
         }
 
@@ -133,14 +127,10 @@ def prune_outer_linears(
     return_masks: bool = False,
     percdamp: float = PERCDAMP,
     block_size: int = BLOCK_SIZE,
-    quantize: str = "none",
-    quantized: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Prune the linears outside the decoder layers (see ``_outer_targets``); with
     calibration ``states`` (the last layer's outputs) a head sees them through the final
-    norm, as in the model's forward. Shared with the streaming path. ``quantize``,
-    ``quantized``: as in :func:`pruning.layerwise.prune_linear` (without calibration
-    states a linear falls back to magnitude, which does not quantize)."""
+    norm, as in the model's forward. Shared with the streaming path."""
     stats, masks = [], {}
     for name, lin in outer.items():
         wanted = method if states is not None else "magnitude"
@@ -159,8 +149,6 @@ def prune_outer_linears(
             name=name,
             percdamp=percdamp,
             block_size=block_size,
-            quantize=quantize if wanted == method else "none",
-            quantized=quantized,
         )
         stats.append(linear_stats(name, lin, method, sparsity, granularity, None))
         if return_masks:
@@ -242,7 +230,6 @@ def prune(
     batch_size: int = 8,
     percdamp: float = PERCDAMP,
     block_size: int = BLOCK_SIZE,
-    quantize: str = "none",
     progress: bool = True,
 ) -> PruneResult:
     """Prune the linear weights of a transformers causal LM in place, layer by layer.
@@ -264,11 +251,8 @@ def prune(
     return_masks: also return the boolean keep-masks (True = kept) by module name.
     batch_size: calibration samples per layer call; bounds activation memory.
     percdamp, block_size: sparsegpt's damping (fraction of mean diag H) and column block.
-    quantize: "none" or "int8" (sparsegpt): kept weights rounded onto the int8 packer's
-        grid in the same OBS pass; exact fp32 in ``.quantized``, rounded in the model.
     """
     check_method(method)
-    check_quantize(method, quantize, block_size)
     sparsity = check_sparsity(sparsity)
     owl = resolve_allocation(allocation)
     if granularity not in GRANULARITIES:
@@ -293,18 +277,24 @@ def prune(
         targets = [sparsity] * len(layers)
         if owl is not None:
             alloc = owl_allocation(
-                *(layers, inputs, owl, sparsity),
-                **dict(skip=skip, include=include, prefix=prefix, progress=progress),
+                layers,
+                inputs,
+                owl,
+                sparsity,
+                skip=skip,
+                include=include,
+                prefix=prefix,
+                progress=progress,
             )
             targets = [rec["target"] for rec in alloc["layers"]]
         states = inputs.states if inputs and NEEDS_ACTIVATIONS[method] else None
         stats, masks, held = [], {}, 0
-        quantized = {} if quantize != "none" else None
         bar = tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="layer", disable=not progress)
-        sgpt = {"percdamp": percdamp, "block_size": block_size, "quantize": quantize}
         for i, layer in enumerate(bar):
             res = prune_decoder_layer(
-                *(layer, states, inputs.kwargs[i] if states is not None else None),
+                layer,
+                states,
+                inputs.kwargs[i] if states is not None else None,
                 method=method,
                 sparsity=targets[i],
                 granularity=granularity,
@@ -313,16 +303,15 @@ def prune(
                 layer_index=i,
                 return_masks=return_masks,
                 include=include,
-                quantized=quantized,
-                **sgpt,
+                percdamp=percdamp,
+                block_size=block_size,
             )
             states = res.states
             stats += res.stats
             masks.update(res.masks or {})
             held = max(held, res.statistics_bytes)
         outer_stats, outer_masks = prune_outer_linears(
-            *(base, outer, states, method, sparsity, granularity, return_masks),
-            *(percdamp, block_size, quantize, quantized),
+            base, outer, states, method, sparsity, granularity, return_masks, percdamp, block_size
         )
         stats += outer_stats
         masks.update(outer_masks)
@@ -338,7 +327,7 @@ def prune(
         seconds,
         masks if return_masks else None,
         add_realised(alloc, stats),
-        *(held / 2**20, quantize, quantized),
+        held / 2**20,
     )
     log.info(
         "pruned %d linears with %s (%s) at %.0f%% (%s) in %.1f s\n%s",

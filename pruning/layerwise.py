@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparamx.format import QBLOCK
 from sparamx.select import is_selected, matches_any
 
 from .owl import outlier_ratio
 from .scores import magnitude_score, mask_from_scores, ria_score, wanda_score
-from .sparsegpt import BLOCK_SIZE, PERCDAMP, QUANTIZE, input_hessians, sparsegpt_prune
+from .sparsegpt import BLOCK_SIZE, PERCDAMP, input_hessians, sparsegpt_prune
 
 # Methods by name; the driver passes explicit arguments, never an options bag. Score
 # methods rank weights once; sparsegpt also updates the kept weights (OBS).
@@ -35,25 +34,6 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
     return method
-
-
-def check_quantize(method: str, quantize: str, block_size: int | None = None) -> str:
-    """Joint quantization is SparseGPT's (its OBS sweep compensates the rounding); the
-    score methods only choose a mask. Its column block must hold whole int8 scale blocks
-    (``block_size`` is checked when given)."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE)}")
-    if quantize != "none" and method != "sparsegpt":
-        raise ValueError(
-            f"quantize={quantize!r} needs method 'sparsegpt' (joint pruning + "
-            f"quantization), got method {method!r}"
-        )
-    if quantize == "int8" and block_size is not None and block_size % QBLOCK:
-        raise ValueError(
-            f"quantize='int8' needs the sparsegpt block_size to be a multiple of {QBLOCK} "
-            f"(the int8 scale block), got {block_size}"
-        )
-    return quantize
 
 
 def is_skipped(name: str, skip: Sequence[str]) -> bool:
@@ -191,37 +171,22 @@ def prune_linear(
     name: str = "linear",
     percdamp: float = PERCDAMP,
     block_size: int = BLOCK_SIZE,
-    quantize: str = "none",
-    quantized: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Prune ``linear.weight`` in place; return the keep-mask (bool, weight's shape).
 
     ``statistic``: from :func:`calibration_statistics` (squared input norms, or the
-    Hessian for sparsegpt); ``percdamp``, ``block_size`` and ``quantize`` are sparsegpt's.
-    With ``quantize="int8"`` the linear gets the jointly quantized weight rounded to its
-    dtype (for the calibration forwards that follow), and ``quantized[name]`` the exact
-    float32 one, which the int8 packer stores losslessly.
+    Hessian for sparsegpt); ``percdamp`` and ``block_size`` are sparsegpt's.
     """
     check_method(method)
-    check_quantize(method, quantize)
     w = linear.weight
     if NEEDS_ACTIVATIONS[method] and statistic is None:
         raise ValueError(f"{name}: {method} needs the calibration statistics of the linear")
     if method == "sparsegpt":
         pruned, keep = sparsegpt_prune(
-            w,
-            statistic,
-            sparsity,
-            granularity,
-            percdamp=percdamp,
-            block_size=block_size,
-            quantize=quantize,
-            name=name,
+            w, statistic, sparsity, granularity, percdamp=percdamp, block_size=block_size, name=name
         )
         with torch.no_grad():
             w.copy_(pruned)
-        if quantize != "none" and quantized is not None:
-            quantized[name] = pruned
         return keep
     if method == "magnitude":
         scores = magnitude_score(w)
@@ -321,8 +286,6 @@ def prune_decoder_layer(
     include: Sequence[str] | None = None,
     percdamp: float = PERCDAMP,
     block_size: int = BLOCK_SIZE,
-    quantize: str = "none",
-    quantized: dict[str, torch.Tensor] | None = None,
 ) -> LayerResult:
     """Prune the linears of ONE decoder layer and return the states for the next layer.
 
@@ -332,12 +295,9 @@ def prune_decoder_layer(
     dict for all batches or one per batch (see :class:`LayerInputs`). Magnitude needs
     neither: pass ``states=None``. ``prefix`` makes the names in the statistics global
     ("model.layers.3."). ``include``: patterns choosing the linears to prune (None: all
-    but ``skip``). ``percdamp``, ``block_size``, ``quantize``: sparsegpt's damping,
-    column block and joint quantization (exact weights into ``quantized``, see
-    :func:`prune_linear`).
+    but ``skip``). ``percdamp``, ``block_size``: sparsegpt's damping and column block.
     """
     check_method(method)
-    check_quantize(method, quantize, block_size)
     linears = selected_linears(layer, prefix, skip, include)
     if states is not None:
         kw = _batch_kwargs(kwargs, states)
@@ -364,8 +324,6 @@ def prune_decoder_layer(
                 name=name,
                 percdamp=percdamp,
                 block_size=block_size,
-                quantize=quantize,
-                quantized=quantized,
             )
             stats.append(linear_stats(name, lin, method, sparsity, granularity, layer_index))
             if return_masks:

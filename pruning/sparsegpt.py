@@ -7,12 +7,6 @@ is chosen by the optimal-brain-surgeon saliency w^2 / [H^-1]_jj^2, and every pru
 weight's error is spread over the columns to its right through the upper Cholesky
 factor of H^-1. Per-row (or per-matrix) zero counts are exact, as in
 :func:`pruning.scores.mask_from_scores`.
-
-Joint mode (``quantize="int8"``, the paper's joint sparsification + quantization): every
-kept weight is also rounded, column by column, onto the int8 grid of our ``bitmap-int8``
-packer (symmetric, one fp32 scale per output row and ``QBLOCK`` input columns), and its
-rounding error is spread to the later columns like a pruning error. The packer then
-stores the result losslessly; see :func:`int8_scales` for why that holds bit for bit.
 """
 
 from __future__ import annotations
@@ -24,8 +18,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from sparamx.format import QBLOCK
-
 from .scores import check_sparsity, drop_lowest, prune_count
 
 log = logging.getLogger(__name__)
@@ -33,8 +25,6 @@ log = logging.getLogger(__name__)
 PERCDAMP = 0.01  # damping added to diag(H), as a fraction of its mean (the paper's value)
 BLOCK_SIZE = 128  # columns per lazy-update block (the paper's value)
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10 before giving up
-QUANTIZE = ("none", "int8")  # joint mode: "int8" = the bitmap-int8 packer's grid
-INT8_MAX = 127  # symmetric int8 as the packer stores it (|q| <= 127)
 
 
 class SingularHessianError(ValueError):
@@ -134,25 +124,11 @@ def sparsegpt_prune(
     *,
     percdamp: float = PERCDAMP,
     block_size: int = BLOCK_SIZE,
-    quantize: str = "none",
     name: str = "linear",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pruned and updated weight, keep-mask) for ``W[N, K]`` and its input Hessian
-    ``H[K, K]``. ``weight`` is not modified.
-
-    The weight comes back in ``weight``'s dtype; with ``quantize="int8"`` it comes back in
-    float32 (``q * scale`` is not representable in bf16), every kept value on the int8
-    grid that ``sparamx.pack(w, storage="bitmap-int8")`` reproduces exactly. A kept weight
-    may round to 0 there, so its zeros can exceed the mask's (the mask is still exact).
-    """
+    """(pruned and updated weight in ``weight``'s dtype, keep-mask) for ``W[N, K]`` and
+    its input Hessian ``H[K, K]``. ``weight`` is not modified."""
     check_sparsity(sparsity)
-    if quantize not in QUANTIZE:
-        raise ValueError(f"{name}: quantize={quantize!r} is not one of {', '.join(QUANTIZE)}")
-    if quantize == "int8" and block_size % QBLOCK:
-        raise ValueError(
-            f"{name}: quantize='int8' needs block_size to be a multiple of {QBLOCK} (the "
-            f"int8 scale block: a block's scales need its mask), got {block_size}"
-        )
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"{name}: Hessian has shape {tuple(hessian.shape)}, expected ({k}, {k})")
@@ -170,100 +146,32 @@ def sparsegpt_prune(
     counts = block_drop_counts(sparsity, n, k, block_size, granularity)
     for b, drop in enumerate(counts):
         i1, i2 = b * block_size, min((b + 1) * block_size, k)
-        keep[:, i1:i2] = _prune_block(w, u, i1, i2, drop, granularity, quantize == "int8")
+        keep[:, i1:i2] = _prune_block(w, u, i1, i2, drop, granularity)
     w.masked_fill_(~keep, 0.0)  # exact zeros whatever the rounding of the updates
-    # int8: the values are fp32 products q * scale (exact in fp64 too); fp32 keeps them.
-    return w.to(torch.float32 if quantize == "int8" else weight.dtype), keep
+    return w.to(weight.dtype), keep
 
 
 def _prune_block(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    i1: int,
-    i2: int,
-    drop: int,
-    granularity: str,
-    quantize: bool = False,
+    w: torch.Tensor, u: torch.Tensor, i1: int, i2: int, drop: int, granularity: str
 ) -> torch.Tensor:
-    """Choose the block's mask, prune (and with ``quantize`` round) its columns one by
-    one with OBS updates inside the block, then apply the block's accumulated error to
-    all later columns (in place)."""
+    """Choose the block's mask, prune its columns one by one with OBS updates inside the
+    block, then apply the block's accumulated error to all later columns (in place)."""
     blk = w[:, i1:i2].clone()
     ub = u[i1:i2, i1:i2]
-    saliency = blk.pow(2) / ub.diagonal().pow(2)[None, :]
+    d = ub.diagonal()
+    saliency = blk.pow(2) / d.pow(2)[None, :]
     if granularity == "row":
         keep = drop_lowest(saliency, drop)
     else:
         keep = drop_lowest(saliency.reshape(1, -1), drop).reshape(blk.shape)
-    grids = None
-    if quantize:
-        # The scales are fixed here, before any column of the block is rounded, from
-        # the block's current (error-updated) weights under the mask just chosen. Not
-        # from those weights as they stand, though: the block's own pruning updates move
-        # a kept weight by about its size before the sweep reaches it, so the row's
-        # largest weight now is not the largest when rounded (its anchor would then be
-        # forced far from its value, costing more than rounding to nearest gains). A
-        # trial sweep without rounding gives each kept weight's value at its turn; the
-        # scales and anchors come from those.
-        trial, _ = _sweep(blk.clone(), ub, keep)
-        grids = [
-            int8_scales(trial[:, j : j + QBLOCK], keep[:, j : j + QBLOCK])
-            for j in range(0, i2 - i1, QBLOCK)
-        ]
-    blk, err = _sweep(blk, ub, keep, grids)
-    w[:, i1:i2] = blk
-    w[:, i2:] -= err @ u[i1:i2, i2:]
-    return keep
-
-
-def _sweep(blk: torch.Tensor, ub: torch.Tensor, keep: torch.Tensor, grids=None):
-    """OBS over the block's columns in order, in place: each column is pruned to
-    ``keep`` (and rounded onto ``grids[j // QBLOCK]``, see :func:`int8_scales`), and its
-    error, divided by ``[U]_jj``, is subtracted from the block's later columns along row
-    j of U. Returns (the block, the per-column errors that the caller applies to the
-    columns right of the block)."""
-    d = ub.diagonal()
     err = torch.zeros_like(blk)
-    for j in range(blk.shape[1]):
+    for j in range(i2 - i1):
         col = blk[:, j]
         q = col * keep[:, j]
-        if grids is not None:
-            q = _round_to_grid(q, grids[j // QBLOCK], j % QBLOCK)
         e = (col - q) / d[j]
         blk[:, j + 1 :] -= e[:, None] * ub[j, j + 1 :][None, :]
         blk[:, j] = q
         err[:, j] = e
-    return blk, err
-
-
-def int8_scales(
-    blk: torch.Tensor, keep: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale fp32 [N], anchor column [N], anchor sign [N]) of one scale block ``blk``
-    [N, <= QBLOCK] of kept weights ``keep``.
-
-    The scale is the packer's, ``fl32(fl32(max|w|) / 127)`` over the row's kept weights.
-    ``sparamx.format.quantize`` re-derives it from the final weights as
-    ``fl32(max|q * scale| / 127)``; that is the same scale when some ``|q|`` is 127,
-    because ``fl32(fl32(127 * s) / 127) == s`` for every ``s = fl32(m / 127)`` (checked
-    over all fp32 mantissas; it fails for about 1% of arbitrary fp32 ``s``, hence this
-    exact formula). The weight that set the maximum (the anchor) is therefore rounded to
-    +-127 whatever the updates before it did, so that the row's maximum stays 127 steps.
-    """
-    mags = torch.where(keep, blk, torch.zeros((), dtype=blk.dtype)).abs().to(torch.float32)
-    top, anchor = mags.max(dim=1)
-    scale = top / INT8_MAX
-    sign = torch.sign(blk.gather(1, anchor[:, None]).squeeze(1))
-    return scale, anchor, sign
-
-
-def _round_to_grid(col: torch.Tensor, grid, j: int) -> torch.Tensor:
-    """Column ``j`` of a scale block (pruned entries already 0) rounded as the packer
-    rounds (to nearest, ties to even, clamped to +-127), the anchors set to +-127;
-    returned as the fp32 products ``q * scale`` the packer dequantizes to, in ``col``'s
-    dtype (exact). A row whose scale is 0 (no kept weight was non-zero) stays 0."""
-    scale, anchor, sign = grid
-    safe = torch.where(scale > 0, scale, torch.ones((), dtype=scale.dtype)).to(col.dtype)
-    q = torch.round(col / safe).clamp_(-INT8_MAX, INT8_MAX)
-    q = torch.where(anchor == j, sign.to(col.dtype) * INT8_MAX, q)
-    return (q.to(torch.float32) * scale).to(col.dtype)
+    w[:, i1:i2] = blk
+    w[:, i2:] -= err @ u[i1:i2, i2:]
+    return keep

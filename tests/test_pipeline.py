@@ -68,26 +68,6 @@ def finished(run_dir):
         ),
         (["prune.sparsegpt.percdamp=-0.1"], "prune.sparsegpt.percdamp: -0.1 is invalid"),
         (["prune.sparsegpt.block_size=0"], "prune.sparsegpt.block_size: 0 is invalid"),
-        (["prune.quantize=int4"], "prune.quantize: 'int4' is not one of none, int8"),
-        (
-            ["prune.quantize=int8", "pack.storage=bitmap-int8"],
-            "prune.method: 'wanda' is invalid; prune.quantize=int8 .* needs method sparsegpt",
-        ),
-        (
-            ["prune.quantize=int8", "prune.method=sparsegpt"],
-            r"pack.storage: 'auto' is invalid; prune.quantize=int8 needs an int8 storage "
-            r"\(auto-int8, bitmap-int8, dense-int8\)",
-        ),
-        (
-            [
-                "prune.quantize=int8",
-                "prune.method=sparsegpt",
-                "pack.storage=dense-int8",
-                "prune.sparsegpt.block_size=64",
-            ],
-            "prune.sparsegpt.block_size: 64 is invalid; with prune.quantize=int8, a multiple "
-            "of 128",
-        ),
         (["prune.sparsity=1"], "prune.sparsity"),
         (["prune.colour=red"], "unknown field prune.colour"),
         (["colour=red"], "unknown field colour"),
@@ -373,42 +353,6 @@ def test_prune_hash_follows_the_settings_in_use(tmp_path):
     assert hashes("prune.allocation=owl", "prune.owl.m=7")[1] != owl[1]
     sgpt = hashes("prune.method=sparsegpt")
     assert sgpt[1] != hashes("prune.method=sparsegpt", "prune.sparsegpt.percdamp=0.1")[1]
-    # Joint quantization re-runs prune; its default (none) leaves older hashes valid.
-    joint = hashes("prune.method=sparsegpt", "prune.quantize=int8", "pack.storage=bitmap-int8")
-    assert joint[1] != sgpt[1]
-    assert "quantize" not in pipeline.prune_recipe(load_config(None, []).prune)
-
-
-def test_joint_int8_through_the_pipeline(tmp_path, tiny_model_dir):
-    """prune.quantize=int8: the prune stage keeps the exact float32 weights, the int8
-    artifact dequantizes to them bit for bit, and (bench disabled) --only report runs."""
-    from safetensors.torch import load_file
-
-    import sparamx
-
-    cfg = write_config(
-        tmp_path,
-        tiny_model_dir,
-        prune={"method": "sparsegpt", "quantize": "int8", "calibration": {"samples": 4}},
-        pack={"storage": "bitmap-int8"},
-        eval={"limit": 1},
-    )
-    assert pipeline.main([str(cfg)]) == 0
-    run = tmp_path / "runs" / "tiny"
-    weights = load_file(run / "prune" / "weights.safetensors")
-    assert len(weights) == 14 and {w.dtype for w in weights.values()} == {torch.float32}
-    model, _ = sparamx.load(run / "pack" / "artifact")
-    for name, w in weights.items():
-        assert torch.equal(model.get_submodule(name).packed.unpack(torch.float32), w), name
-    manifest = json.loads((run / "pack" / "artifact" / "sparamx.json").read_text())
-    assert manifest["recipe"]["quantize"] == "int8"
-    verify = json.loads((run / "verify" / "verify.json").read_text())
-    assert verify["passed"]
-    assert json.loads((run / "prune" / "layers.json").read_text())["quantize"] == "int8"
-    before = finished(run)
-    assert pipeline.main([str(cfg), "--only", "report", "--force", "report"]) == 0
-    after = finished(run)
-    assert after["report"] != before["report"] and "bench" not in after
 
 
 def test_pipeline_prunes_with_sparsegpt_and_owl(tmp_path, tiny_model_dir):

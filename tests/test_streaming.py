@@ -294,34 +294,3 @@ def test_weight_bytes_per_token_counts_linears_once(tiny_llama):
     packed = sum(m.packed.nbytes for m in model.modules() if isinstance(m, sparamx.SparseLinear))
     head = model.lm_head.weight.numel() * 2
     assert weight_bytes_per_token(model) == packed + head < dense
-
-
-def test_streamed_joint_int8_packs_the_exact_quantized_weights(tmp_path, tokenizer):
-    # SparseGPT's joint int8 weights are float32 (q * scale); the decoder layers hold
-    # them rounded to bf16. The streamed artifact must pack the exact ones, as the
-    # in-memory prune returns them, so its int8 layers dequantize to them bit for bit.
-    src = write_model(tmp_path / "src", tokenizer)
-    calib = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
-    model, _ = sparamx.models.load_model(str(src), dtype="bfloat16")
-    want = pruning.prune(
-        model, "sparsegpt", 0.5, calibration=calib, batch_size=2, quantize="int8", progress=False
-    ).quantized
-    res = stream_prune_pack(
-        src,
-        tmp_path / "stream",
-        method="sparsegpt",
-        sparsity=0.5,
-        quantize="int8",
-        calibration_ids=calib,
-        batch_size=2,
-        storage="bitmap-int8",
-        progress=False,
-    )
-    packed, _ = sparamx.load(res.path)
-    assert len(want) == 3 * 7
-    for name, w in want.items():
-        mod = packed.get_submodule(name)
-        assert mod.storage == "bitmap-int8"
-        assert torch.equal(mod.packed.unpack(torch.float32), w), name
-    with pytest.raises(ValueError, match="quantize='int8' needs method 'sparsegpt'"):
-        stream_prune_pack(src, tmp_path / "bad", method="magnitude", sparsity=0.5, quantize="int8")

@@ -24,9 +24,6 @@ CALIB_SOURCES = ("wikipedia", "c4")
 # sparamx.format.PACK_STORAGES (kept import-free: the format module loads torch)
 STORAGES = ("auto", "auto-int8", "bitmap-bf16", "dense-bf16", "bitmap-int8", "dense-int8")
 STREAMING = ("auto", "true", "false")
-QUANTIZE = ("none", "int8")  # pruning.sparsegpt.QUANTIZE
-INT8_PACK_STORAGES = ("auto-int8", "bitmap-int8", "dense-int8")
-QBLOCK = 128  # sparamx.format.QBLOCK: input columns per int8 scale
 RANDOM_PRESETS = (
     "none",
     "llama3-8b",
@@ -100,10 +97,6 @@ class PruneConfig:
     allocation: str = "uniform"
     owl: OwlConfig = field(default_factory=OwlConfig)
     sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
-    # none | int8: SparseGPT's joint mode, the kept weights rounded onto the int8 packer's
-    # grid in the same OBS pass (needs method sparsegpt and an int8 pack.storage, which
-    # then stores them losslessly); none: pack.storage int8 rounds after pruning (RTN).
-    quantize: str = "none"
     # Which linears are pruned: include minus skip, as module patterns (exact name,
     # dotted suffix, glob, or "re:" regex; sparamx/select.py), the language pack.* uses.
     include: list[str] = field(default_factory=lambda: ["*"])
@@ -200,8 +193,6 @@ def prune_recipe(prune: PruneConfig) -> dict:
         del d["allocation"], d["owl"]
     if d["method"] != "sparsegpt":
         del d["sparsegpt"]
-    if d["quantize"] == "none":
-        del d["quantize"]  # the default: hashes from before the field stay valid
     return d
 
 
@@ -226,7 +217,6 @@ CHOICES = {
     "prune.method": METHODS,
     "prune.granularity": GRANULARITIES,
     "prune.allocation": ALLOCATIONS,
-    "prune.quantize": QUANTIZE,
     "prune.calibration.source": CALIB_SOURCES,
     "kv.method": KV_METHODS,
     "pack.storage": STORAGES,
@@ -317,7 +307,6 @@ def validate(cfg: Config) -> Config:
     _validate_allocation(cfg, need)
     need(cfg.prune.sparsegpt.percdamp >= 0, "prune.sparsegpt.percdamp", "must be >= 0")
     need(cfg.prune.sparsegpt.block_size > 0, "prune.sparsegpt.block_size", "must be > 0")
-    _validate_quantize(cfg, need)
     need(cfg.prune.calibration.samples > 0, "prune.calibration.samples", "must be > 0")
     need(cfg.prune.calibration.seqlen > 0, "prune.calibration.seqlen", "must be > 0")
     need(cfg.prune.calibration.batch_size > 0, "prune.calibration.batch_size", "must be > 0")
@@ -384,28 +373,6 @@ def _validate_allocation(cfg: Config, need) -> None:
             "prune.owl.lambda",
             f"with allocation owl, sparsity {s} +/- lambda must stay in [0, 1)",
         )
-
-
-def _validate_quantize(cfg: Config, need) -> None:
-    p = cfg.prune
-    if p.quantize == "none":
-        return
-    need(
-        p.method == "sparsegpt",
-        "prune.method",
-        f"prune.quantize={p.quantize} (joint pruning + quantization) needs method sparsegpt",
-    )
-    need(
-        cfg.pack.storage in INT8_PACK_STORAGES,
-        "pack.storage",
-        f"prune.quantize={p.quantize} needs an int8 storage ({', '.join(INT8_PACK_STORAGES)}), "
-        "the grid it quantizes onto",
-    )
-    need(
-        p.sparsegpt.block_size % QBLOCK == 0,
-        "prune.sparsegpt.block_size",
-        f"with prune.quantize={p.quantize}, a multiple of {QBLOCK} (the int8 scale block)",
-    )
 
 
 def _looks_remote(source: str) -> bool:

@@ -25,8 +25,6 @@ def run_stage(pipe) -> StageResult:
     # In model.dtype, not the compute dtype: the artifact's dense tensors (norms,
     # embeddings) are stored as loaded (bf16 by default), like its packed weights.
     model, tok = pipe.pruned_model(compute=False)
-    if p.quantize != "none":
-        _use_exact_weights(pipe, model)
     names = swap_linears(model, include=pk.include, exclude=pk.exclude, storage=pk.storage)
     src = json.loads(pipe.path("load", "source.json").read_text())
     src.pop("config", None)
@@ -55,23 +53,6 @@ def run_stage(pipe) -> StageResult:
         f"{len(names)} linears packed as {pk.storage} ({storage_line(man['layers'])}): "
         f"{t['packed_bytes'] / 1e6:.1f} MB vs {t['dense_bytes'] / 1e6:.1f} MB dense bf16",
     )
-
-
-def _use_exact_weights(pipe, model) -> None:
-    """Give the linears that get packed SparseGPT's jointly quantized float32 weights
-    (the prune stage's file; the model holds them rounded to its dtype), so the int8
-    packer stores exactly those values. Linears left unpacked keep the model's dtype."""
-    import torch
-    from safetensors.torch import load_file
-
-    from ..layers import linear_names
-
-    pk = pipe.cfg.pack
-    weights = load_file(pipe.path("prune", "weights.safetensors"))
-    for name in linear_names(model, pk.include, pk.exclude):
-        w = weights.get(name)
-        if w is not None and w.dtype == torch.float32:
-            model.get_submodule(name).weight = torch.nn.Parameter(w, requires_grad=False)
 
 
 def storage_counts(layers: list[dict]) -> dict[str, int]:
@@ -114,7 +95,6 @@ def _run_streaming(pipe) -> StageResult:
         allocation=allocation(p),
         percdamp=p.sparsegpt.percdamp,
         block_size=p.sparsegpt.block_size,
-        quantize=p.quantize,
         skip=p.skip,
         prune_include=p.include,
         calibration_ids=calib,

@@ -48,23 +48,14 @@ def run_stage(pipe) -> StageResult:
         include=p.include,
         percdamp=p.sparsegpt.percdamp,
         block_size=p.sparsegpt.block_size,
-        quantize=p.quantize,
     )
     log.info("per-layer sparsity:\n%s", res.table())
     names = [s["name"] for s in res.stats]
     # Stored in model.dtype: the values are that dtype's (loaded so, masked in the
     # compute dtype), so this is exact and an fp32 compute does not double the file;
     # SparseGPT's updated weights are rounded to it here, the values that get packed.
-    # Jointly quantized weights (q * scale) stay float32: rounded to bf16 they would
-    # leave the int8 grid, and the pack stage packs these exact values.
     store = parse_dtype(pipe.cfg.model.dtype)
-    exact = res.quantized or {}
-    weights = {
-        n: (
-            exact[n] if n in exact else model.get_submodule(n).weight.detach().to(store)
-        ).contiguous()
-        for n in names
-    }
+    weights = {n: model.get_submodule(n).weight.detach().to(store).contiguous() for n in names}
     tmp = pipe.path("prune", ".weights.part")
     save_file(weights, str(tmp))
     tmp.replace(pipe.path("prune", "weights.safetensors"))

@@ -111,8 +111,6 @@ class Pipeline:
         log.info("compute dtype %s (%s)", self.compute.resolved, self.compute.reason)
         if only is not None:
             for u in UPSTREAM[only]:
-                if u == "bench" and not self.cfg.bench.enabled:
-                    continue  # never runs, so never done: what reads it copes without it
                 if not self.state.is_done(u, self.inputs_hash(u)):
                     raise RuntimeError(
                         f"--only {only}: upstream stage {u!r} is not done "

@@ -44,7 +44,6 @@ from ..artifact import (
     layer_record,
     write_metadata,
 )
-from ..format import pack
 from ..layers import PackedEmbedding, SparseLinear, linear_names, share_tied_embedding
 from ..models import parse_dtype
 
@@ -163,20 +162,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _swap(
-    root: nn.Module, name: str, storage: str, exact: dict[str, torch.Tensor] | None = None
-) -> SparseLinear:
-    """Pack linear ``name`` of ``root`` in place; from ``exact[name]`` (popped) where
-    present: SparseGPT's jointly quantized float32 weight, which the module holds only
-    rounded to its dtype."""
+def _swap(root: nn.Module, name: str, storage: str) -> SparseLinear:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    linear = getattr(parent, child)
-    weight = exact.pop(name, None) if exact else None
-    if weight is None:
-        packed = SparseLinear.from_linear(linear, storage=storage)
-    else:
-        packed = SparseLinear(pack(weight, storage=storage), linear.bias)
+    packed = SparseLinear.from_linear(getattr(parent, child), storage=storage)
     setattr(parent, child, packed)
     return packed
 
@@ -205,7 +194,6 @@ def stream_prune_pack(
     allocation="uniform",
     percdamp: float | None = None,
     block_size: int | None = None,
-    quantize: str = "none",
     skip: Sequence[str] | None = None,
     prune_include: Sequence[str] | None = None,
     calibration_ids: torch.Tensor | None = None,
@@ -226,7 +214,7 @@ def stream_prune_pack(
     and write the packed artifact to ``out``.
 
     Arguments mean what they mean in :func:`pruning.prune` (method, sparsity,
-    granularity, allocation, percdamp, block_size, quantize, skip, ``prune_include`` = its
+    granularity, allocation, percdamp, block_size, skip, ``prune_include`` = its
     ``include``; ``calibration_ids`` is the ``[samples, seqlen]`` token tensor that
     every method but magnitude, and OWL, need) and :func:`sparamx.swap_linears`
     (include, exclude, storage). ``dtype``: the precision the weights are read in and
@@ -238,7 +226,7 @@ def stream_prune_pack(
     from pruning.layerwise import DEFAULT_SKIP, NEEDS_ACTIVATIONS, capture_layer_inputs
 
     start = time.perf_counter()
-    owl, sgpt = _checked_recipe(method, sparsity, allocation, percdamp, block_size, quantize)
+    owl, sgpt = _checked_recipe(method, sparsity, allocation, percdamp, block_size)
     calibrated = NEEDS_ACTIVATIONS[method] or owl is not None
     if calibrated and calibration_ids is None:
         raise ValueError(
@@ -288,8 +276,9 @@ def stream_prune_pack(
     timings["layers_s"] = time.perf_counter() - t0
     timings["statistics_peak_mb"] = held / 2**20
 
-    outer_args = (st.base, outer_targets, states, method, sparsity, granularity, False)
-    outer_stats, _ = prune_outer_linears(*outer_args, **sgpt, quantized=st.exact)
+    outer_stats, _ = prune_outer_linears(
+        st.base, outer_targets, states, method, sparsity, granularity, False, **sgpt
+    )
     stats += outer_stats
     del states, inputs
     files = st.close(storage)
@@ -317,11 +306,9 @@ def stream_prune_pack(
     return result
 
 
-def _checked_recipe(
-    method: str, sparsity: float, allocation, percdamp, block_size, quantize="none"
-):
+def _checked_recipe(method: str, sparsity: float, allocation, percdamp, block_size):
     """The recipe's checks: the OWL allocation (None: uniform) and SparseGPT's settings."""
-    from pruning.layerwise import check_method, check_quantize
+    from pruning.layerwise import check_method
     from pruning.owl import resolve_allocation
     from pruning.scores import check_sparsity
     from pruning.sparsegpt import BLOCK_SIZE, PERCDAMP
@@ -332,9 +319,7 @@ def _checked_recipe(
     sgpt = {
         "percdamp": PERCDAMP if percdamp is None else percdamp,
         "block_size": BLOCK_SIZE if block_size is None else block_size,
-        "quantize": quantize,
     }
-    check_quantize(method, quantize, sgpt["block_size"])
     return owl, sgpt
 
 
@@ -348,9 +333,6 @@ class _Stream:
 
         self.source, self.dtype, self.work = source, dtype, work
         self.include, self.exclude = include, exclude
-        # Jointly quantized float32 weights of the linears outside the decoder layers,
-        # packed from these (not from their dtype-rounded copies) in close().
-        self.exact: dict[str, torch.Tensor] = {}
         self.ckpt = SafetensorsCheckpoint(source)
         self.model = model = build_skeleton(source, work)
         self.base, self.layers = decoder_layers(model)
@@ -453,14 +435,10 @@ class _Stream:
 
         layer = self.load_layer(i)
         lp = f"{self.prefix}{i}."
-        exact = {}  # joint quantization: the layer's exact weights, by global name
-        res = prune_decoder_layer(
-            layer, states, kwargs, prefix=lp, layer_index=i, quantized=exact, **prune
-        )
-        exact = {k.removeprefix(lp): w for k, w in exact.items()}
+        res = prune_decoder_layer(layer, states, kwargs, prefix=lp, layer_index=i, **prune)
         for n, m in list(layer.named_modules()):
             if isinstance(m, nn.Linear) and lp + n in self.selected:
-                self.records[lp + n] = layer_record(lp + n, _swap(layer, n, storage, exact))
+                self.records[lp + n] = layer_record(lp + n, _swap(layer, n, storage))
         self.emit(layer.state_dict(prefix=lp).items(), {})
         # The writer holds the packed tensors until their shard is written; the dense
         # weights and the layer's modules go now.
@@ -496,7 +474,7 @@ class _Stream:
         for name in sorted(self.selected):
             mod = model.get_submodule(name)
             if not name.startswith(self.prefix) and type(mod) is nn.Linear:
-                _swap(model, name, storage, self.exact)
+                _swap(model, name, storage)
         share_tied_embedding(model)
         sd = model.state_dict()
         last = max(i for i, k in enumerate(sd) if k.startswith(self.prefix))
