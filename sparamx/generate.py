@@ -28,7 +28,7 @@ logits are bitwise the same (checked on SmolLM2, dense and packed):
 (``sparamx::kv_decode_attention``) over the filled cache instead of SDPA, and norms
 that inductor fuses with their neighbours (no op call per norm).
 
-The cache and the compiled step live in a ``DecodeSession`` per model and are reused
+The cache and the compiled step live in a ``DecodeState`` per model and are reused
 by later calls: the cache is reset, not reallocated, while prompt + new tokens fit
 (lengths are rounded up to ``CACHE_BUCKET``); a longer request allocates a larger
 cache and compiles once more. Batch size 1. The compiled step keeps the thread count
@@ -219,7 +219,7 @@ def _lean_attention(model, attention: str = "exact", sparse: bool = False):
 # -------------------------------------------------------------------- norms
 
 # The model's norm modules, called by ``sparamx_lean::eager_norm`` (key -> (forward,
-# output dtype)); filled from the session while a compiled step may run.
+# output dtype)); filled from the decode state while a compiled step may run.
 _NORMS: dict[int, tuple[Callable, torch.dtype]] = {}
 
 
@@ -346,7 +346,7 @@ def decode_n_tokens(
     token: torch.Tensor,
     start: int,
     n: int,
-    sess: DecodeSession,
+    state: DecodeState,
     eos_ids: set[int],
     on_token: Callable[[int], str | None],
     sparse=None,
@@ -354,14 +354,18 @@ def decode_n_tokens(
     """Feed ``token`` (at position ``start``) and up to ``n - 1`` further tokens through
     ``step``, calling ``on_token`` with each new id; stop early at an end-of-sequence
     token, or when ``on_token`` returns a stop reason. ``sparse``: a
-    ``kv_static.StaticSparseKVCache`` to decode with instead of the session's dense
+    ``kv_static.StaticSparseKVCache`` to decode with instead of the decode state's dense
     cache. Returns the stop reason: ``"eos"``, ``"length"`` or ``on_token``'s."""
     dynamic = step is not decode_one_token
     for i in range(n):
         pos = start + i
         if sparse is None:
             token = step(
-                model, token, torch.tensor([[pos]]), sess.cache, sess.kv_positions(pos + 1, dynamic)
+                model,
+                token,
+                torch.tensor([[pos]]),
+                state.cache,
+                state.kv_positions(pos + 1, dynamic),
             )
         else:
             kv, window = sparse.step_inputs(dynamic)
@@ -376,11 +380,11 @@ def decode_n_tokens(
     return "length"
 
 
-# ---------------------------------------------------------------- sessions
+# --------------------------------------------------------- decode state
 
 
 @dataclass
-class DecodeSession:
+class DecodeState:
     """Per-model state reused across calls: the static cache and the compiled steps."""
 
     cache: object  # transformers.StaticCache
@@ -411,7 +415,7 @@ class DecodeSession:
         return view
 
 
-_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _bucket(n: int) -> int:
@@ -432,38 +436,38 @@ def _cache_length(model, need: int, current: int, max_cache_len: int | None) -> 
     return min(length, limit) if limit else length
 
 
-def _session(model, need: int, max_cache_len: int | None) -> tuple[DecodeSession, bool]:
-    """The model's session with a cache of at least ``need`` tokens (exactly
-    ``max_cache_len`` when given); returns (session, whether the cache was reused).
+def _decode_state(model, need: int, max_cache_len: int | None) -> tuple[DecodeState, bool]:
+    """The model's decode state with a cache of at least ``need`` tokens (exactly
+    ``max_cache_len`` when given); returns (state, whether the cache was reused).
     (transformers allocates a ``StaticCache``'s tensors on first use.)"""
     from transformers import StaticCache
 
-    sess = _SESSIONS.get(model)
-    length = _cache_length(model, need, sess.cache_len if sess else 0, max_cache_len)
-    if sess is not None and sess.cache_len == length:
-        sess.cache.reset()
-        return sess, True
+    state = _STATES.get(model)
+    length = _cache_length(model, need, state.cache_len if state else 0, max_cache_len)
+    if state is not None and state.cache_len == length:
+        state.cache.reset()
+        return state, True
     cache = StaticCache(config=model.config, max_cache_len=length)
-    if sess is None:
-        sess = DecodeSession(cache, length)
-        _SESSIONS[model] = sess
+    if state is None:
+        state = DecodeState(cache, length)
+        _STATES[model] = state
     else:
-        sess.use_cache(cache, length)
-    return sess, False
+        state.use_cache(cache, length)
+    return state, False
 
 
-def _sparse_cache(model, sess: DecodeSession, settings, need: int, max_cache_len: int | None):
-    """The session's static sparse KV cache for ``settings`` holding at least ``need``
+def _sparse_cache(model, state: DecodeState, settings, need: int, max_cache_len: int | None):
+    """The decode state's static sparse KV cache for ``settings`` holding at least ``need``
     tokens, reset; returns (cache, whether it was reused)."""
     from .kv_static import StaticSparseKVCache
 
-    old = sess.sparse.get(settings)
+    old = state.sparse.get(settings)
     length = _cache_length(model, need, old.max_len if old else 0, max_cache_len)
     if old is not None and old.max_len == length:
         old.reset()
         return old, True
-    sess.sparse[settings] = StaticSparseKVCache(settings, model.config, length)
-    return sess.sparse[settings], False
+    state.sparse[settings] = StaticSparseKVCache(settings, model.config, length)
+    return state.sparse[settings], False
 
 
 def _backend(compile: bool | str) -> str | None:
@@ -478,18 +482,18 @@ def _backend(compile: bool | str) -> str | None:
 
 def _own_step(f: Callable = decode_one_token) -> Callable:
     """A copy of ``f`` (a decode step) with its own code object: dynamo keeps compiled
-    graphs per code object, so each session's graphs stay apart (its guards need not
+    graphs per code object, so each model's graphs stay apart (its guards need not
     tell models apart; see ``_compiled_step``)."""
     return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__)
 
 
 def _compiled_step(
-    sess: DecodeSession, backend: str, attention: str, kv=None, logits: bool = False
+    state: DecodeState, backend: str, attention: str, kv=None, logits: bool = False
 ) -> Callable:
-    """The session's compiled decode step. Dynamo checks guards before every call; on a
+    """The decode state's compiled step. Dynamo checks guards before every call; on a
     packed model the guards on its modules cost ~2.7 ms per token (SmolLM2-135M), so
-    they are skipped: the step is the session's own (one model), and the modules it
-    traced do not change while the session lives (``release`` drops it). Guards on
+    they are skipped: the step is the state's own (one model), and the modules it
+    traced do not change while the state lives (``release`` drops it). Guards on
     tensors (the cache, its length) stay. Each attention mode has its own step (the
     mode is a model-config setting, which the skipped guards would not see change), and
     so has each sparse KV setting ``kv`` (its cache holds other arrays).
@@ -498,24 +502,24 @@ def _compiled_step(
     step that returns the logits (``decode_one_logits``, for sampling), keyed apart, as
     is each sparse KV setting ``kv`` (its cache holds other arrays)."""
     key = (backend, attention) + (("logits",) if logits else ()) + (() if kv is None else (kv,))
-    if key not in sess.steps:
+    if key not in state.steps:
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if backend == "inductor":
             options.update(INDUCTOR_OPTIONS)
         fn = _own_step(decode_one_logits if logits else decode_one_token)
-        sess.steps[key] = torch.compile(fn, fullgraph=True, backend=backend, options=options)
-    return sess.steps[key]
+        state.steps[key] = torch.compile(fn, fullgraph=True, backend=backend, options=options)
+    return state.steps[key]
 
 
-def _step_context(model, sess: DecodeSession, backend: str | None, attention: str):
+def _step_context(model, state: DecodeState, backend: str | None, attention: str):
     """What the decode steps run under: for exact attention, inductor gets the norms as
     opaque ops with the eager floats. ``"fast"`` lets inductor fuse the norms with their
     neighbours (not bitwise, like the fast attention; one op call fewer per norm)."""
     if backend != "inductor" or attention != "exact":
         return nullcontext()
-    if sess.norms is None:
-        sess.norms = _norm_wrappers(model)
-    return _opaque_norms(sess.norms)
+    if state.norms is None:
+        state.norms = _norm_wrappers(model)
+    return _opaque_norms(state.norms)
 
 
 def _warm_key(backend: str, attention: str, cache_len: int, logits: bool, kv=None) -> tuple:
@@ -524,33 +528,33 @@ def _warm_key(backend: str, attention: str, cache_len: int, logits: bool, kv=Non
 
 
 def _warm_up(
-    model, sess: DecodeSession, backend: str, attention: str, logits: bool = False, sparse=None
+    model, state: DecodeState, backend: str, attention: str, logits: bool = False, sparse=None
 ) -> float:
-    """Compile the decode step for the session's cache, or for the sparse cache
+    """Compile the decode step for the state's cache, or for the sparse cache
     ``sparse`` (one dummy prefill and step, then reset the cache); returns the seconds
     spent."""
     kv = None if sparse is None else sparse.settings
-    step = _compiled_step(sess, backend, attention, kv, logits)
+    step = _compiled_step(state, backend, attention, kv, logits)
     t0 = time.perf_counter()
-    cache = sess.cache if sparse is None else sparse
+    cache = state.cache if sparse is None else sparse
     token = prefill(model, torch.zeros((1, 1), dtype=torch.long), cache)
     if sparse is None:
-        step(model, token, torch.tensor([[1]]), cache, sess.kv_positions(2, dynamic=True))
-        sess.warm.add(_warm_key(backend, attention, sess.cache_len, logits))
+        step(model, token, torch.tensor([[1]]), cache, state.kv_positions(2, dynamic=True))
+        state.warm.add(_warm_key(backend, attention, state.cache_len, logits))
     else:
         sparse.begin_decode()
         # Both lengths are 2 here; dynamo would give equal sizes one symbol (duck
         # shaping) and tie the cache's length to the window's for good.
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             step(model, token, torch.tensor([[1]]), sparse, *sparse.step_inputs(dynamic=True))
-        sess.warm.add(_warm_key(backend, attention, sparse.max_len, logits, kv))
+        state.warm.add(_warm_key(backend, attention, sparse.max_len, logits, kv))
     cache.reset()
     return time.perf_counter() - t0
 
 
 def release(model) -> None:
-    """Drop the model's cached decode session (its KV cache memory)."""
-    _SESSIONS.pop(model, None)
+    """Drop the model's cached decode state (its KV cache memory)."""
+    _STATES.pop(model, None)
 
 
 # ------------------------------------------------------------------- inputs
@@ -668,14 +672,14 @@ def _default_max_new_tokens(model) -> int:
     return value if value is not None else sampling_mod.DEFAULT_MAX_NEW_TOKENS
 
 
-def _choose_step(sess, backend, attention, chooser, kv=None) -> Callable:
+def _choose_step(state, backend, attention, chooser, kv=None) -> Callable:
     """The decode step: token in, next token out. Greedy: ``decode_one_token`` (the
     argmax inside the compiled graph); sampling: ``decode_one_logits`` then
     ``chooser`` on its logits, outside the graph. ``kv``: the sparse KV settings."""
     if chooser is None:
-        return _compiled_step(sess, backend, attention, kv) if backend else decode_one_token
+        return _compiled_step(state, backend, attention, kv) if backend else decode_one_token
     raw = (
-        _compiled_step(sess, backend, attention, kv, logits=True) if backend else decode_one_logits
+        _compiled_step(state, backend, attention, kv, logits=True) if backend else decode_one_logits
     )
 
     def step(model, token, position, cache, *kv_inputs):
@@ -751,15 +755,15 @@ def generate(
     sparse_mode = settings is not None
     with torch.inference_mode(), _lean_attention(model, attention, sparse_mode) as swapped:
         need = prompt_len + max_new_tokens
-        sess, reused, sparse, cache, cache_len = _caches(
+        state, reused, sparse, cache, cache_len = _caches(
             model, need, max_cache_len, settings, swapped
         )
         warm = _warm_key(backend, attention, cache_len, sample, settings)
         compile_s = 0.0
-        if backend and warm not in sess.warm:
-            with _step_context(model, sess, backend, attention):
-                compile_s = _warm_up(model, sess, backend, attention, sample, sparse)
-        step = _choose_step(sess, backend, attention, chooser, settings)
+        if backend and warm not in state.warm:
+            with _step_context(model, state, backend, attention):
+                compile_s = _warm_up(model, state, backend, attention, sample, sparse)
+        step = _choose_step(state, backend, attention, chooser, settings)
 
         new: list[int] = []
         stamps: list[float] = []
@@ -777,9 +781,9 @@ def generate(
         why = on_token(int(token))
         stop = "eos" if new[0] in eos else why or "length"
         if stop == "length" and max_new_tokens > 1:
-            with _step_context(model, sess, backend, attention):
+            with _step_context(model, state, backend, attention):
                 stop = decode_n_tokens(
-                    step, model, token, prompt_len, max_new_tokens - 1, sess, eos, on_token, sparse
+                    step, model, token, prompt_len, max_new_tokens - 1, state, eos, on_token, sparse
                 )
         watch.finish(stop)
 
@@ -820,15 +824,15 @@ def _checked_request(model, tokenizer, attention, max_new_tokens, max_cache_len,
 
 
 def _caches(model, need: int, max_cache_len: int | None, settings, swapped: bool):
-    """The session and the cache ``generate`` decodes into, for ``need`` positions:
-    ``(session, reused, sparse cache or None, cache, cache length)``."""
+    """The decode state and the cache ``generate`` decodes into, for ``need`` positions:
+    ``(state, reused, sparse cache or None, cache, cache length)``."""
     if settings is not None:
-        sess = _SESSIONS.get(model) or _session(model, need, max_cache_len)[0]
-        sparse, reused = _sparse_cache(model, sess, settings, need, max_cache_len)
-        return sess, reused, sparse, sparse, sparse.max_len
-    sess, reused = _session(model, need, max_cache_len)
-    sess.lean_attention = swapped and not any(sess.cache.is_sliding)
-    return sess, reused, None, sess.cache, sess.cache_len
+        state = _STATES.get(model) or _decode_state(model, need, max_cache_len)[0]
+        sparse, reused = _sparse_cache(model, state, settings, need, max_cache_len)
+        return state, reused, sparse, sparse, sparse.max_len
+    state, reused = _decode_state(model, need, max_cache_len)
+    state.lean_attention = swapped and not any(state.cache.is_sliding)
+    return state, reused, None, state.cache, state.cache_len
 
 
 def _kv_settings(model, kv):

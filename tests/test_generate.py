@@ -153,19 +153,19 @@ def test_fast_attention_generates_compiled(tiny_packed):
     ids = _prompt()
     res = generate(tiny_packed, None, ids, N_NEW, compile=True, attention="fast")
     assert len(res.ids) == N_NEW and res.backend == "inductor"
-    sess = lean._SESSIONS[tiny_packed]
-    assert ("inductor", "fast") in sess.steps  # its own step, apart from the exact one
+    state = lean._STATES[tiny_packed]
+    assert ("inductor", "fast") in state.steps  # its own step, apart from the exact one
     # the first token comes from the (shared, exact) prefill
     assert res.ids[0] == _hf_new_tokens(tiny_packed, ids, 1)[0]
 
 
 def test_only_exact_attention_makes_the_norms_opaque(tiny_packed):
     generate(tiny_packed, None, _prompt(), 2, compile=True, attention="fast")
-    sess = lean._SESSIONS[tiny_packed]
+    state = lean._STATES[tiny_packed]
     patched = lambda: [m for m in tiny_packed.modules() if "forward" in vars(m)]  # noqa: E731
-    with lean._step_context(tiny_packed, sess, "inductor", "fast"):
+    with lean._step_context(tiny_packed, state, "inductor", "fast"):
         assert not patched()  # fast: inductor fuses the norms
-    with lean._step_context(tiny_packed, sess, "inductor", "exact"):
+    with lean._step_context(tiny_packed, state, "inductor", "exact"):
         assert patched()  # exact: eager floats through sparamx::rms_norm / eager_norm
     assert not patched()
 
@@ -199,16 +199,16 @@ def test_cache_and_compiled_step_reused_across_calls(tiny_packed):
     from torch._dynamo.utils import counters
 
     generate(tiny_packed, None, _prompt(), N_NEW, compile=True)  # compiled (or not) before
-    sess = lean._SESSIONS[tiny_packed]
-    keys = sess.cache.layers[0].keys
+    state = lean._STATES[tiny_packed]
+    keys = state.cache.layers[0].keys
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0  # the counter does count compiled graphs
     for seed, n in [(5, 12), (6, 30)]:
         res = generate(tiny_packed, None, _prompt(n, seed), N_NEW, compile=True)
         assert res.cache_reused and res.compile_s == 0.0
-        assert res.cache_len == sess.cache_len == 256
-    assert lean._SESSIONS[tiny_packed] is sess
-    assert sess.cache.layers[0].keys is keys  # not reallocated
+        assert res.cache_len == state.cache_len == 256
+    assert lean._STATES[tiny_packed] is state
+    assert state.cache.layers[0].keys is keys  # not reallocated
     assert counters["stats"]["unique_graphs"] == graphs  # not recompiled
 
 
@@ -223,7 +223,7 @@ def test_cache_grows_for_a_longer_request_and_is_kept():
     again = generate(model, None, _prompt(), 8, compile=False)  # smaller: keeps 512
     assert again.cache_len == 512 and again.cache_reused and again.ids == first.ids
     lean.release(model)
-    assert model not in lean._SESSIONS
+    assert model not in lean._STATES
 
 
 # ---------------------------------------------------------------- streaming
@@ -385,7 +385,7 @@ def test_sparse_kv_lean_tokens_equal_hf_generate_with_the_sparse_cache(arch, set
     assert res.kv == s.to_dict()
     assert (res.kv_bytes, res.kv_dense_bytes) == (cache.nbytes(), cache.dense_nbytes())
     assert res.kv_bytes < res.kv_dense_bytes
-    sparse = lean._SESSIONS[model].sparse[s]
+    sparse = lean._STATES[model].sparse[s]
     assert sparse.layers[0].n_comp == cache.layers[0].n_comp > 0
 
 

@@ -194,7 +194,7 @@ def test_compiled_sampling_matches_eager(tiny):
     eager = generate(tiny, None, ids, N_NEW, compile=False, **kw)
     compiled = generate(tiny, None, ids, N_NEW, compile=True, **kw)
     assert compiled.backend == "inductor" and compiled.ids == eager.ids
-    assert ("inductor", "exact", "logits") in sparamx.generate._SESSIONS[tiny].steps
+    assert ("inductor", "exact", "logits") in sparamx.generate._STATES[tiny].steps
 
 
 # ------------------------------------------------------------ stops
