@@ -26,7 +26,6 @@ summation order at another M; tests check the logits against a per-sequence forw
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,18 +34,20 @@ import torch
 
 from . import sampling as sampling_mod
 from .generate import (
-    BACKENDS,
-    INDUCTOR_OPTIONS,
     Generation,
+    _backend,
     _check_positive_int,
+    _checked_request,
     _eos_ids,
     _max_positions,
     _prompt_ids,
     _StopWatch,
+    compile_step,
+    dense_decode_attention,
 )
+from .kv_static import KERNEL_MAX_HEAD_DIM
 
 BATCH_ATTENTION = "sparamx_batch"
-KERNEL_MAX_HEAD_DIM = 256  # sparamx/csrc/attention_ops.cpp: kMaxHeadDim
 DEFAULT_SLOTS = 8
 
 
@@ -120,37 +121,11 @@ def batch_attention(
             length = attention_mask.shape[-1]
             key, value = keys[:n, :, :length], values[:n, :, :length]
             if key.dtype == torch.bfloat16 and query.shape[-1] <= KERNEL_MAX_HEAD_DIM:
-                return _kernel_attention(query, key, value, positions + 1, scaling), None
+                return dense_decode_attention(query, key, value, scaling, positions + 1), None
             is_causal = False
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw
     )
-
-
-def _kernel_attention(query, key, value, lengths, scaling) -> torch.Tensor:
-    """``sparamx::kv_decode_attention`` over the dense cache rows, each row to its own
-    length: K/V read once per KV head for its whole GQA group (SDPA with a mask
-    repeats them per query head and scores the masked tail). ``[n, 1, Hq, D]``."""
-    from . import kv  # noqa: F401  (the op's fake kernel)
-
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    empty = key[:, :, :0]
-    out = torch.ops.sparamx.kv_decode_attention(
-        query[:, :, 0],
-        empty,
-        None,
-        empty,
-        None,
-        0,
-        key,
-        value,
-        float(scale),
-        None,
-        1,
-        None,
-        lengths,
-    )
-    return out.unsqueeze(1)
 
 
 def _register() -> None:
@@ -229,19 +204,6 @@ def batch_step(model, tokens, positions, mask, kvc) -> torch.Tensor:
         batch_positions=positions[:, 0],
     )
     return out.logits[:, -1]
-
-
-def _compile_step(backend: str) -> Callable:
-    """A compiled ``batch_step`` with its own code object (each decoder's graphs stay
-    apart; see ``generate._own_step``), guards on the model's modules skipped (they do
-    not change while the decoder lives; ~2.7 ms a step on a packed model)."""
-    fn = types.FunctionType(
-        batch_step.__code__.replace(), batch_step.__globals__, "batch_step", None
-    )
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    if backend == "inductor":
-        options.update(INDUCTOR_OPTIONS)
-    return torch.compile(fn, fullgraph=True, backend=backend, options=options)
 
 
 # ------------------------------------------------------------- the sequences
@@ -335,12 +297,10 @@ class BatchDecoder:
                 f"max_len={max_len} is longer than the model's context "
                 f"(max_position_embeddings={limit})"
             )
-        if compile is not False and compile is not True and compile not in BACKENDS:
-            raise ValueError(f"compile must be True, False or one of {BACKENDS}, got {compile!r}")
         self.model, self.tokenizer = model, tokenizer
         self.kv = BatchKV(model.config, slots, max_len)
-        self.backend = None if compile is False else ("inductor" if compile is True else compile)
-        self._step = _compile_step(self.backend) if self.backend else batch_step
+        self.backend = _backend(compile)
+        self._step = compile_step(batch_step, self.backend) if self.backend else batch_step
         self.rows: list[BatchSequence] = []  # row i of the cache holds rows[i]
         self.positions = torch.arange(max_len)
         self.steps = 0
@@ -376,10 +336,9 @@ class BatchDecoder:
         first token already ends it, it is done (``result`` set) and holds no row."""
         if not self.free:
             raise RuntimeError(f"all {self.slots} slots are in use; step until one frees")
-        seq = self._new_sequence(prompt, max_new_tokens, stream, stop_at_eos, tag, sampling)
+        seq, ids = self._new_sequence(prompt, max_new_tokens, stream, stop_at_eos, tag, sampling)
         seq.start = time.perf_counter()
         with torch.inference_mode(), _batch_attention(self.model):
-            ids = _prompt_ids(self.tokenizer, prompt)
             self._allocate()
             logits = prefill_row(self.model, ids, self.kv, len(self.rows))
         self.rows.append(seq)
@@ -435,14 +394,12 @@ class BatchDecoder:
     # ---------------------------------------------------------------- inner
 
     def _new_sequence(self, prompt, max_new_tokens, stream, stop_at_eos, tag, sampling):
+        """``(BatchSequence, prompt ids [1, T])``, the request checked as ``generate``
+        checks it."""
         model = self.model
-        params = sampling_mod.SamplingParams.resolve(model.generation_config, **sampling)
-        if max_new_tokens is None:
-            max_new_tokens = getattr(model.generation_config, "max_new_tokens", None)
-            max_new_tokens = max_new_tokens or sampling_mod.DEFAULT_MAX_NEW_TOKENS
-        _check_positive_int("max_new_tokens", max_new_tokens)
-        if (stream is not None or params.stop) and self.tokenizer is None:
-            raise ValueError("stream and stop strings need a tokenizer to turn tokens into text")
+        params, max_new_tokens = _checked_request(
+            model, self.tokenizer, "exact", max_new_tokens, None, stream, sampling
+        )
         ids = _prompt_ids(self.tokenizer, prompt)
         need = ids.shape[1] + max_new_tokens
         if need > self.max_len:
@@ -451,7 +408,7 @@ class BatchDecoder:
                 f"tokens do not fit the batch cache (max_len={self.max_len})"
             )
         chooser = None if params.greedy_argmax else sampling_mod.TokenChooser(params, ids)
-        return BatchSequence(
+        seq = BatchSequence(
             prompt_len=ids.shape[1],
             max_new_tokens=max_new_tokens,
             eos=_eos_ids(model, self.tokenizer) if stop_at_eos else set(),
@@ -459,6 +416,7 @@ class BatchDecoder:
             chooser=chooser,
             tag=tag,
         )
+        return seq, ids
 
     def _retire(self, i: int) -> None:
         """Free row ``i``: the last row moves into it (the active rows stay 0..n-1)."""

@@ -159,18 +159,38 @@ def lean_fast_attention(
         return lean_sdpa_attention(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw
         )
+    length = kv_positions.shape[0]
+    out = dense_decode_attention(query, key[:, :, :length], value[:, :, :length], scaling)
+    return out, None
+
+
+def dense_decode_attention(query, key, value, scaling=None, lengths=None) -> torch.Tensor:
+    """``sparamx::kv_decode_attention`` of one-token queries ``[b, heads, 1, d]`` over
+    dense cache views ``[b, kv_heads, L, d]`` (each K/V byte read once per KV head;
+    ``lengths`` ``[b]``: row i attends to its first ``lengths[i]`` tokens). Returns
+    ``[b, 1, heads, d]``, as transformers' attention functions do."""
     from . import kv  # noqa: F401  (the op's fake kernel)
 
-    length = kv_positions.shape[0]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    key, value = key[:, :, :length], value[:, :, :length]
     if key.dtype != torch.bfloat16:  # fp32 models: the kernel reads a bf16 cache
         key, value = key.to(torch.bfloat16), value.to(torch.bfloat16)
     empty = key[:, :, :0]
     out = torch.ops.sparamx.kv_decode_attention(
-        query[:, :, 0], empty, None, empty, None, 0, key, value, float(scale)
+        query[:, :, 0],
+        empty,
+        None,
+        empty,
+        None,
+        0,
+        key,
+        value,
+        float(scale),
+        None,
+        1,
+        None,
+        lengths,
     )
-    return out.unsqueeze(1), None  # [b, 1, heads, d], as transformers' attention returns
+    return out.unsqueeze(1)
 
 
 def _register_attention() -> None:
@@ -503,12 +523,18 @@ def _compiled_step(
     is each sparse KV setting ``kv`` (its cache holds other arrays)."""
     key = (backend, attention) + (("logits",) if logits else ()) + (() if kv is None else (kv,))
     if key not in state.steps:
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if backend == "inductor":
-            options.update(INDUCTOR_OPTIONS)
-        fn = _own_step(decode_one_logits if logits else decode_one_token)
-        state.steps[key] = torch.compile(fn, fullgraph=True, backend=backend, options=options)
+        state.steps[key] = compile_step(decode_one_logits if logits else decode_one_token, backend)
     return state.steps[key]
+
+
+def compile_step(fn: Callable, backend: str) -> Callable:
+    """``torch.compile`` of a decode step ``fn`` as the lean loops run it: its own copy
+    (``_own_step``), guards on the model's modules skipped (see ``_compiled_step``),
+    inductor keeping eager's bf16 roundings (``INDUCTOR_OPTIONS``)."""
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if backend == "inductor":
+        options.update(INDUCTOR_OPTIONS)
+    return torch.compile(_own_step(fn), fullgraph=True, backend=backend, options=options)
 
 
 def _step_context(model, state: DecodeState, backend: str | None, attention: str):
