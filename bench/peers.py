@@ -156,7 +156,7 @@ def _llama_cpp_runner(threads: int, kind: str, n_ctx: int):
         return None
     repack = os.environ.get(NO_REPACK_ENV) != "1"
     if not repack:
-        _disable_llama_cpp_repack()
+        disable_llama_cpp_repack()
     gguf = _gguf(kind)
     llm = Llama(
         model_path=str(gguf),
@@ -219,7 +219,7 @@ def _gguf(kind: str):
     return out
 
 
-def _disable_llama_cpp_repack() -> None:
+def disable_llama_cpp_repack() -> None:
     """Make ``Llama`` load with ``use_extra_bufts=False`` (no CPU weight repacking): it
     reads its model parameters from ``llama_model_default_params``, which has no
     keyword of its own in ``Llama``."""

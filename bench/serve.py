@@ -113,15 +113,12 @@ class Direct:
 
 SERVERS = ("sparamx", "sparamx-slots1", "llama.cpp-bf16", "llama.cpp-q4_1")
 # llama_cpp.server with llama.cpp's CPU weight repacking off (its Q4_1 model crashes with
-# it on a 2-core AMX Xeon): Llama reads its model parameters from this function.
-NO_REPACK_SERVER = """
-import runpy, llama_cpp.llama as m
-default = m.llama_cpp.llama_model_default_params
-def params():
-    p = default()
-    p.use_extra_bufts = False
-    return p
-m.llama_cpp.llama_model_default_params = params
+# it on a 2-core AMX Xeon), through peers.py's patch.
+NO_REPACK_SERVER = f"""
+import runpy, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from peers import disable_llama_cpp_repack
+disable_llama_cpp_repack()
 runpy.run_module("llama_cpp.server", run_name="__main__")
 """
 
