@@ -75,3 +75,34 @@ def magnitude_packed(model):
                 mod.weight[score <= kth] = 0
     sparamx.swap_linears(model)
     return model
+
+
+def zero_random_weights(root, sparsity: float, skip=()):
+    """Zero a random ``sparsity`` fraction of every ``nn.Linear`` weight under ``root``
+    (those named in ``skip`` kept), in place: the tests' stand-in for pruning."""
+    from torch import nn
+
+    with torch.no_grad():
+        for name, mod in root.named_modules():
+            if isinstance(mod, nn.Linear) and name not in skip:
+                mod.weight[torch.rand(mod.weight.shape) < sparsity] = 0
+
+
+def masked_linear(n, k, bias=True, sparsity=0.5, seed=0):
+    """An ``nn.Linear(k, n)`` with a random ``sparsity`` fraction of its weights zero."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight[torch.rand(n, k) < sparsity] = 0
+    return lin
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run the test at 1 and at 2 torch threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)

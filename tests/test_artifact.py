@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
-from torch import nn
+from conftest import tiny_config, zero_random_weights
 
 import sparamx
 from sparamx.artifact import ArtifactError, read_manifest
@@ -25,10 +24,7 @@ def packed_tiny(arch="llama", sparsity=0.5, **cfg):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **cfg), dtype=torch.bfloat16)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight[torch.rand(mod.weight.shape) < sparsity] = 0
+    zero_random_weights(model, sparsity)
     sparamx.swap_linears(model)
     return model.eval()
 

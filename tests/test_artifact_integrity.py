@@ -13,8 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
-from torch import nn
+from conftest import tiny_config, tiny_tokenizer, zero_random_weights
 
 import sparamx
 from sparamx import cli
@@ -29,10 +28,7 @@ def tiny_packed(arch="llama", sparsity=0.5, **cfg):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **cfg), dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and name != "lm_head":
-                mod.weight[torch.rand(mod.weight.shape) < sparsity] = 0
+    zero_random_weights(model, sparsity, skip=("lm_head",))
     sparamx.swap_linears(model, exclude=[])
     return model.eval()
 

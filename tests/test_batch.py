@@ -5,8 +5,7 @@ cancellation; clear errors."""
 
 import pytest
 import torch
-from conftest import magnitude_packed, tiny_config, tiny_tokenizer
-from torch import nn
+from conftest import magnitude_packed, tiny_config, tiny_tokenizer, zero_random_weights
 
 import sparamx
 from sparamx import batch as batch_mod
@@ -23,10 +22,7 @@ def _tiny(arch="llama", dtype=torch.float32, sparsity=None, **cfg):
         tiny_config(arch, **cfg), dtype=dtype, attn_implementation="sdpa"
     )
     if sparsity is not None:
-        with torch.no_grad():
-            for mod in model.modules():
-                if isinstance(mod, nn.Linear):
-                    mod.weight[torch.rand(mod.weight.shape) < sparsity] = 0
+        zero_random_weights(model, sparsity)
         sparamx.swap_linears(model)
     return model.eval()
 

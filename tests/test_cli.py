@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
-from torch import nn
+from conftest import tiny_config, zero_random_weights
 
 import sparamx
 from sparamx import cli
@@ -197,10 +196,7 @@ def tiny_artifact(tmp_path_factory):
     torch.manual_seed(0)
     config = tiny_config("llama", vocab_size=len(tokenizer))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight[torch.rand(mod.weight.shape) < 0.5] = 0
+    zero_random_weights(model, 0.5)
     sparamx.swap_linears(model)
     path = tmp_path_factory.mktemp("cli") / "tiny"
     sparamx.save(model.eval(), tokenizer, path, recipe={"method": "magnitude", "sparsity": 0.5})

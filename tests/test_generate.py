@@ -10,8 +10,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import magnitude_packed, tiny_config
-from torch import nn
+from conftest import magnitude_packed, tiny_config, zero_random_weights
 
 import sparamx
 from sparamx.generate import generate
@@ -28,10 +27,7 @@ def _tiny(arch="llama", sparsity=0.5, packed=True, seed=0, exclude=None, **cfg):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **cfg), dtype=torch.bfloat16)
     if packed:
-        with torch.no_grad():
-            for mod in model.modules():
-                if isinstance(mod, nn.Linear):
-                    mod.weight[torch.rand(mod.weight.shape) < sparsity] = 0
+        zero_random_weights(model, sparsity)
         sparamx.swap_linears(model, exclude=exclude)
     return model.eval()
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
+from conftest import masked_linear, tiny_config, tiny_tokenizer, zero_random_weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import BF16_REL, FP32_REL
@@ -59,14 +59,6 @@ def assert_matches_dequantized(y, x, packed, bias=None, kernel=None, weights_bf1
     assert y.dtype == x.dtype and y.shape == ref.shape
     err = (y.float() - ref).abs()
     assert not (err > tol).any(), f"{int((err > tol).sum())} outputs off, worst {float(err.max())}"
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 # ---- quantization and format ----
@@ -374,14 +366,6 @@ def test_opcheck_int8_ops():
 # ---- layers ----
 
 
-def masked_linear(n, k, sparsity=0.5, bias=True, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight[torch.rand(n, k) < sparsity] = 0
-    return lin
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -446,10 +430,7 @@ def tiny_model(storage, sparsity=0.5):
     model = AutoModelForCausalLM.from_config(
         tiny_config("llama", num_hidden_layers=1), dtype=torch.bfloat16
     )
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight[torch.rand(mod.weight.shape) < sparsity] = 0
+    zero_random_weights(model, sparsity)
     sparamx.swap_linears(model, storage=storage)
     return model.eval()
 
@@ -501,10 +482,7 @@ def test_tied_head_packed_int8_keeps_the_bf16_embedding(tmp_path, caplog):
     cfg = tiny_config("llama", num_hidden_layers=2, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    with torch.no_grad():
-        for mod in model.model.layers.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight[torch.rand(mod.weight.shape) < 0.5] = 0
+    zero_random_weights(model.model.layers, 0.5)
     emb = model.model.embed_tokens.weight.detach().clone()
     with caplog.at_level(logging.INFO, logger="sparamx.layers"):
         sparamx.swap_linears(model, exclude=[], storage="auto-int8")

@@ -34,14 +34,6 @@ def random_weight(n, k, sparsity, seed):
     return w.to(torch.bfloat16)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("kernel", RUNNABLE)
 # The thread count is fixed per test (parametrized), which is what we want across examples.
 @settings(

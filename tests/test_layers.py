@@ -2,18 +2,11 @@
 
 import pytest
 import torch
+from conftest import masked_linear
 from reference import assert_matches_reference
 from torch import nn
 
 from sparamx import SparseLinear, swap_linears
-
-
-def masked_linear(n, k, bias=True, sparsity=0.5, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight[torch.rand(n, k) < sparsity] = 0
-    return lin
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -5,10 +5,9 @@ token ids end the text, and bad parameters are clear errors."""
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
+from conftest import tiny_config, tiny_tokenizer, zero_random_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -110,10 +109,7 @@ def _tiny(seed=0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.bfloat16)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight[torch.rand(mod.weight.shape) < 0.5] = 0
+    zero_random_weights(model, 0.5)
     sparamx.swap_linears(model)
     model.generation_config.eos_token_id = None  # run the full length
     return model.eval()

@@ -19,8 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_tokenizer
-from torch import nn
+from conftest import tiny_config, tiny_tokenizer, zero_random_weights
 
 import sparamx
 from sparamx.serve.app import Server, ServerThread, create_app
@@ -43,10 +42,7 @@ def artifact(tmp_path_factory):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight[torch.rand(mod.weight.shape) < 0.5] = 0
+    zero_random_weights(model, 0.5)
     sparamx.swap_linears(model)
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
