@@ -45,6 +45,7 @@ from .generate import (
     compile_step,
     dense_decode_attention,
 )
+from .kv import cache_dims
 from .kv_static import KERNEL_MAX_HEAD_DIM
 
 BATCH_ATTENTION = "sparamx_batch"
@@ -56,16 +57,11 @@ DEFAULT_SLOTS = 8
 
 class BatchKV:
     """Dense K and V for ``slots`` sequences of up to ``max_len`` tokens, one pair of
-    ``[slots, kv_heads, max_len, head_dim]`` tensors per decoder layer, allocated on
-    the first prefill (in its dtype)."""
+    ``[slots, kv_heads, max_len + 1, head_dim]`` tensors per decoder layer, allocated
+    on the first prefill (in its dtype)."""
 
     def __init__(self, config, slots: int, max_len: int):
-        text = config.get_text_config()
-        self.layers = text.num_hidden_layers
-        self.heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self.head_dim = getattr(text, "head_dim", None) or (
-            text.hidden_size // text.num_attention_heads
-        )
+        self.layers, self.heads, self.head_dim = cache_dims(config)
         self.slots, self.max_len = slots, max_len
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -82,15 +78,9 @@ class BatchKV:
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` tokens to row ``dst``."""
         with torch.inference_mode():
-            self._move(src, dst, length)
-
-    def _move(self, src: int, dst: int, length: int) -> None:
-        for k, v in zip(self.keys, self.values, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys + self.values)
+            for k, v in zip(self.keys, self.values, strict=True):
+                k[dst, :, :length] = k[src, :, :length]
+                v[dst, :, :length] = v[src, :, :length]
 
 
 def batch_attention(
@@ -162,9 +152,9 @@ def check_model(model) -> None:
 
 @contextmanager
 def _batch_attention(model):
+    """The model on ``"sparamx_batch"`` attention (registered by ``BatchDecoder``)."""
     config = model.config
     old = config._attn_implementation
-    _register()
     config._attn_implementation = BATCH_ATTENTION
     try:
         yield
@@ -299,6 +289,7 @@ class BatchDecoder:
             )
         self.model, self.tokenizer = model, tokenizer
         self.kv = BatchKV(model.config, slots, max_len)
+        _register()  # once here, not on every step
         self.backend = _backend(compile)
         self._step = compile_step(batch_step, self.backend) if self.backend else batch_step
         self.rows: list[BatchSequence] = []  # row i of the cache holds rows[i]

@@ -886,10 +886,10 @@ def _kv_bytes(model, sparse, tokens: int, cache) -> tuple[int, int]:
     """(bytes the cache holds for ``tokens`` cached tokens, the same in dense bf16)."""
     if sparse is not None:
         return sparse.nbytes(), sparse.dense_nbytes()
-    text = model.config.get_text_config()
-    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_dtype = 2 * text.num_hidden_layers * heads * d * tokens  # K and V elements
+    from .kv import cache_dims
+
+    layers, heads, d = cache_dims(model.config)
+    per_dtype = 2 * layers * heads * d * tokens  # K and V elements
     layer = cache.layers[0] if getattr(cache, "layers", None) else None
     size = layer.keys.element_size() if getattr(layer, "is_initialized", False) else 2
     return per_dtype * size, per_dtype * 2

@@ -133,6 +133,15 @@ def words_for(head_dim: int) -> int:
     return (head_dim + 31) // 32
 
 
+def cache_dims(config) -> tuple[int, int, int]:
+    """(decoder layers, KV heads, head_dim) of a transformers config: the shape of its
+    KV cache per token."""
+    text = config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, heads, d
+
+
 def _check_side(group: int, side: str | None, fn: str) -> None:
     if group > 1 and side not in ("k", "v"):
         raise ValueError(

@@ -231,7 +231,7 @@ def check_model(config, settings: kv.KVSettings) -> None:
     """Refuse models whose attention the sparse decode kernel does not compute, naming
     the setting; a clear error here instead of a wrong answer in the loop."""
     text = config.get_text_config()
-    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    d = kv.cache_dims(config)[2]
     if d > KERNEL_MAX_HEAD_DIM:
         raise ValueError(
             f"kv: head_dim {d} is larger than the sparse decode kernel's {KERNEL_MAX_HEAD_DIM}; "
