@@ -208,7 +208,7 @@ class Engine:
             self._finish(job, "error", e)
             return
         if seq.result is not None:  # its first token ended it
-            self._retired(seq)
+            self._done(job, seq.result)
 
     def _step(self) -> None:
         dec = self.batch
@@ -221,12 +221,7 @@ class Engine:
                 self._finish(seq.tag, "error", e)
             return
         for seq in done:
-            self._retired(seq)
-
-    def _retired(self, seq) -> None:
-        out = seq.result
-        kind = "cancelled" if out.stop_reason == "cancelled" else "done"
-        self._finish(seq.tag, kind, None if kind == "cancelled" else out)
+            self._done(seq.tag, seq.result)
 
     def _warm_up(self) -> None:
         """Compile the decode steps at the serving cache length, so that the first
@@ -252,12 +247,10 @@ class Engine:
 
     def _warm_up_batch(self) -> None:
         dec = self.batch
-        first = dec.add([0], 3, stop_at_eos=False)
+        dec.add([0], 3, stop_at_eos=False)
         dec.step()  # batch size 1
         dec.add([0], 3, stop_at_eos=False)
         dec.run()  # batch size 2, then 1 again
-        if first.result is None:
-            raise RuntimeError("warm-up sequence did not finish")
 
     def _decode(self, ids, max_new_tokens, sampling, stream, should_stop, stop_at_eos):
         from ..generate import generate
@@ -293,6 +286,10 @@ class Engine:
             log.exception("generation failed")
             self._finish(job, "error", e)
             return
+        self._done(job, out)
+
+    def _done(self, job: Job, out) -> None:
+        """A finished generation: ``("done", out)``, or ``("cancelled", None)``."""
         if out.stop_reason == "cancelled":
             self._finish(job, "cancelled", None)
         else:
