@@ -1,10 +1,10 @@
 // AMX prefill for the int8 layouts (bitmap-int8, dense-int8): each thread converts a
 // chunk of column groups to the bf16 layouts, every kept weight as bf16(q * scale), and
-// runs the AMX-BF16 kernel over the chunk; decode-sized calls (M <= kSmallRows) go to
+// runs the AMX-BF16 kernel over the chunk; decode-sized calls (M <= kDecodeRows) go to
 // the int8 streaming kernel instead. The conversion is O(weights) next to the O(M x
-// weights) tile products, so from a few rows on it costs a few percent, and AMX's
-// 16x32x16 tile multiply replaces int8 -> fp32 FMA panels that ran 8-12x slower than
-// the bf16 tiles (2-core AMX Xeon, M = 64 and 256).
+// weights) tile products: at M = 64 and 256 int8 prefill ran at 0.61-1.04x the bf16
+// kernel's speed, where int8 -> fp32 FMA panels took 8-12x the bf16 time (2-core AMX
+// Xeon, bench/results/int8_prefill_m64-m256_xeon-amx.json).
 //
 // bf16(q * scale) rounds each weight once more (a relative 2^-9 at most, next to int8's
 // own rounding of up to half a step): prefill logits differ from decode's exact fp32
@@ -21,7 +21,6 @@
 namespace sparamx {
 namespace {
 
-constexpr int64_t kSmallRows = 4;     // ops.cpp's kDecodeRows: decode stays on int8 streams
 constexpr int64_t kChunkGroups = 64;  // column groups converted at a time (1024 outputs)
 
 using ConvertFn = void (*)(const LinearArgs&, int64_t, int64_t, uint16_t*);
@@ -58,7 +57,7 @@ LinearArgs chunk_args(const LinearArgs& a, int64_t g0, int64_t g1, std::vector<u
 void via_bf16(const LinearArgs& a, int64_t g_begin, int64_t g_end, ConvertFn convert,
               void (*tiles)(const LinearArgs&, int64_t, int64_t),
               void (*streams)(const LinearArgs&, int64_t, int64_t)) {
-  if (a.m <= kSmallRows) return streams(a, g_begin, g_end);
+  if (a.m <= kDecodeRows) return streams(a, g_begin, g_end);
   thread_local std::vector<uint16_t> vals;
   thread_local std::vector<int64_t> offs;
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kChunkGroups) {

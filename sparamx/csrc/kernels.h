@@ -40,6 +40,13 @@ constexpr int kValuesPad = 32;  // zero bf16 after the last kept value
 // underflow for the small scales of small-weight rows.
 constexpr int kQBlockPairs = 64;  // K-pairs per int8 scale block (128 input columns)
 constexpr int kValuesPadI8 = 64;  // zero int8 after the last kept value (a 64-byte load)
+// Rows of x up to which AVX-512 is preferred over AMX when both exist (ops.cpp), and up
+// to which the AMX int8 kernel streams int8 instead of converting (kernel_int8_amx.cpp).
+// AVX-512's streaming decode path covers M <= 4; above that it decompresses panels,
+// which AMX does faster: on a 16-core AMX Xeon (bench/amx_device.sh), 4096x4096 at
+// M = 16 took 10.2 ms (dense) and 11.3 ms (50% sparse) on AVX-512 vs 2.7 and 4.2 ms on
+// AMX, 1 thread.
+constexpr int64_t kDecodeRows = 4;
 
 struct LinearArgs {
   const uint16_t* x;       // activations, bf16 bits, [M, 2 * k_pairs], zero-padded past K

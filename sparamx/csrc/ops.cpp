@@ -7,10 +7,10 @@
 //   sparamx::sparse_linear_int8(x, bitmap, values, offsets, scales, bias?, n, k)  bitmap-int8
 //   sparamx::dense_linear_int8(x, values, scales, bias?, n, k)                     dense-int8
 //   sparamx::linear_int8_with_kernel(..., impl)
-// The int8 layouts run the linear_int8_* kernels of the chosen tier; the AMX tier runs
-// AVX-512's for them (every AMX CPU has AVX-512-BF16): its decode streams bytes faster
-// than tile loads, and an AMX int8 prefill (bf16 B tiles from int8 units, scaled per
-// block) is not written yet. The emulated AMX kernel runs the portable one.
+// The int8 layouts run the linear_int8_* kernel of the chosen tier; on the AMX tier (real
+// or emulated) that converts chunks to bf16 for the tile kernel above kDecodeRows rows
+// and streams int8 with AVX-512's (or the portable) decode kernel below
+// (kernel_int8_amx.cpp).
 // x is [M, k] bf16 or fp32; the result is [M, n] in x's dtype. Weights are bf16 and the
 // products are accumulated in fp32 (fp32 inputs are rounded to bf16 first, as in a bf16
 // F.linear). The raw ops check shapes and dtypes and the offsets' total; that bitmap
@@ -31,17 +31,11 @@ namespace {
 
 using KernelFn = void (*)(const LinearArgs&, int64_t, int64_t);
 
-// Rows of x up to which AVX-512 is preferred over AMX when both exist. Its streaming
-// decode path covers M <= 4; above that it decompresses panels, which AMX does faster:
-// on a 16-core AMX Xeon (bench/amx_device.sh), 4096x4096 at M = 16 took 10.2 ms (dense)
-// and 11.3 ms (50% sparse) on AVX-512 vs 2.7 and 4.2 ms on AMX, 1 thread.
-constexpr int64_t kDecodeRows = 4;
 
 struct Kernel {
   const char* name;
   KernelFn fn;
-  const char* int8_name;  // the kernel that serves the int8 layouts on this tier
-  KernelFn int8_fn;
+  KernelFn int8_fn;  // the same tier's kernel for the int8 layouts
 };
 
 bool compiled_x86() {
@@ -54,27 +48,27 @@ bool compiled_x86() {
 
 Kernel kernel_by_name(const std::string& name) {
   const auto& f = cpu_features();
-  if (name == "portable") return {"portable", linear_portable, "portable", linear_int8_portable};
+  if (name == "portable") return {"portable", linear_portable, linear_int8_portable};
   if (name == "amx_emulated")
-    return {"amx_emulated", linear_amx_emulated, "amx_emulated", linear_int8_amx_emulated};
+    return {"amx_emulated", linear_amx_emulated, linear_int8_amx_emulated};
 #if defined(__x86_64__) || defined(_M_X64)
   if (name == "avx2") {
     TORCH_CHECK(f.can_avx2(),
                 "sparamx: kernel 'avx2' needs AVX2/FMA/F16C/BMI2/POPCNT, which this CPU (or OS) "
                 "does not provide; use SPARAMX_KERNEL=portable or leave it unset");
-    return {"avx2", linear_avx2, "avx2", linear_int8_avx2};
+    return {"avx2", linear_avx2, linear_int8_avx2};
   }
   if (name == "avx512") {
     TORCH_CHECK(f.can_avx512(),
                 "sparamx: kernel 'avx512' needs AVX-512 F/BW/VL/DQ/BF16/VBMI/VBMI2, which this CPU "
                 "(or OS) does not provide; use SPARAMX_KERNEL=avx2|portable or leave it unset");
-    return {"avx512", linear_avx512, "avx512", linear_int8_avx512};
+    return {"avx512", linear_avx512, linear_int8_avx512};
   }
   if (name == "amx") {
     TORCH_CHECK(f.can_amx(),
                 "sparamx: kernel 'amx' needs AMX-TILE/AMX-BF16 (and OS permission), which this "
                 "CPU does not provide; use SPARAMX_KERNEL=avx512|avx2|portable or leave it unset");
-    return {"amx", linear_amx, "amx", linear_int8_amx};
+    return {"amx", linear_amx, linear_int8_amx};
   }
 #else
   TORCH_CHECK(name != "avx512" && name != "amx" && name != "avx2", "sparamx: kernel '", name,
@@ -304,8 +298,8 @@ py::dict kernel_info() {
   paths["linear_prefill"] = choose_kernel(kDecodeRows + 1).name;
   paths["dense_decode"] = choose_kernel(1).name;
   paths["dense_prefill"] = choose_kernel(kDecodeRows + 1).name;
-  paths["int8_decode"] = choose_kernel(1).int8_name;
-  paths["int8_prefill"] = choose_kernel(kDecodeRows + 1).int8_name;
+  paths["int8_decode"] = choose_kernel(1).name;
+  paths["int8_prefill"] = choose_kernel(kDecodeRows + 1).name;
   paths["attention"] = attention_kernel_name();
   paths["norm"] = norm_kernel_name();
   info["paths"] = paths;
