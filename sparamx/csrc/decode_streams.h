@@ -31,5 +31,28 @@ inline void for_stream_blocks(int64_t g_begin, int64_t g_end, Full&& full, One&&
   }
 }
 
+template <int N>
+struct Rows {
+  static constexpr int value = N;
+};
+
+// All m rows of x in passes of at most 3 rows (more rows' accumulators do not fit the
+// AVX2 registers; 4 rows run as 2 + 2): pass(Rows<R>{}, r0) for R = 1..3. A later pass
+// re-reads the groups' weights from L2, where the first pass left them.
+template <class Pass>
+inline void for_row_passes(int64_t m, Pass&& pass) {
+  for (int64_t r0 = 0; r0 < m;) {
+    const int64_t left = m - r0;
+    const int64_t rows = left == 4 ? 2 : (left < 3 ? left : 3);
+    if (rows == 1)
+      pass(Rows<1>{}, r0);
+    else if (rows == 2)
+      pass(Rows<2>{}, r0);
+    else
+      pass(Rows<3>{}, r0);
+    r0 += rows;
+  }
+}
+
 }  // namespace
 }  // namespace sparamx

@@ -311,22 +311,12 @@ inline void decode_groups(const LinearArgs& a, const int64_t* g, const float* xv
     decode_dense<GI, MB>(a, g, xv, r0);
 }
 
-// All rows of x for the groups g[0..GI), in passes of at most 3 rows (more rows'
-// accumulators do not fit the registers; 4 rows run as 2 + 2). A later pass re-reads
-// the groups' weights from L2, where the first pass left them.
+// All rows of x for the groups g[0..GI), in the passes of for_row_passes.
 template <bool kSparse, int GI>
 void decode_rows(const LinearArgs& a, const int64_t* g, const float* xv) {
-  for (int64_t r0 = 0; r0 < a.m;) {
-    const int64_t left = a.m - r0;
-    const int64_t rows = left == 4 ? 2 : min64(left, 3);
-    if (rows == 1)
-      decode_groups<kSparse, GI, 1>(a, g, xv, r0);
-    else if (rows == 2)
-      decode_groups<kSparse, GI, 2>(a, g, xv, r0);
-    else
-      decode_groups<kSparse, GI, 3>(a, g, xv, r0);
-    r0 += rows;
-  }
+  for_row_passes(a.m, [&](auto rows, int64_t r0) {
+    decode_groups<kSparse, GI, decltype(rows)::value>(a, g, xv, r0);
+  });
 }
 
 // Groups [g_begin, g_end) in GI streams of `span` consecutive groups each (block b takes
@@ -566,20 +556,12 @@ void decode_i8_groups(const LinearArgs& a, const int64_t* g, const float* xv, in
     }
 }
 
-// Rows in passes of at most 3 (as decode_rows), GI groups at a time.
+// Rows in the passes of for_row_passes (as decode_rows), GI groups at a time.
 template <bool kSparse, int GI>
 void decode_i8_rows(const LinearArgs& a, const int64_t* g, const float* xv) {
-  for (int64_t r0 = 0; r0 < a.m;) {
-    const int64_t left = a.m - r0;
-    const int64_t rows = left == 4 ? 2 : min64(left, 3);
-    if (rows == 1)
-      decode_i8_groups<kSparse, GI, 1>(a, g, xv, r0);
-    else if (rows == 2)
-      decode_i8_groups<kSparse, GI, 2>(a, g, xv, r0);
-    else
-      decode_i8_groups<kSparse, GI, 3>(a, g, xv, r0);
-    r0 += rows;
-  }
+  for_row_passes(a.m, [&](auto rows, int64_t r0) {
+    decode_i8_groups<kSparse, GI, decltype(rows)::value>(a, g, xv, r0);
+  });
 }
 
 // The streams of decode_streams; 3 groups at M = 1 (12 accumulators), 1 for more rows.
